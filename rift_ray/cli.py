@@ -1,0 +1,163 @@
+"""The ``rift-ray`` command.
+
+    rift-ray sweep sweeps/smoke.yaml                  # run (or resume) a sweep
+    rift-ray sweep sweeps/wrn.yaml --dry-run          # the plan, without computing
+    rift-ray sweep sweeps/smoke.yaml --set finetune.lrs=[0.001,0.005] --name try2
+    rift-ray validate sweeps/wrn.yaml                 # print the resolved config
+    rift-ray status results/smoke                     # what is done
+
+Bad input (config, data, checkpoint, storage, arguments) exits with code 2 and one
+line naming the problem; a sweep that fails while computing exits with code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from rift_ray.config import ConfigError, SweepConfig, load_config, to_yaml
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2
+        self.print_usage(sys.stderr)
+        print(f"rift-ray: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"rift-ray: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _config(args: argparse.Namespace) -> SweepConfig:
+    fields = {"storage": getattr(args, "storage", None), "name": getattr(args, "name", None)}
+    return load_config(args.sweep, overrides=args.set, **fields)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from rift_ray.pipeline import SweepError, run_sweep
+
+    cfg = _config(args)
+    if args.dry_run:
+        from rift_ray.plan import print_plan
+
+        print_plan(cfg)
+        return 0
+    try:
+        summary = run_sweep(cfg, address=args.address, restart=args.restart)
+    except SweepError as e:
+        return _fail(str(e), 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted; run the same command again to resume where it stopped", 130)
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    mods = "+".join(summary["modules"])
+    console.print(
+        f"\n[bold]RiFT sweep {summary['name']}[/bold]: module {mods}, lr {summary['lr']:g}, "
+        f"alpha* {summary['alpha']:g} ({summary['reason']})"
+    )
+    table = Table(title="AT vs RiFT (accuracy, %)")
+    table.add_column("model")
+    table.add_column("split")
+    for col in ("clean", "PGD", "corruption"):
+        table.add_column(col, justify="right")
+    for who, label in (("at", "AT"), ("rift", "RiFT")):
+        for split in ("val", "test"):
+            m = summary[who].get(split) or {}
+            table.add_row(label, split, *(_pct(m.get(k)) for k in ("clean_acc", "robust_acc", "corruption_acc")))
+    console.print(table)
+    if summary.get("failed_modules"):
+        console.print(f"[yellow]MRC failed for: {', '.join(summary['failed_modules'])}[/yellow]")
+    secs = summary.get("seconds", {})
+    console.print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in secs.items()))
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rift_ray.store import STAGES, SUMMARY, Store
+
+    path = args.sweep_dir
+    if not os.path.isdir(path) and "://" not in path:
+        return _fail(f"{path}: no such sweep directory")
+    storage, name = os.path.split(os.path.abspath(path)) if "://" not in path else path.rstrip("/").rsplit("/", 1)
+    store = Store.open(storage, name)
+    rows = []
+    for stage in STAGES:
+        rec = store.read_stage(stage) or {}
+        rows.append({"stage": stage, "status": rec.get("status", "pending"), "seconds": rec.get("seconds"),
+                     "computed": rec.get("computed"), "failed": rec.get("failed") or None})
+    if args.json:
+        out: dict[str, Any] = {"stages": rows}
+        if store.exists(SUMMARY):
+            out["summary"] = json.loads(store.read_bytes(SUMMARY))
+        print(json.dumps(out, indent=2))
+        return 0
+    for r in rows:
+        secs = f"{r['seconds']:.0f}s" if r["seconds"] is not None else ""
+        extra = f" failed: {', '.join(r['failed'])}" if r["failed"] else ""
+        print(f"{r['stage']:<12} {r['status']:<8} {secs:>7}{extra}")
+    if store.exists(SUMMARY):
+        print_summary(json.loads(store.read_bytes(SUMMARY)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rift-ray", description="RiFT (Robust Critical Fine-Tuning) sweeps on Ray")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("sweep", help="run (or resume) a sweep")
+    s.add_argument("sweep", help="sweep YAML file")
+    s.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    s.add_argument("--storage", help="override storage (local path, s3://..., gs://...)")
+    s.add_argument("--name", help="override the sweep name")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    s.add_argument("--restart", action="store_true", help="recompute everything instead of resuming")
+    s.add_argument("--dry-run", action="store_true", help="print the plan and a compute estimate only")
+    s.set_defaults(func=cmd_sweep)
+
+    v = sub.add_parser("validate", help="print the resolved config, or the first error")
+    v.add_argument("sweep")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.set_defaults(func=cmd_validate)
+
+    st = sub.add_parser("status", help="which stages of a sweep are done")
+    st.add_argument("sweep_dir", help="<storage>/<name>")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rift_ray.checkpoint import CheckpointError
+    from rift_ray.data import DataError
+    from rift_ray.store import StorageError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, DataError, StorageError, CheckpointError) as e:
+        return _fail(" ".join(str(e).split()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""One sweep = one YAML file, validated into a frozen, typed config.
+
+    cfg = load_config("sweeps/smoke.yaml", overrides=["finetune.lrs=[0.001,0.005]"])
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`, whose
+message names the field path, e.g. ``finetune.lrs[2]: must be > 0``.
+Numbers may be written as fractions (``eps: 8/255``). Strings that name paths may
+use environment variables (``root: ${RIFT_CIFAR10_ARCHIVE}``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A sweep config that cannot be used; the message is one line naming the field."""
+
+
+_FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
+
+
+def _fraction(value: Any) -> Any:
+    """Accept ``"8/255"`` as a float; leave everything else to pydantic."""
+    if isinstance(value, str):
+        m = _FRACTION.match(value)
+        if m:
+            try:
+                return float(m.group(1)) / float(m.group(2))
+            except (ValueError, ZeroDivisionError):
+                return value
+    return value
+
+
+Float = Annotated[float, BeforeValidator(_fraction)]
+PosFloat = Annotated[float, BeforeValidator(_fraction), Field(gt=0)]
+NonNegFloat = Annotated[float, BeforeValidator(_fraction), Field(ge=0)]
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class SyntheticConfig(_Section):
+    """The offline default: class-dependent patterns plus noise, no files needed."""
+
+    num_classes: Annotated[int, Field(ge=2)] = 10
+    train_size: PosInt = 2000
+    test_size: PosInt = 500
+    image_size: Annotated[int, Field(ge=8)] = 32
+    noise: NonNegFloat = 0.15
+
+
+class DataConfig(_Section):
+    dataset: Literal["synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder"] = "synthetic"
+    root: str | None = None
+    """Directory (or, for imagefolder, a .tar/.tar.gz archive). torchvision datasets
+    download here when ``download`` is true. Default: ``$RIFT_DATA_ROOT`` or ``~/.cache/rift-ray/data``."""
+    download: bool = True
+    cache_dir: str | None = None
+    """Where archives are extracted and decoded arrays cached. Default ``~/.cache/rift-ray``."""
+    val_size: NonNegInt = 5000
+    """Images held out of train (seeded) for validation: checkpoint choice, MRC, alpha*."""
+    train_subset: PosInt | None = None
+    test_subset: PosInt | None = None
+    augment: bool = True
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class ModelConfig(_Section):
+    arch: Literal["resnet18", "resnet34", "wrn", "preact_resnet18", "small_resnet", "small_cnn"] = (
+        "small_resnet"
+    )
+    depth: Annotated[int, Field(ge=10)] = 34
+    widen_factor: PosInt = 10
+
+    @model_validator(mode="after")
+    def _wrn_depth(self) -> ModelConfig:
+        if self.arch == "wrn" and (self.depth - 4) % 6 != 0:
+            raise ValueError("depth: WideResNet depth must be 6n+4 (e.g. 28, 34)")
+        return self
+
+
+class AttackConfig(_Section):
+    """L-inf PGD used for adversarial training, the MRC adversarial set and evaluation."""
+
+    eps: Annotated[float, BeforeValidator(_fraction), Field(gt=0, le=1)] = 8 / 255
+    step_size: Annotated[float, BeforeValidator(_fraction), Field(gt=0, le=1)] = 2 / 255
+    steps: PosInt = 10
+    random_start: bool = True
+
+
+class AdvTrainConfig(_Section):
+    checkpoint: str | None = None
+    """An existing robust model (our format or a plain state dict): skips training."""
+    method: Literal["pgd", "trades"] = "pgd"
+    trades_beta: PosFloat = 6.0
+    epochs: PosInt = 110
+    batch_size: PosInt = 128
+    lr: PosFloat = 0.1
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: NonNegFloat = 5e-4
+    lr_milestones: list[PosInt] = [100, 105]
+    lr_gamma: PosFloat = 0.1
+    checkpoint_every: PosInt = 1
+    max_failures: NonNegInt = 3
+
+
+class MRCConfig(_Section):
+    epsilon: PosFloat = 0.1
+    epochs: PosInt = 10
+    batch_size: PosInt = 512
+    lr: PosFloat = 1.0
+    projection: Literal["epoch", "step"] = "epoch"
+    shuffle: bool = True
+    adv_set_size: PosInt | None = None
+    """Images of the validation split attacked once to form the fixed adversarial set (default: all)."""
+    include: list[str] = []
+    """fnmatch patterns; empty = every Conv2d/Linear."""
+    exclude: list[str] = []
+
+
+class ASHAConfig(_Section):
+    grace_period: PosInt = 2
+    reduction_factor: Annotated[float, Field(gt=1)] = 2.0
+
+
+class FinetuneConfig(_Section):
+    top_k: PosInt = 1
+    joint: bool = False
+    """Also fine-tune the top_k modules together as one trial."""
+    lrs: Annotated[list[PosFloat], Field(min_length=1)] = [0.001, 0.005, 0.01]
+    epochs: PosInt = 10
+    batch_size: PosInt = 128
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: NonNegFloat = 5e-4
+    lr_milestones: list[PosInt] = [5]
+    lr_gamma: PosFloat = 0.1
+    asha: ASHAConfig = ASHAConfig()
+    metric_subset: PosInt = 1000
+    """Validation images used for the per-epoch ASHA metric (interpolated-model gain)."""
+    metric_alphas: Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=1)] = [
+        0.5,
+        0.7,
+        0.9,
+    ]
+
+
+def _default_alphas() -> list[float]:
+    return [round(i / 10, 10) for i in range(11)]
+
+
+class InterpolateConfig(_Section):
+    alphas: Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=1)] = Field(
+        default_factory=_default_alphas
+    )
+    tolerance: NonNegFloat = 0.1
+    """Robust accuracy (points) the interpolated model may lose against the AT model."""
+    alphas_per_task: PosInt = 4
+
+
+class EvalConfig(_Section):
+    batch_size: PosInt = 256
+    restarts: PosInt = 1
+    """PGD restarts for robust accuracy (worst case); the paper uses 3."""
+    val_subset: PosInt | None = None
+    test_subset: PosInt | None = None
+    corruptions: list[str] = []
+    """CIFAR-10-C / CIFAR-100-C corruption names; empty = no corruption evaluation."""
+    severities: list[Annotated[int, Field(ge=1, le=5)]] = [1, 2, 3, 4, 5]
+    cifar_c_root: str | None = None
+
+
+class TrialResources(_Section):
+    cpu: Annotated[float, Field(gt=0)] = 1.0
+    gpu: NonNegFloat = 0.0
+
+
+class ATResources(_Section):
+    num_workers: PosInt = 1
+    use_gpu: bool = False
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    gpus_per_worker: NonNegFloat = 0.0
+
+
+class ResourcesConfig(_Section):
+    num_cpus: PosInt | None = None
+    """CPUs of the local Ray instance (default: the machine's)."""
+    num_gpus: NonNegInt | None = None
+    object_store_memory: PosInt | None = None
+    torch_threads: PosInt | None = None
+    """torch.set_num_threads inside each trial (default: the trial's CPU count)."""
+    adv_train: ATResources = ATResources()
+    mrc: TrialResources = TrialResources()
+    finetune: TrialResources = TrialResources()
+    interpolate: TrialResources = TrialResources()
+    max_concurrent_trials: PosInt | None = None
+
+
+class WandbConfig(_Section):
+    enabled: bool = True
+    project: str = "rift-ray"
+    entity: str | None = None
+    group: str | None = None
+    """Default: the sweep name."""
+    tags: list[str] = []
+    mode: Literal["online", "offline", "disabled"] | None = None
+    """Default: $WANDB_MODE, else online when an API key is set, else offline."""
+    log_checkpoint: bool = True
+
+
+class SweepConfig(_Section):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "rift"
+    seed: NonNegInt = 0
+    storage: str = "./results"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    attack: AttackConfig = AttackConfig()
+    adv_train: AdvTrainConfig = AdvTrainConfig()
+    mrc: MRCConfig = MRCConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    interpolate: InterpolateConfig = InterpolateConfig()
+    eval: EvalConfig = EvalConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    wandb: WandbConfig = WandbConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def section_hash(self, *sections: str) -> str:
+        """Hash of the named sections (plus seed): a stage is reusable when its inputs' hash matches."""
+        d = self.to_dict()
+        payload = {s: d[s] for s in sections}
+        payload["seed"] = self.seed
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def config_hash(self) -> str:
+        d = self.to_dict()
+        for k in ("name", "storage", "wandb", "resources"):
+            d.pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_MESSAGES = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "extra_forbidden": "unknown key",
+    "too_short": "must not be empty",
+}
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith("function-") or part in ("float", "int", "str", "bool"):
+            continue  # pydantic validator / union branch labels, not field names
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """The first error of a pydantic ValidationError as ``field.path: message``."""
+    e = err.errors(include_url=False)[0]
+    ctx = e.get("ctx") or {}
+    template = _MESSAGES.get(e["type"])
+    if template:
+        try:
+            msg = template.format(**ctx)
+        except (KeyError, IndexError):
+            msg = e["msg"]
+    else:
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+    if e["type"] == "literal_error" and "expected" in ctx:
+        msg = f"must be one of {ctx['expected']} (got {e.get('input')!r})"
+    elif e["type"] not in _MESSAGES and "input" in e and not isinstance(e["input"], dict):
+        msg = f"{msg} (got {e['input']!r})"
+    loc = _loc(tuple(e["loc"]))
+    # errors raised in a model validator carry "field: message" themselves
+    if ": " in msg and e["type"] == "value_error" and not msg.startswith("must"):
+        head, rest = msg.split(": ", 1)
+        if re.fullmatch(r"[A-Za-z_][\w.\[\]]*", head):
+            loc = f"{loc}.{head}" if loc != "<root>" else head
+            msg = rest
+    extra = len(err.errors()) - 1
+    return f"{loc}: {msg}" + (f" (and {extra} more error{'s' if extra > 1 else ''})" if extra else "")
+
+
+def _set_path(d: dict[str, Any], path: str, value: Any) -> None:
+    keys = path.split(".")
+    cur = d
+    for i, k in enumerate(keys[:-1]):
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = cur[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(keys[: i + 1])}: is not a section (cannot set {path})")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``KEY=VALUE`` overrides (VALUE parsed as YAML: ``finetune.lrs=[0.001,0.005]``)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. finetune.lrs=[0.001,0.005]")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+            raise ConfigError(f"--set {item!r}: {key!r} is not a field path like finetune.lrs")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: value is not valid YAML ({_first_line(e)})") from None
+        _set_path(raw, key, value)
+    return raw
+
+
+def _first_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def validate_config(raw: dict[str, Any]) -> SweepConfig:
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: sweep file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {_first_line(e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: list[str] | None = None,
+    **fields: Any,
+) -> SweepConfig:
+    """Read a sweep YAML (or defaults when ``path`` is None), apply overrides, validate."""
+    raw = read_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, overrides)
+    for k, v in fields.items():
+        if v is not None:
+            raw[k] = v
+    return validate_config(raw)
+
+
+def expand_path(p: str | None) -> str | None:
+    """Expand ``~`` and ``$VARS`` in a configured path; unset variables are an error."""
+    if p is None:
+        return None
+    out = os.path.expanduser(os.path.expandvars(p))
+    if "$" in out:
+        raise ConfigError(f"{p}: environment variable in path is not set")
+    return out
+
+
+def to_yaml(cfg: SweepConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

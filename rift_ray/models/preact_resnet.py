@@ -1,0 +1,74 @@
+"""PreActResNet18 (as in locuslab/fast_adversarial) with its usual module names.
+
+Names: ``conv1``; ``layerX.Y.bn1/conv1/bn2/conv2``; projection shortcut ``layerX.Y.shortcut.0``
+(a 1x1 conv, no BN); final ``bn``; classifier ``linear``. Note the shortcut conv runs
+before ``conv1`` of its block, which :func:`rift_ray.models.mrc_candidates` reflects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rift_ray.models.resnet import Normalize
+
+
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3; the projection shortcut takes the activated input."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.shortcut: nn.Sequential | None = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """Input [B, C, H, W] in [0, 1]; output logits [B, num_classes]."""
+
+    def __init__(
+        self,
+        num_blocks: Sequence[int] = (2, 2, 2, 2),
+        num_classes: int = 10,
+        *,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+    ) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(len(mean), 64, 3, stride=1, padding=1, bias=False)
+        in_planes = 64
+        for i, (blocks, width) in enumerate(zip(num_blocks, (64, 128, 256, 512))):
+            strides = [1 if i == 0 else 2] + [1] * (blocks - 1)
+            layer = []
+            for stride in strides:
+                layer.append(PreActBlock(in_planes, width, stride))
+                in_planes = width
+            self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.normalize(x))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.relu(self.bn(out))
+        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.linear(out)
+
+
+def preact_resnet18(num_classes: int = 10, **kwargs: Sequence[float]) -> PreActResNet:
+    return PreActResNet((2, 2, 2, 2), num_classes, **kwargs)

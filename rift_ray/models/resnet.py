@@ -1,0 +1,112 @@
+"""CIFAR-style ResNets (3x3 stem, no max-pool) with the module names RiFT results use.
+
+Names: ``conv1``, ``bn1``, ``layer1`` .. ``layerK``, blocks ``layerX.Y.conv1/bn1/conv2/bn2``,
+projection shortcut ``layerX.Y.shortcut.0`` (conv) / ``.1`` (BN), classifier ``linear``.
+This is the layout of the reference RiFT code, so its checkpoints map key for key
+(plus our ``normalize.mean`` / ``normalize.std`` buffers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel; the first submodule of every model here.
+
+    Models therefore take images in [0, 1], which is what attacks perturb.
+    Buffers ``mean`` and ``std`` have shape [1, C, 1, 1] and are saved in the state dict.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std must be positive, got {tuple(std)}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual; 1x1 conv + BN shortcut when the shape changes."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A CIFAR ResNet: stem conv, one stage per entry of ``widths``, global pool, linear.
+
+    The stem convolves with stride ``stem_stride`` (1 for CIFAR ResNets); stage 1 keeps
+    the resolution, every later stage halves it. Adaptive pooling makes
+    any input size >= 8 pixels work (32x32 CIFAR, 64x64 Tiny-ImageNet).
+    Input: [B, C, H, W] in [0, 1]; output: logits [B, num_classes].
+    """
+
+    def __init__(
+        self,
+        num_blocks: Sequence[int],
+        num_classes: int = 10,
+        *,
+        widths: Sequence[int] = (64, 128, 256, 512),
+        stem_stride: int = 1,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+    ) -> None:
+        super().__init__()
+        if len(num_blocks) != len(widths):
+            raise ValueError(f"{len(num_blocks)} stages of blocks but {len(widths)} widths")
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(len(mean), widths[0], 3, stride=stem_stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        in_planes = widths[0]
+        for i, (blocks, width) in enumerate(zip(num_blocks, widths)):
+            strides = [1 if i == 0 else 2] + [1] * (blocks - 1)
+            layer = []
+            for stride in strides:
+                layer.append(BasicBlock(in_planes, width, stride))
+                in_planes = width
+            self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
+        self.num_stages = len(widths)
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        for i in range(1, self.num_stages + 1):
+            out = getattr(self, f"layer{i}")(out)
+        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.linear(out)
+
+
+def resnet18(num_classes: int = 10, **kwargs: Sequence[float]) -> ResNet:
+    return ResNet((2, 2, 2, 2), num_classes, **kwargs)
+
+
+def resnet34(num_classes: int = 10, **kwargs: Sequence[float]) -> ResNet:
+    return ResNet((3, 4, 6, 3), num_classes, **kwargs)

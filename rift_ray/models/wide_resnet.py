@@ -1,0 +1,108 @@
+"""WideResNet-(6n+4)-k with the module names of the standard robustness code (TRADES, MART, AWP).
+
+Names: ``conv1``; ``block1`` .. ``block3`` (each a ``NetworkBlock`` whose ``layer`` is a
+Sequential of ``BasicBlock``\\ s with ``bn1, relu1, conv1, bn2, relu2, conv2`` and a 1x1
+``convShortcut`` when in != out channels); then ``bn1``, ``relu``, ``fc``. E.g.
+``block1.layer.3.conv2``, ``block2.layer.0.convShortcut``. The first block of ``block1``
+goes 16 -> 16k channels, so it has a ``convShortcut`` whenever k > 1. The optional
+``sub_block1`` of some WRN-34-10 checkpoints is not part of this model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rift_ray.models.resnet import Normalize
+
+
+class BasicBlock(nn.Module):
+    """Pre-activation wide block: BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus shortcut."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
+        self.drop_rate = drop_rate
+        self.equal_in_out = in_planes == out_planes
+        self.convShortcut: nn.Conv2d | None = None
+        if not self.equal_in_out:
+            self.convShortcut = nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As in the robustness code: when the shape changes, the shortcut also sees bn1/relu1(x).
+        act = self.relu1(self.bn1(x))
+        out = self.relu2(self.bn2(self.conv1(act)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        out = self.conv2(out)
+        shortcut = x if self.convShortcut is None else self.convShortcut(act)
+        return shortcut + out
+
+
+class NetworkBlock(nn.Module):
+    """``num_layers`` BasicBlocks; only the first changes channels / stride."""
+
+    def __init__(
+        self, num_layers: int, in_planes: int, out_planes: int, stride: int, drop_rate: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(
+            *[
+                BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate)
+                for i in range(num_layers)
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-widen_factor. Input [B, C, H, W] in [0, 1]; output logits [B, num_classes]."""
+
+    def __init__(
+        self,
+        depth: int = 34,
+        num_classes: int = 10,
+        widen_factor: int = 10,
+        *,
+        drop_rate: float = 0.0,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+    ) -> None:
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6 != 0:
+            raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (e.g. 16, 28, 34), got {depth}")
+        n = (depth - 4) // 6
+        channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(len(mean), channels[0], 3, stride=1, padding=1, bias=False)
+        self.block1 = NetworkBlock(n, channels[0], channels[1], 1, drop_rate)
+        self.block2 = NetworkBlock(n, channels[1], channels[2], 2, drop_rate)
+        self.block3 = NetworkBlock(n, channels[2], channels[3], 2, drop_rate)
+        self.bn1 = nn.BatchNorm2d(channels[3])
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(channels[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.normalize(x))
+        out = self.block3(self.block2(self.block1(out)))
+        out = self.relu(self.bn1(out))
+        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.fc(out)

@@ -1,0 +1,102 @@
+"""``rift-ray sweep --dry-run``: the plan of a sweep and a compute estimate, without computing.
+
+The estimate times one forward+backward pass of the configured model on one batch on
+this machine and multiplies by the number of passes each stage needs (PGD-k costs k+1
+passes per image). It is a rough single-device figure, printed as device-seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rift_ray.config import SweepConfig
+
+
+def time_per_image(cfg: SweepConfig, spec: Any, batch: int = 32, repeats: int = 3) -> float:
+    """Seconds for one forward+backward pass of one image, measured on a random batch."""
+    from rift_ray.stages.common import new_model
+
+    model = new_model(cfg, spec)
+    x = torch.rand(batch, *spec.image_shape)
+    y = torch.randint(0, spec.num_classes, (batch,))
+    F.cross_entropy(model(x), y).backward()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+    return (time.perf_counter() - t0) / (repeats * batch)
+
+
+def estimate(cfg: SweepConfig, n_train: int, n_val: int, n_test: int, n_modules: int, t_img: float) -> dict[str, float]:
+    """Device-seconds per stage (upper bounds: ASHA usually stops part of the fine-tuning grid)."""
+    k = cfg.attack.steps + 1
+    val_eval = min(n_val, cfg.eval.val_subset or n_val)
+    test_eval = min(n_test, cfg.eval.test_subset or n_test)
+    at = 0.0 if cfg.adv_train.checkpoint else cfg.adv_train.epochs * (n_train * k + val_eval * k * cfg.eval.restarts) * t_img
+    n_adv = min(n_val, cfg.mrc.adv_set_size or n_val)
+    mrc = n_adv * k * t_img + n_modules * cfg.mrc.epochs * n_adv * 1.3 * t_img  # ascent + a forward pass per epoch
+    groups = cfg.finetune.top_k + (1 if cfg.finetune.joint and cfg.finetune.top_k > 1 else 0)
+    trials = groups * len(cfg.finetune.lrs)
+    metric = (len(cfg.finetune.metric_alphas) * min(n_val, cfg.finetune.metric_subset) * k) * t_img
+    ft = trials * cfg.finetune.epochs * (n_train * t_img + metric)
+    interp = (1 + trials * len([a for a in cfg.interpolate.alphas if a > 0])) * (val_eval + test_eval) * (k * cfg.eval.restarts + 1) * t_img
+    return {"adv_train": at, "mrc": mrc, "finetune": ft, "interpolate": interp}
+
+
+def print_plan(cfg: SweepConfig) -> None:
+    from rift_ray.pipeline import prepare
+    from rift_ray.store import AT_CHECKPOINT, INTERPOLATION_TABLE, MRC_TABLE, SUMMARY
+
+    prep = prepare(cfg)
+    from rift_ray.stages.common import ModelSpec
+
+    spec = ModelSpec.of(prep.splits)
+    s, r = prep.splits, cfg.resources
+    t_img = time_per_image(cfg, spec)
+    est = estimate(cfg, len(s.train), len(s.val), len(s.test), len(prep.modules), t_img)
+    done = {
+        "adv_train": prep.store.stage_done("adv_train", prep.hashes["adv_train"], [AT_CHECKPOINT]),
+        "mrc": prep.store.stage_done("mrc", prep.hashes["mrc"], [MRC_TABLE]),
+        "finetune": (prep.store.read_stage("finetune") or {}).get("status") == "done"
+        and (prep.store.read_stage("finetune") or {}).get("hash") == prep.hashes["finetune"],
+        "interpolate": prep.store.stage_done("interpolate", prep.hashes["interpolate"], [INTERPOLATION_TABLE, SUMMARY]),
+    }
+    groups = cfg.finetune.top_k + (1 if cfg.finetune.joint and cfg.finetune.top_k > 1 else 0)
+    alphas = [a for a in cfg.interpolate.alphas if a > 0]
+    tasks = math.ceil(len(alphas) / cfg.interpolate.alphas_per_task)
+    print(f"sweep {cfg.name} -> {prep.store.uri}")
+    print(f"data: {cfg.data.dataset} train {len(s.train)} / val {len(s.val)} / test {len(s.test)}, {s.num_classes} classes; "
+          f"model {cfg.model.arch}")
+    at_desc = (f"start from {cfg.adv_train.checkpoint}" if cfg.adv_train.checkpoint else
+               f"TorchTrainer, {r.adv_train.num_workers} worker(s) x {{CPU: {r.adv_train.cpus_per_worker:g}"
+               f"{', GPU: %g' % (r.adv_train.gpus_per_worker or 1) if r.adv_train.use_gpu else ''}}}, "
+               f"{cfg.adv_train.method} {cfg.adv_train.epochs} epochs")
+    lines = [
+        ("adv_train", at_desc),
+        ("mrc", f"{len(prep.modules)} Tune trials (one per module) x {{CPU: {r.mrc.cpu:g}, GPU: {r.mrc.gpu:g}}}: "
+                + ", ".join(prep.modules[:6]) + (" ..." if len(prep.modules) > 6 else "")),
+        ("finetune", f"{groups} module set(s) x {len(cfg.finetune.lrs)} lr(s) = {groups * len(cfg.finetune.lrs)} Tune trials "
+                     f"under ASHA (grace {cfg.finetune.asha.grace_period}, factor {cfg.finetune.asha.reduction_factor:g}) "
+                     f"x {{CPU: {r.finetune.cpu:g}, GPU: {r.finetune.gpu:g}}}"),
+        ("interpolate", f"{len(cfg.interpolate.alphas)} alphas per surviving trial, {tasks} task(s) per trial + 1 for AT "
+                        f"x {{CPU: {r.interpolate.cpu:g}, GPU: {r.interpolate.gpu:g}}}"),
+    ]
+    for i, (stage, desc) in enumerate(lines, 1):
+        state = "done (will be reused)" if done[stage] else "to run"
+        print(f"  {i}. {stage:<11} [{state}] {desc}; est. {_fmt(est[stage])} device-time")
+    total = sum(v for k, v in est.items() if not done[k])
+    print(f"measured {t_img * 1e3:.2f} ms per image forward+backward on this machine's CPU; "
+          f"remaining compute ~{_fmt(total)} on one such device (ASHA usually cuts fine-tuning)")
+
+
+def _fmt(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}min"
+    return f"{seconds / 3600:.1f}h"

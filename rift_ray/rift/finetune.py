@@ -1,0 +1,149 @@
+"""Stage 3: fine-tune the chosen (non-robust-critical) modules on clean data.
+
+    for row in finetune(model, ["layer2.1.conv2"], train, lr=0.001, evaluate_fn=val_metrics):
+        print(row["epoch"], row["lr"], row["train_acc"], row["clean_acc"])
+
+One dict per epoch, so a Ray Tune trial can report each and ASHA can stop early.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rift_ray.attacks import eval_mode
+
+Batches = Iterable[tuple[Tensor, Tensor]]
+
+
+def trainable_parameters(model: nn.Module, module_names: Sequence[str]) -> list[nn.Parameter]:
+    """Parameters of the named modules and their children (exact module match, no substrings).
+
+    The reference matches parameter names by substring (``"layer2.1.conv2" in name``),
+    which also catches e.g. ``layer2.1.conv2x``; matching modules avoids that.
+    Raises ValueError naming an unknown module or one without parameters.
+    """
+    if not module_names:
+        raise ValueError("module_names: must name at least one module")
+    params: dict[int, nn.Parameter] = {}
+    for name in module_names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{name}: no such module in the model") from None
+        own = list(module.parameters())
+        if not own:
+            raise ValueError(f"{name}: module has no parameters to fine-tune")
+        params.update((id(p), p) for p in own)
+    return list(params.values())
+
+
+def finetune(
+    model: nn.Module,
+    module_names: Sequence[str],
+    train_data: Any,
+    *,
+    epochs: int = 10,
+    lr: float = 0.001,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    lr_milestones: Sequence[int] = (5,),
+    lr_gamma: float = 0.1,
+    batch_size: int = 128,
+    augment: bool = True,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    evaluate_fn: Callable[[nn.Module], dict[str, Any]] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Fine-tune ``model`` IN PLACE, training only the parameters of ``module_names``.
+
+    The model (already on ``device``) trains in train mode, so the running statistics
+    of every BatchNorm layer move toward clean data, as in the reference. SGD with
+    momentum and weight decay; the lr is multiplied by ``lr_gamma`` after each epoch in
+    ``lr_milestones`` (MultiStepLR: with (5,), epochs 6.. use lr * gamma).
+
+    ``train_data``: an ``ImageData`` (shuffled, augmented when ``augment``, via
+    ``rift_ray.data.batches`` seeded by ``(seed, epoch)``) or a callable ``epoch (0-based)
+    -> iterable of (x in [0,1], y)``.
+
+    Yields per epoch ``epoch`` (1-based), ``lr`` (used in that epoch), ``train_loss``
+    (mean CE), ``train_acc`` (percent, train-mode logits on augmented images),
+    ``images``, ``seconds``, ``images_per_s`` and the entries of ``evaluate_fn(model)``,
+    which is called with the model in eval mode. Unknown module names raise ValueError
+    at call time. Other parameters get ``requires_grad=False`` while the generator runs;
+    the original flags and mode are restored when it finishes or is closed.
+    """
+    params = trainable_parameters(model, module_names)  # validate before the first next()
+    if callable(train_data):
+        epoch_batches: Callable[[int], Batches] = train_data
+    else:
+
+        def epoch_batches(epoch: int) -> Batches:
+            from rift_ray.data import batches
+
+            return batches(train_data, batch_size, shuffle=True, augment=augment, seed=seed, epoch=epoch, device=device)
+
+    return _epochs(model, params, epoch_batches, epochs, lr, momentum, weight_decay, lr_milestones, lr_gamma, evaluate_fn)
+
+
+def _epochs(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    epoch_batches: Callable[[int], Batches],
+    epochs: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    lr_milestones: Sequence[int],
+    lr_gamma: float,
+    evaluate_fn: Callable[[nn.Module], dict[str, Any]] | None,
+) -> Iterator[dict[str, Any]]:
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved_modes = [(m, m.training) for m in model.modules()]
+    chosen = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(lr_milestones), gamma=lr_gamma)
+    try:
+        for epoch in range(epochs):
+            model.train()
+            current_lr = optimizer.param_groups[0]["lr"]
+            start = time.perf_counter()
+            n, loss_sum, correct = 0, 0.0, 0
+            for x, y in epoch_batches(epoch):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                n += len(y)
+                loss_sum += float(loss.detach()) * len(y)
+                correct += int((logits.detach().argmax(1) == y).sum())
+            scheduler.step()
+            seconds = time.perf_counter() - start
+            if n == 0:
+                raise ValueError("finetune: an epoch had no batches")
+            row: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "lr": current_lr,
+                "train_loss": loss_sum / n,
+                "train_acc": 100.0 * correct / n,
+                "images": n,
+                "seconds": seconds,
+                "images_per_s": n / seconds if seconds > 0 else float("inf"),
+            }
+            if evaluate_fn is not None:
+                with eval_mode(model):
+                    row |= evaluate_fn(model)
+            yield row
+    finally:
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+        for m, training in saved_modes:
+            m.training = training

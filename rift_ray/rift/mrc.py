@@ -1,0 +1,217 @@
+"""Stage 2: Module Robust Criticality (MRC), as the RiFT reference code computes it.
+
+    MRC(m) = max_{||dW||_2 <= eps ||W||_2} L_rob(W_m + dW) - L_rob(W_m)
+
+where W is the flattened weight of module m alone (never bias or BatchNorm) and
+L_rob the mean cross-entropy on a FIXED set of adversarial examples made once from
+the adversarially trained model. The max is approximated by gradient ascent:
+
+    x_adv, y = adversarial_set(model, val)            # PGD-10, eps 8/255, seeded
+    res = module_robust_criticality(model, "layer2.1.conv2", x_adv, y)
+    res.mrc, res.acc_before - res.acc_after            # loss rise, robust-acc drop (points)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rift_ray.attacks import eval_mode, iter_batches, pgd_attack
+
+
+def adversarial_set(
+    model: nn.Module,
+    data: Any,
+    *,
+    eps: float = 8 / 255,
+    step_size: float = 2 / 255,
+    steps: int = 10,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The fixed adversarial set for MRC: PGD (random start, seeded) against ``model`` in eval mode.
+
+    ``data``: an ``ImageData`` (use a held-out split, not test) or an iterable of
+    (x, y) batches; the model must be on ``device``. Returns CPU tensors
+    ``(x_adv [N,C,H,W], y int64 [N])``; ``x_adv`` is float32 in [0,1] by default.
+    ``dtype=torch.uint8`` stores ``round(255 x_adv)`` instead (4x smaller, but the
+    perturbation is rounded to the 1/255 grid); other float dtypes are a plain cast.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    xs, ys = [], []
+    with eval_mode(model):
+        for x, y in iter_batches(data, batch_size, device):
+            x_adv = pgd_attack(model, x, y, eps=eps, step_size=step_size, steps=steps, generator=gen)
+            xs.append(x_adv.cpu())
+            ys.append(y.cpu())
+    if not xs:
+        raise ValueError("adversarial_set: no images in data")
+    images, labels = torch.cat(xs), torch.cat(ys).long()
+    if dtype == torch.uint8:
+        return (images * 255).round().to(torch.uint8), labels
+    return images.to(dtype or torch.float32), labels
+
+
+@dataclass(frozen=True)
+class MRCResult:
+    """MRC of one module. Losses are mean CE (nats) on the fixed set, accuracies in percent.
+
+    ``loss_after`` is the largest end-of-epoch loss (epoch ``best_epoch``, 1-based) and
+    ``acc_after`` the accuracy at that epoch, so ``mrc == loss_after - loss_before``.
+    """
+
+    module: str
+    mrc: float
+    loss_before: float
+    loss_after: float
+    acc_before: float
+    acc_after: float
+    epoch_losses: list[float]
+    best_epoch: int
+    num_params: int
+    seconds: float
+
+    @property
+    def acc_drop(self) -> float:
+        """Robust-accuracy drop (points) at the worst perturbation found."""
+        return self.acc_before - self.acc_after
+
+
+def project_l2_ball(delta: Tensor, radius: float) -> Tensor:
+    """``delta`` scaled by min(1, radius / ||delta||_2) (Frobenius norm of the whole tensor).
+
+    Deltas already inside the ball are returned unchanged (the same values, a clone).
+    """
+    norm = float(delta.norm())
+    if norm <= radius:
+        return delta.clone()
+    return delta * (radius / norm)
+
+
+def _set_loss(
+    model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int, device: torch.device
+) -> tuple[float, float]:
+    """Mean CE and accuracy (percent) of ``model`` over the whole set, in order, under no_grad."""
+    total, correct = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(targets), batch_size):
+            x, y = _batch(inputs, targets, slice(i, i + batch_size), device)
+            logits = model(x)
+            total += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    return total / len(targets), 100.0 * correct / len(targets)
+
+
+def _batch(inputs: Tensor, targets: Tensor, idx: Tensor | slice, device: torch.device) -> tuple[Tensor, Tensor]:
+    x = inputs[idx].to(device)
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    return x.float(), targets[idx].to(device)
+
+
+def module_robust_criticality(
+    model: nn.Module,
+    module_name: str,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    epsilon: float = 0.1,
+    epochs: int = 10,
+    batch_size: int = 512,
+    lr: float = 1.0,
+    projection: Literal["epoch", "step"] = "epoch",
+    shuffle: bool = True,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> MRCResult:
+    """MRC of ``model.<module_name>.weight`` on the fixed set ``(inputs [N,C,H,W] in [0,1], targets [N])``.
+
+    Works on a deep copy in eval mode (``model`` is not touched). Only the module's
+    ``weight`` moves: SGD (lr, no momentum, no weight decay) ascends the CE over
+    mini-batches of ``batch_size`` (order from a generator seeded with ``seed`` when
+    ``shuffle``) for ``epochs`` epochs. dW = W - W0 is projected onto the L2 ball of
+    radius ``epsilon * ||W0||_2`` after each epoch (``projection="epoch"``, the
+    reference) or after each step (``"step"``); then the loss on the whole set is measured.
+
+    As in the reference, MRC = max over the end-of-epoch losses minus the unperturbed
+    loss. This raw definition could in principle be negative (if every epoch ended
+    below the start); with ascent at a modest lr it is >= 0 in practice.
+    ``device``: where the copy runs (default: the model's device).
+    """
+    if projection not in ("epoch", "step"):
+        raise ValueError(f"projection: must be 'epoch' or 'step' (got {projection!r})")
+    if epochs < 1 or len(targets) == 0:
+        raise ValueError("module_robust_criticality: needs epochs >= 1 and a non-empty set")
+    start = time.perf_counter()
+    if device is None:
+        device = next(iter(model.parameters())).device
+    device = torch.device(device)
+    net = copy.deepcopy(model).to(device).eval()
+    try:
+        weight = net.get_submodule(module_name).weight
+    except AttributeError:
+        raise ValueError(f"{module_name}: no such module with a weight in the model") from None
+    if not isinstance(weight, nn.Parameter):
+        raise ValueError(f"{module_name}: its weight is not a parameter")
+    for p in net.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    weight.requires_grad_(True)
+    w0 = weight.detach().clone()
+    radius = epsilon * float(w0.norm())
+    optimizer = torch.optim.SGD([weight], lr=lr, momentum=0.0, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+
+    def project() -> None:
+        with torch.no_grad():
+            delta = weight - w0
+            if float(delta.norm()) > radius:  # inside the ball the weight stays bit-identical
+                weight.copy_(w0 + project_l2_ball(delta, radius))
+
+    loss_before, acc_before = _set_loss(net, inputs, targets, batch_size, device)
+    epoch_losses: list[float] = []
+    epoch_accs: list[float] = []
+    n = len(targets)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+        for i in range(0, n, batch_size):
+            x, y = _batch(inputs, targets, order[i : i + batch_size], device)
+            optimizer.zero_grad(set_to_none=True)
+            (-F.cross_entropy(net(x), y)).backward()
+            optimizer.step()
+            if projection == "step":
+                project()
+        if projection == "epoch":
+            project()
+        loss, acc = _set_loss(net, inputs, targets, batch_size, device)
+        epoch_losses.append(loss)
+        epoch_accs.append(acc)
+    best = max(range(epochs), key=lambda e: (epoch_losses[e], -e))  # first epoch on ties
+    return MRCResult(
+        module=module_name,
+        mrc=epoch_losses[best] - loss_before,
+        loss_before=loss_before,
+        loss_after=epoch_losses[best],
+        acc_before=acc_before,
+        acc_after=epoch_accs[best],
+        epoch_losses=epoch_losses,
+        best_epoch=best + 1,
+        num_params=weight.numel(),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def mrc_table(results: Iterable[MRCResult]) -> list[dict[str, Any]]:
+    """One row per module (all fields plus ``acc_drop``), least robust-critical (lowest MRC) first."""
+    rows = [dataclasses.asdict(r) | {"acc_drop": r.acc_drop} for r in results]
+    return sorted(rows, key=lambda r: r["mrc"])

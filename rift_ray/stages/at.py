@@ -1,0 +1,191 @@
+"""Stage 1: adversarial training with Ray Train (TorchTrainer, DDP).
+
+Each worker trains on its shard of the training split (PGD-AT or TRADES), the
+validation split is evaluated (clean and PGD, sharded and all-reduced) after every
+epoch, and rank 0 commits a checkpoint every ``adv_train.checkpoint_every`` epochs
+holding the latest state (to resume) and the best state by validation robust
+accuracy (the model the sweep keeps). A killed worker restarts from the last
+committed checkpoint (``adv_train.max_failures``); a re-run of an interrupted sweep
+reuses the run name and continues the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from rift_ray.attacks import evaluate
+from rift_ray.config import SweepConfig
+from rift_ray.data import DatasetSplits, batches
+from rift_ray.rift import adversarial_train_epoch
+from rift_ray.stages.common import attack_kwargs, cpu_state, new_model, setup_worker
+from rift_ray.store import Store
+
+
+def _sharded_eval(
+    model: torch.nn.Module, splits: DatasetSplits, cfg: SweepConfig, rank: int, world: int, device: torch.device
+) -> dict[str, float]:
+    """Clean and PGD accuracy on the validation split, sharded over workers and all-reduced."""
+    val = splits.val
+    if cfg.eval.val_subset is not None and len(val) > cfg.eval.val_subset:
+        val = val.subset(torch.arange(cfg.eval.val_subset))
+    if len(val) == 0:
+        return {}
+    shard = val.subset(torch.arange(rank, len(val), world))
+    m = evaluate(
+        model,
+        shard,
+        batch_size=cfg.eval.batch_size,
+        device=device,
+        attack=attack_kwargs(cfg),
+        restarts=cfg.eval.restarts,
+        seed=cfg.seed,
+    )
+    sums = torch.tensor(
+        [m["clean_acc"] * m["n"], m["robust_acc"] * m["n"], m["clean_loss"] * m["n"], float(m["n"])],
+        dtype=torch.float64,
+    )
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    n = sums[3].item()
+    return {
+        "val_clean_acc": sums[0].item() / n,
+        "val_robust_acc": sums[1].item() / n,
+        "val_clean_loss": sums[2].item() / n,
+    }
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The per-worker training function (runs inside Ray Train workers)."""
+    cfg = SweepConfig.model_validate(config["cfg"])
+    splits: DatasetSplits = config["splits"]
+    if isinstance(splits, ray.ObjectRef):
+        splits = ray.get(splits)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = setup_worker(cfg, cfg.resources.adv_train.cpus_per_worker, cfg.seed + rank)
+    at = cfg.adv_train
+
+    model = new_model(cfg, splits)
+    optimizer = torch.optim.SGD(model.parameters(), lr=at.lr, momentum=at.momentum, weight_decay=at.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(at.lr_milestones), gamma=at.lr_gamma)
+    start_epoch, best_acc, best_state, best_epoch = 0, -1.0, None, 0
+    history: list[dict[str, Any]] = []
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # resume from the last committed checkpoint
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_acc = int(state["epoch"]), float(state["best_acc"])
+        best_state, best_epoch = state["best_state"], int(state["best_epoch"])
+        history = list(state["history"])
+
+    model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
+    core = model.module if hasattr(model, "module") else model
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+
+    for epoch in range(start_epoch, at.epochs):
+        lr = optimizer.param_groups[0]["lr"]
+        train_batches = batches(
+            splits.train,
+            at.batch_size // world if world > 1 else at.batch_size,
+            shuffle=True,
+            augment=cfg.data.augment,
+            seed=cfg.seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world,
+            drop_last=True,
+            device=device,
+        )
+        stats = adversarial_train_epoch(
+            model,
+            train_batches,
+            optimizer,
+            eps=cfg.attack.eps,
+            step_size=cfg.attack.step_size,
+            steps=cfg.attack.steps,
+            method=at.method,
+            trades_beta=at.trades_beta,
+            random_start=cfg.attack.random_start,
+            generator=gen,
+        )
+        scheduler.step()
+        val = _sharded_eval(core, splits, cfg, rank, world, device)
+        metrics = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": stats["loss"],
+            "train_clean_acc": stats["clean_acc"],
+            "train_adv_acc": stats["adv_acc"],
+            "images_per_s": stats["images_per_s"] * world,
+            "seconds": stats["seconds"],
+            **val,
+        }
+        score = val.get("val_robust_acc", float(epoch))  # no validation split: keep the last epoch
+        if score > best_acc:
+            best_acc, best_epoch, best_state = score, epoch + 1, cpu_state(core)
+        metrics["best_epoch"] = best_epoch
+        history.append(metrics)
+        last = epoch + 1 == at.epochs
+        if (epoch + 1) % at.checkpoint_every == 0 or last:
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as d:
+                    torch.save(
+                        {
+                            "model": cpu_state(core),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "epoch": epoch + 1,
+                            "best_acc": best_acc,
+                            "best_epoch": best_epoch,
+                            "best_state": best_state,
+                            "history": history,
+                        },
+                        os.path.join(d, "state.pt"),
+                    )
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+        else:
+            ray.train.report(metrics)
+
+
+def run_adv_train(cfg: SweepConfig, store: Store, splits_ref: Any, run_name: str) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Run PGD-AT under Ray Train; return (best state dict, per-epoch history)."""
+    r = cfg.resources.adv_train
+    storage_path, storage_fs = store.ray_storage()
+    resources = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        resources["GPU"] = r.gpus_per_worker or 1.0
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "splits": splits_ref},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.adv_train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("adversarial training finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    history = [dict(h) for h in state["history"]]
+    best = state["best_state"] if state["best_state"] is not None else state["model"]
+    return best, history

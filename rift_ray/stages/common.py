@@ -1,0 +1,76 @@
+"""Small helpers shared by the Ray stages: devices, threads, seeds, model state transport."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rift_ray.config import SweepConfig
+from rift_ray.data import DatasetSplits
+from rift_ray.models import build_model
+
+
+def setup_worker(cfg: SweepConfig, cpus: float, seed: int) -> torch.device:
+    """Threads sized to the trial's CPU share, a seed, and the device Ray gave us."""
+    threads = cfg.resources.torch_threads or max(1, int(cpus))
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    return trial_device()
+
+
+def trial_device() -> torch.device:
+    """cuda when Ray assigned this worker a GPU (CUDA_VISIBLE_DEVICES set by Ray), else cpu."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if visible not in ("", "-1") and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What building a model needs from the data: a few numbers, cheap to ship to trials."""
+
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_shape: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, splits: DatasetSplits) -> ModelSpec:
+        c, h, w = splits.train.images.shape[1:]
+        return cls(splits.num_classes, tuple(splits.mean), tuple(splits.std), (int(c), int(h), int(w)))
+
+
+def new_model(cfg: SweepConfig, splits: DatasetSplits | ModelSpec) -> torch.nn.Module:
+    return build_model(
+        cfg.model.arch,
+        splits.num_classes,
+        mean=splits.mean,
+        std=splits.std,
+        depth=cfg.model.depth,
+        widen_factor=cfg.model.widen_factor,
+    )
+
+
+def attack_kwargs(cfg: SweepConfig) -> dict[str, Any]:
+    a = cfg.attack
+    return {"eps": a.eps, "step_size": a.step_size, "steps": a.steps, "random_start": a.random_start}
+
+
+def state_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
+    return buf.getvalue()
+
+
+def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    return dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    m = model.module if hasattr(model, "module") else model
+    return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}

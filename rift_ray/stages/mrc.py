@@ -1,0 +1,181 @@
+"""Stage 2: Module Robust Criticality of every candidate module, one Ray Tune trial each.
+
+The fixed adversarial set is generated once (a Ray task on the validation split,
+never the test split), saved to the sweep's storage and shared with every trial
+through the object store. Each trial is a plain Tune function trial computing
+:func:`rift_ray.rift.module_robust_criticality` for one module on its CPU/GPU share.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import time
+import traceback
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from rift_ray.config import SweepConfig
+from rift_ray.rift import adversarial_set, module_robust_criticality
+from rift_ray.stages.common import ModelSpec, attack_kwargs, new_model, setup_worker, trial_device
+from rift_ray.stages.tuning import run_tune
+from rift_ray.store import Store
+
+
+def select_modules(all_modules: list[str], include: list[str], exclude: list[str]) -> list[str]:
+    """Candidates filtered by fnmatch patterns (empty include = all), forward order kept."""
+    chosen = [m for m in all_modules if not include or any(fnmatch.fnmatchcase(m, p) for p in include)]
+    return [m for m in chosen if not any(fnmatch.fnmatchcase(m, p) for p in exclude)]
+
+
+@ray.remote
+def _adv_set_task(cfg_dict: dict[str, Any], splits: Any, at_state: dict[str, torch.Tensor]) -> bytes:
+    cfg = SweepConfig.model_validate(cfg_dict)
+    device = setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
+    model = new_model(cfg, splits)
+    model.load_state_dict(at_state)
+    data = splits.val
+    if cfg.mrc.adv_set_size is not None and len(data) > cfg.mrc.adv_set_size:
+        data = data.subset(torch.arange(cfg.mrc.adv_set_size))
+    x, y = adversarial_set(
+        model.to(device),
+        data,
+        **{k: v for k, v in attack_kwargs(cfg).items() if k != "random_start"},
+        batch_size=cfg.eval.batch_size,
+        device=device,
+        seed=cfg.seed,
+    )
+    buf = io.BytesIO()
+    torch.save({"inputs": x.cpu(), "targets": y.cpu()}, buf)
+    return buf.getvalue()
+
+
+def build_adversarial_set(cfg: SweepConfig, store: Store, splits_ref: Any, at_state: dict[str, torch.Tensor], stage_hash: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed adversarial set: from storage when valid, else generated once by a Ray task."""
+    from rift_ray.store import ADV_SET
+
+    if store.valid(ADV_SET, stage_hash):
+        blob = store.get(ADV_SET)
+    else:
+        r = cfg.resources.mrc
+        blob = ray.get(_adv_set_task.options(num_cpus=r.cpu, num_gpus=r.gpu).remote(cfg.to_dict(), splits_ref, at_state))
+        store.put(ADV_SET, blob, stage_hash=stage_hash)
+    d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    return d["inputs"], d["targets"]
+
+
+def mrc_trial(
+    config: dict[str, Any],
+    cfg_dict: dict[str, Any] | None = None,
+    model_spec: Any = None,
+    at_state: dict[str, torch.Tensor] | None = None,
+    adv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    run_token: str = "",
+) -> None:
+    """Tune function trial: MRC of ``config["module"]``; reports one row."""
+    assert cfg_dict is not None and at_state is not None and adv is not None
+    cfg = SweepConfig.model_validate(cfg_dict)
+    setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
+    device = trial_device()
+    name = config["module"]
+    t0 = time.time()
+    try:
+        model = new_model(cfg, model_spec)
+        model.load_state_dict(at_state)
+        m = cfg.mrc
+        res = module_robust_criticality(
+            model.to(device),
+            name,
+            adv[0],
+            adv[1],
+            epsilon=m.epsilon,
+            epochs=m.epochs,
+            batch_size=m.batch_size,
+            lr=m.lr,
+            projection=m.projection,
+            shuffle=m.shuffle,
+            seed=cfg.seed,
+            device=device,
+        )
+        if not torch.isfinite(torch.tensor(res.mrc)):
+            raise FloatingPointError(f"MRC of {name} is not finite ({res.mrc})")
+        row = {
+            "module": name,
+            "mrc": res.mrc,
+            "loss_before": res.loss_before,
+            "loss_after": res.loss_after,
+            "acc_before": res.acc_before,
+            "acc_after": res.acc_after,
+            "robust_acc_drop": res.acc_before - res.acc_after,
+            "best_epoch": res.best_epoch,
+            "num_params": res.num_params,
+            "seconds": time.time() - t0,
+            "status": "done",
+            "error": "",
+        }
+    except Exception as e:  # noqa: BLE001 - a failed module is a row in the table, not a dead sweep
+        row = {
+            "module": name,
+            "seconds": time.time() - t0,
+            "status": "failed",
+            "error": f"{type(e).__name__}: {e}".splitlines()[0][:300],
+            "traceback": traceback.format_exc()[-2000:],
+        }
+    row["run_token"] = run_token
+    row["node"] = ray.get_runtime_context().get_node_id()[:12]
+    tune.report(row)
+
+
+MRC_COLUMNS = [
+    "module", "mrc", "loss_before", "loss_after", "acc_before", "acc_after", "robust_acc_drop",
+    "best_epoch", "num_params", "seconds", "status", "error", "node",
+]  # fmt: skip
+
+
+def run_mrc(
+    cfg: SweepConfig,
+    store: Store,
+    splits_ref: Any,
+    model_spec: Any,
+    modules: list[str],
+    at_state: dict[str, torch.Tensor],
+    stage_hash: str,
+    run_token: str,
+) -> tuple[list[dict[str, Any]], int]:
+    """Run one trial per module; return (rows sorted by MRC, failed ones last; trials computed now)."""
+    adv = build_adversarial_set(cfg, store, splits_ref, at_state, stage_hash)
+    trainable = tune.with_parameters(
+        mrc_trial, cfg_dict=cfg.to_dict(), model_spec=model_spec, at_state=at_state, adv=adv, run_token=run_token
+    )
+    r = cfg.resources.mrc
+    results = run_tune(
+        trainable,
+        {"module": tune.grid_search(modules)},
+        store=store,
+        name=f"mrc-{stage_hash}",
+        resources={"cpu": r.cpu, "gpu": r.gpu},
+        max_concurrent=cfg.resources.max_concurrent_trials,
+    )
+    rows, computed = [], 0
+    by_module = {}
+    for res in results:
+        met = dict(res.metrics or {})
+        module = (res.config or {}).get("module") or met.get("module")
+        if not met.get("status"):
+            err = res.error
+            met = {"module": module, "status": "failed", "error": _one_line(err) if err else "trial did not report"}
+        if met.get("run_token") == run_token:
+            computed += 1
+        by_module[module] = {c: met.get(c) for c in MRC_COLUMNS}
+    for mod in modules:
+        rows.append(by_module.get(mod) or {"module": mod, "status": "failed", "error": "no result"})
+    rows.sort(key=lambda row: (row["status"] != "done", row.get("mrc") if row.get("mrc") is not None else 0.0))
+    return rows, computed
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1] if text else ''}"[:300]

@@ -1,0 +1,65 @@
+"""Run (or resume) one Ray Tune experiment under the sweep's storage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+
+from rift_ray.store import Store
+
+
+def run_tune(
+    trainable: Any,
+    param_space: dict[str, Any],
+    *,
+    store: Store,
+    name: str,
+    resources: dict[str, float],
+    max_concurrent: int | None = None,
+    metric: str | None = None,
+    mode: str | None = None,
+    scheduler: Any = None,
+    checkpoint_config: Any = None,
+    callbacks: list[Any] | None = None,
+) -> tune.ResultGrid:
+    """Fit a Tune grid; when the experiment ``name`` exists in storage, restore it.
+
+    The name carries the stage's config hash, so only an interrupted run of the same
+    stage configuration is resumed: finished trials are kept, unfinished ones continue
+    from their last checkpoint and errored ones are retried.
+    """
+    storage_path, storage_fs = store.ray_storage()
+    resources = {k: v for k, v in resources.items() if v}
+    trainable = tune.with_resources(trainable, resources)
+    path = f"{storage_path}/{name}"
+    if store.is_local:
+        can_restore = tune.Tuner.can_restore(path)
+    else:
+        can_restore = tune.Tuner.can_restore(path, storage_filesystem=storage_fs)
+    if can_restore:
+        tuner = tune.Tuner.restore(
+            path,
+            trainable,
+            resume_unfinished=True,
+            restart_errored=True,
+            param_space=param_space,
+            storage_filesystem=storage_fs,
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, scheduler=scheduler, max_concurrent_trials=max_concurrent
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                checkpoint_config=checkpoint_config,
+                callbacks=callbacks,
+                verbose=1,
+            ),
+        )
+    return tuner.fit()

@@ -1,0 +1,234 @@
+"""The one place that knows a sweep's storage layout.
+
+Everything a sweep produces lives under ``<storage>/<name>/`` (a local path, or
+``s3://`` / ``gs://`` through pyarrow filesystems)::
+
+    config.yaml                 the resolved config of the last run
+    summary.json                the final summary as data
+    manifest.json               artifact -> sha256, size, stage hash (what a re-run trusts)
+    stages/<stage>.json         stage record: status, hash, timings, counts
+    tables/mrc.parquet          one row per candidate module, sorted by MRC
+    tables/finetune.parquet     one row per fine-tuning trial (module(s), lr, epochs, metric)
+    tables/finetune_epochs.parquet  per-epoch metrics of every fine-tuning trial
+    tables/interpolation.parquet    one row per (trial, alpha, split)
+    checkpoints/at.pt           the adversarially trained (starting) model
+    checkpoints/rift.pt         the final RiFT model (interpolated at alpha*)
+    checkpoints/finetune/<trial>.pt  best epoch of each surviving fine-tuning trial
+    artifacts/adv_set.pt        the fixed adversarial set used by MRC
+    ray/<stage>-<hash>/         Ray Train / Tune run directories (resume state)
+
+Writes go to a temporary name and are renamed into place (local), or are single
+PUTs (object stores, which are atomic per object); every artifact's checksum is in
+``manifest.json`` so an interrupted or corrupted write is never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+MANIFEST = "manifest.json"
+MRC_TABLE = "tables/mrc.parquet"
+FINETUNE_TABLE = "tables/finetune.parquet"
+FINETUNE_EPOCHS_TABLE = "tables/finetune_epochs.parquet"
+INTERPOLATION_TABLE = "tables/interpolation.parquet"
+AT_CHECKPOINT = "checkpoints/at.pt"
+RIFT_CHECKPOINT = "checkpoints/rift.pt"
+ADV_SET = "artifacts/adv_set.pt"
+STAGES = ("adv_train", "mrc", "finetune", "interpolate")
+
+
+class StorageError(RuntimeError):
+    """Storage that cannot be used (unwritable, unreachable, malformed URI)."""
+
+
+def finetune_checkpoint(trial: str) -> str:
+    return f"checkpoints/finetune/{trial}.pt"
+
+
+def stage_record(stage: str) -> str:
+    return f"stages/{stage}.json"
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+@dataclass
+class Store:
+    """A sweep directory ``<root>`` on a pyarrow filesystem."""
+
+    fs: pafs.FileSystem
+    root: str  # path inside fs, no trailing slash
+    uri: str  # what the user gave, joined with the name (for printing and for Ray)
+
+    @classmethod
+    def open(cls, storage: str, name: str) -> Store:
+        if _is_uri(storage):
+            try:
+                fs, base = pafs.FileSystem.from_uri(storage)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+                raise StorageError(f"storage {storage!r}: {' '.join(str(e).split())}") from None
+            base = base.rstrip("/")
+            return cls(fs, f"{base}/{name}", storage.rstrip("/") + "/" + name)
+        base = os.path.abspath(os.path.expanduser(os.path.expandvars(storage)))
+        root = os.path.join(base, name)
+        return cls(pafs.LocalFileSystem(), root, root)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def ray_storage(self) -> tuple[str, pafs.FileSystem | None]:
+        """(storage_path, storage_filesystem) for Ray Train / Tune RunConfig."""
+        if self.is_local:
+            return self.path("ray"), None
+        return self.path("ray"), self.fs
+
+    # -- checks --------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Write and delete a probe file; raise StorageError naming the location."""
+        probe = f".probe-{uuid.uuid4().hex[:8]}"
+        try:
+            self._write(probe, b"ok")
+            self.fs.delete_file(self.path(probe))
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError(f"storage {self.uri}: not writable ({_short(e)})") from None
+
+    # -- raw bytes -----------------------------------------------------------
+    def _write(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        parent = target.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        if self.is_local:
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:  # one PUT: the object appears whole or not at all
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
+
+    def exists(self, rel: str) -> bool:
+        info = self.fs.get_file_info(self.path(rel))
+        return info.type != pafs.FileType.NotFound
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return bytes(f.read())
+
+    def delete(self, rel: str) -> None:
+        info = self.fs.get_file_info(self.path(rel))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(rel))
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path(rel))
+
+    def list(self, rel: str) -> list[str]:
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        return sorted(i.base_name for i in self.fs.get_file_info(sel))
+
+    # -- artifacts with checksums ----------------------------------------------
+    def put(self, rel: str, data: bytes, *, stage_hash: str | None = None) -> None:
+        """Write an artifact atomically and record its checksum in the manifest."""
+        self._write(rel, data)
+        manifest = self.manifest()
+        manifest[rel] = {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+            "hash": stage_hash,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        self._write(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+    def get(self, rel: str) -> bytes:
+        """Read an artifact, verifying its checksum; raise StorageError if it does not match."""
+        data = self.read_bytes(rel)
+        entry = self.manifest().get(rel)
+        if entry is None or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise StorageError(f"{self.path(rel)}: checksum does not match the manifest")
+        return data
+
+    def valid(self, rel: str, stage_hash: str | None = None) -> bool:
+        """True if the artifact exists, matches its manifest checksum and (optionally) hash."""
+        entry = self.manifest().get(rel)
+        if entry is None or (stage_hash is not None and entry.get("hash") != stage_hash):
+            return False
+        try:
+            data = self.read_bytes(rel)
+        except (OSError, pa.ArrowException):
+            return False
+        return hashlib.sha256(data).hexdigest() == entry["sha256"]
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.exists(MANIFEST):
+            return {}
+        try:
+            return dict(json.loads(self.read_bytes(MANIFEST)))
+        except (ValueError, OSError):
+            return {}
+
+    # -- typed helpers ---------------------------------------------------------
+    def put_json(self, rel: str, obj: Any, *, stage_hash: str | None = None) -> None:
+        self.put(rel, json.dumps(obj, indent=2, sort_keys=False, default=str).encode(), stage_hash=stage_hash)
+
+    def get_json(self, rel: str) -> Any:
+        return json.loads(self.get(rel))
+
+    def put_table(self, rel: str, table: pa.Table | list[dict[str, Any]], *, stage_hash: str | None = None) -> None:
+        if not isinstance(table, pa.Table):
+            table = pa.Table.from_pylist(table)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.put(rel, buf.getvalue(), stage_hash=stage_hash)
+
+    def get_table(self, rel: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.get(rel)))
+
+    def put_text(self, rel: str, text: str) -> None:
+        self.put(rel, text.encode())
+
+    # -- stage records -----------------------------------------------------------
+    def stage_done(self, stage: str, stage_hash: str, artifacts: list[str]) -> bool:
+        """A stage is reusable when its record says done for this hash and its artifacts verify."""
+        rec = self.read_stage(stage)
+        if not rec or rec.get("status") != "done" or rec.get("hash") != stage_hash:
+            return False
+        return all(self.valid(a, stage_hash) for a in artifacts)
+
+    def read_stage(self, stage: str) -> dict[str, Any] | None:
+        rel = stage_record(stage)
+        if not self.exists(rel):
+            return None
+        try:
+            return dict(json.loads(self.read_bytes(rel)))
+        except (ValueError, OSError):
+            return None
+
+    def write_stage(self, stage: str, **record: Any) -> None:
+        rec = self.read_stage(stage) or {}
+        rec.update(record)
+        rec["stage"] = stage
+        rec["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self._write(stage_record(stage), json.dumps(rec, indent=2, default=str).encode())
+
+
+def _short(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]

@@ -1,0 +1,161 @@
+"""End to end: the smoke sweep through the CLI on a local Ray, then a re-run that reuses everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from rift_ray.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "sweeps" / "smoke.yaml")
+# Smaller than the shipped smoke sweep so the suite stays quick; same flow.
+FAST = [
+    "--set", "adv_train.epochs=2",
+    "--set", "data.synthetic.train_size=800",
+    "--set", "data.val_size=200",
+    "--set", "data.synthetic.test_size=200",
+    "--set", "mrc.epochs=2",
+    "--set", "mrc.adv_set_size=128",
+    "--set", "finetune.lrs=[0.001,0.02]",
+    "--set", "finetune.top_k=1",
+    "--set", "finetune.epochs=2",
+    "--set", "finetune.lr_milestones=[1]",
+    "--set", "finetune.metric_subset=100",
+    "--set", "finetune.metric_alphas=[0.5,1.0]",
+    "--set", "interpolate.alphas=[0.0,0.25,0.5,0.75,1.0]",
+]  # fmt: skip
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(ray_session, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("storage")
+    code = main(["sweep", SMOKE, "--storage", str(storage), "--name", "t", *FAST])
+    assert code == 0
+    return storage / "t"
+
+
+def test_artifacts_exist(smoke_run: Path) -> None:
+    for rel in ("config.yaml", "summary.json", "manifest.json", "tables/mrc.parquet", "tables/finetune.parquet",
+                "tables/finetune_epochs.parquet", "tables/interpolation.parquet", "checkpoints/at.pt",
+                "checkpoints/rift.pt", "artifacts/adv_set.pt"):  # fmt: skip
+        assert (smoke_run / rel).is_file(), rel
+
+
+def test_mrc_table_covers_every_module(smoke_run: Path) -> None:
+    from rift_ray.models import build_model, mrc_candidates
+
+    rows = pq.read_table(smoke_run / "tables/mrc.parquet").to_pylist()
+    expected = mrc_candidates(build_model("small_resnet", 10))
+    assert sorted(r["module"] for r in rows) == sorted(expected)
+    assert all(r["status"] == "done" for r in rows)
+    mrcs = [r["mrc"] for r in rows]
+    assert mrcs == sorted(mrcs)
+    for r in rows:
+        assert r["mrc"] == pytest.approx(r["loss_after"] - r["loss_before"], abs=1e-6)
+        assert r["num_params"] > 0
+
+
+def test_summary_consistent_with_tables(smoke_run: Path) -> None:
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert 0.0 <= summary["alpha"] <= 1.0
+    interp = pq.read_table(smoke_run / "tables/interpolation.parquet").to_pylist()
+    chosen = [r for r in interp if r["selected"]]
+    assert {r["alpha"] for r in chosen} == {summary["alpha"]}
+    assert {r["trial"] for r in chosen} == {summary["trial"]}
+    test_row = next(r for r in chosen if r["split"] == "test")
+    assert summary["rift"]["test"]["clean_acc"] == pytest.approx(test_row["clean_acc"])
+    at_val = next(r for r in interp if r["alpha"] == 0.0 and r["split"] == "val")
+    assert summary["at"]["val"]["robust_acc"] == pytest.approx(at_val["robust_acc"])
+    # the paper's rule on validation: within tolerance of the AT robust accuracy
+    rift_val = next(r for r in chosen if r["split"] == "val")
+    assert rift_val["robust_acc"] >= at_val["robust_acc"] - 0.1 - 1e-9
+    assert summary["modules"][0] == pq.read_table(smoke_run / "tables/mrc.parquet").to_pylist()[0]["module"]
+    ft = pq.read_table(smoke_run / "tables/finetune.parquet").to_pylist()
+    assert len(ft) == 2 and {r["lr"] for r in ft} == {0.001, 0.02}
+
+
+def test_rift_checkpoint_is_the_interpolated_model(smoke_run: Path) -> None:
+    import torch
+
+    from rift_ray.checkpoint import load_checkpoint
+    from rift_ray.rift import interpolate
+
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    at, _ = load_checkpoint(smoke_run / "checkpoints/at.pt")
+    ft, _ = load_checkpoint(smoke_run / f"checkpoints/finetune/{summary['trial']}.pt")
+    rift, meta = load_checkpoint(smoke_run / "checkpoints/rift.pt")
+    expected = interpolate(at, ft, summary["alpha"])
+    assert all(torch.equal(rift[k], expected[k]) for k in expected)
+    assert meta["arch"] == "small_resnet"
+
+
+def test_rerun_reuses_every_stage(smoke_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file() and "ray" not in p.parts}
+    code = main(["sweep", SMOKE, "--storage", str(smoke_run.parent), "--name", "t", *FAST])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert err.count("done earlier") == 4, err
+    after = {p: p.stat().st_mtime_ns for p in before}
+    changed = [str(p.relative_to(smoke_run)) for p in before if before[p] != after[p]]
+    assert set(changed) <= {"config.yaml", "manifest.json"}, changed
+
+
+def test_changed_config_recomputes_only_later_stages(smoke_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["sweep", SMOKE, "--storage", str(smoke_run.parent), "--name", "t", *FAST,
+                 "--set", "interpolate.alphas=[0.0,0.5,1.0]"])  # fmt: skip
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "stage 1/4 adv_train: done earlier" in err and "stage 3/4 finetune: done earlier" in err
+    assert "stage 4/4 interpolate: 3 alphas" in err
+    interp = pq.read_table(smoke_run / "tables/interpolation.parquet").to_pylist()
+    assert {r["alpha"] for r in interp} == {0.0, 0.5, 1.0}
+
+
+def test_status_command(smoke_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", str(smoke_run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [s["status"] for s in out["stages"]] == ["done"] * 4
+    assert out["summary"]["name"] == "smoke"
+
+
+def test_dry_run_computes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["sweep", SMOKE, "--storage", str(tmp_path), "--name", "dry", "--dry-run", *FAST])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "mrc" in out and "Tune trials" in out and "device-time" in out
+    assert not (tmp_path / "dry" / "stages").exists()
+
+
+CLUSTER_SCRIPT = r"""
+import sys, json
+from ray.cluster_utils import Cluster
+import ray
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+for _ in range(2):
+    cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+from rift_ray.cli import main
+code = main(["sweep", sys.argv[1], "--address", cluster.address, "--storage", sys.argv[2], "--name", "c", *sys.argv[3:]])
+ray.shutdown(); cluster.shutdown()
+sys.exit(code)
+"""
+
+
+def test_two_node_cluster_places_mrc_trials_on_both(tmp_path: Path) -> None:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-c", CLUSTER_SCRIPT, SMOKE, str(tmp_path), *FAST, "--set", "adv_train.epochs=1"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "c" / "tables/mrc.parquet").to_pylist()
+    assert len({r["node"] for r in rows}) == 2
