@@ -10,7 +10,7 @@ inside the model. Accuracies are in percent, losses are mean cross-entropy (nats
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -32,7 +32,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def iter_batches(data: Any, batch_size: int, device: torch.device | str = "cpu") -> Iterator[tuple[Tensor, Tensor]]:
+def iter_batches(
+    data: Any, batch_size: int, device: torch.device | str = "cpu"
+) -> Iterator[tuple[Tensor, Tensor]]:
     """(x float [B,C,H,W] in [0,1], y int64 [B]) on ``device``, in order, no augmentation.
 
     ``data`` is an ``ImageData`` (batched by ``rift_ray.data.batches``) or any iterable
@@ -58,7 +60,14 @@ def _random_like(x: Tensor, generator: torch.Generator | None, normal: bool) -> 
 
 
 def _pgd_steps(
-    model: nn.Module, x: Tensor, target: Tensor, x_start: Tensor, eps: float, step_size: float, steps: int, loss_fn: LossFn
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    x_start: Tensor,
+    eps: float,
+    step_size: float,
+    steps: int,
+    loss_fn: LossFn,
 ) -> Tensor:
     """Signed-gradient ascent of ``loss_fn(model(x_adv), target)``, projected on the eps-ball and [0,1].
 
@@ -221,6 +230,8 @@ def corruption_accuracy(
         raise ValueError("corruption_accuracy: no corruption data given")
     out: dict[str, float] = {}
     for (name, severity), data in cdata.items():
-        out[f"{name}-{severity}"] = evaluate(model, data, batch_size=batch_size, device=device)["clean_acc"]
+        out[f"{name}-{severity}"] = evaluate(model, data, batch_size=batch_size, device=device)[
+            "clean_acc"
+        ]
     out["mean"] = sum(out.values()) / len(out)
     return out

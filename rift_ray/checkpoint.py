@@ -45,6 +45,20 @@ def _version() -> str:
         return "0"
 
 
+def _check_plain(value: Any, where: str) -> None:
+    """Reject values ``torch.load(weights_only=True)`` would refuse, at save time rather than load time."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(v, f"{where}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not (value is None or type(value) in (str, int, float, bool) or isinstance(value, Tensor)):
+        raise TypeError(
+            f"{where}: {type(value).__name__} cannot be stored in a weights-only checkpoint"
+        )
+
+
 def save_checkpoint(
     path_or_fileobj: PathOrFile,
     state_dict: Mapping[str, Tensor],
@@ -71,9 +85,14 @@ def save_checkpoint(
         "config_hash": config_hash,
         "extra": dict(extra or {}),
         "rift_ray_version": _version(),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
-    payload = {"format": FORMAT, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, "meta": meta}
+    _check_plain(meta, "meta")
+    payload = {
+        "format": FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "meta": meta,
+    }
     if not isinstance(path_or_fileobj, str | os.PathLike):
         torch.save(payload, path_or_fileobj)
         return
@@ -125,7 +144,9 @@ def _unwrap(obj: Any, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return sd, meta
 
 
-def load_checkpoint(path_or_fileobj: PathOrFile, map_location: Any = "cpu") -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_checkpoint(
+    path_or_fileobj: PathOrFile, map_location: Any = "cpu"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """``(state_dict, meta)`` from our format or a (wrapped) plain state dict, weights-only.
 
     Wrapper keys ``state_dict``/``model``/``net``/``model_state_dict`` are unwrapped and
@@ -134,7 +155,9 @@ def load_checkpoint(path_or_fileobj: PathOrFile, map_location: Any = "cpu") -> t
     pickle that would need code to load (refused, not run).
     """
     is_path = isinstance(path_or_fileobj, str | os.PathLike)
-    name = str(path_or_fileobj) if is_path else str(getattr(path_or_fileobj, "name", "<file object>"))
+    name = (
+        str(path_or_fileobj) if is_path else str(getattr(path_or_fileobj, "name", "<file object>"))
+    )
     if is_path and not Path(path_or_fileobj).is_file():  # type: ignore[arg-type]
         raise CheckpointError(f"{name}: no such checkpoint file")
     try:
@@ -145,14 +168,20 @@ def load_checkpoint(path_or_fileobj: PathOrFile, map_location: Any = "cpu") -> t
             raise CheckpointError(
                 f"{name}: refused: not a weights-only checkpoint (it needs code to load: {m.group(1)})"
             ) from None
-        raise CheckpointError(f"{name}: not a readable checkpoint (truncated or not a torch file)") from None
+        raise CheckpointError(
+            f"{name}: not a readable checkpoint (truncated or not a torch file)"
+        ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, io.UnsupportedOperation):
-        raise CheckpointError(f"{name}: not a readable checkpoint (truncated or not a torch file)") from None
+        raise CheckpointError(
+            f"{name}: not a readable checkpoint (truncated or not a torch file)"
+        ) from None
     sd, meta = _unwrap(obj, name)
     return _strip_prefixes(sd), meta
 
 
-def load_into_model(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str = "checkpoint") -> None:
+def load_into_model(
+    model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str = "checkpoint"
+) -> None:
     """``model.load_state_dict(strict=True)`` after reconciling normalization and BN counters.
 
     - ``normalizer.mean/std`` or ``norm.mean/std`` (foreign names) become ``normalize.mean/std``.
@@ -166,19 +195,33 @@ def load_into_model(model: nn.Module, state_dict: Mapping[str, Tensor], *, sourc
     sd = dict(state_dict)
     for prefix in _FOREIGN_NORMALIZE:
         for stat in ("mean", "std"):
-            if f"{prefix}{stat}" in sd and f"normalize.{stat}" not in sd and f"normalize.{stat}" in own:
+            if (
+                f"{prefix}{stat}" in sd
+                and f"normalize.{stat}" not in sd
+                and f"normalize.{stat}" in own
+            ):
                 sd[f"normalize.{stat}"] = sd.pop(f"{prefix}{stat}")
     for key, value in own.items():
-        if key not in sd and (key in ("normalize.mean", "normalize.std") or key.endswith("num_batches_tracked")):
+        if key not in sd and (
+            key in ("normalize.mean", "normalize.std") or key.endswith("num_batches_tracked")
+        ):
             sd[key] = value
         elif key.startswith("normalize.") and key in sd and sd[key].numel() == value.numel():
             sd[key] = sd[key].reshape(value.shape)
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", shapes),
+        ):
             if keys:
                 more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
                 parts.append(f"{label} {len(keys)}: {', '.join(keys[:5])}{more}")

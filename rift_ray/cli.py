@@ -81,7 +81,11 @@ def print_summary(summary: dict[str, Any]) -> None:
     for who, label in (("at", "AT"), ("rift", "RiFT")):
         for split in ("val", "test"):
             m = summary[who].get(split) or {}
-            table.add_row(label, split, *(_pct(m.get(k)) for k in ("clean_acc", "robust_acc", "corruption_acc")))
+            table.add_row(
+                label,
+                split,
+                *(_pct(m.get(k)) for k in ("clean_acc", "robust_acc", "corruption_acc")),
+            )
     console.print(table)
     if summary.get("failed_modules"):
         console.print(f"[yellow]MRC failed for: {', '.join(summary['failed_modules'])}[/yellow]")
@@ -99,13 +103,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     path = args.sweep_dir
     if not os.path.isdir(path) and "://" not in path:
         return _fail(f"{path}: no such sweep directory")
-    storage, name = os.path.split(os.path.abspath(path)) if "://" not in path else path.rstrip("/").rsplit("/", 1)
+    storage, name = (
+        os.path.split(os.path.abspath(path))
+        if "://" not in path
+        else path.rstrip("/").rsplit("/", 1)
+    )
     store = Store.open(storage, name)
     rows = []
     for stage in STAGES:
         rec = store.read_stage(stage) or {}
-        rows.append({"stage": stage, "status": rec.get("status", "pending"), "seconds": rec.get("seconds"),
-                     "computed": rec.get("computed"), "failed": rec.get("failed") or None})
+        rows.append(
+            {
+                "stage": stage,
+                "status": rec.get("status", "pending"),
+                "seconds": rec.get("seconds"),
+                "computed": rec.get("computed"),
+                "failed": rec.get("failed") or None,
+            }
+        )
     if args.json:
         out: dict[str, Any] = {"stages": rows}
         if store.exists(SUMMARY):
@@ -127,12 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="run (or resume) a sweep")
     s.add_argument("sweep", help="sweep YAML file")
-    s.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    s.add_argument(
+        "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)"
+    )
     s.add_argument("--storage", help="override storage (local path, s3://..., gs://...)")
     s.add_argument("--name", help="override the sweep name")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    s.add_argument("--restart", action="store_true", help="recompute everything instead of resuming")
-    s.add_argument("--dry-run", action="store_true", help="print the plan and a compute estimate only")
+    s.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    s.add_argument(
+        "--restart", action="store_true", help="recompute everything instead of resuming"
+    )
+    s.add_argument(
+        "--dry-run", action="store_true", help="print the plan and a compute estimate only"
+    )
     s.set_defaults(func=cmd_sweep)
 
     v = sub.add_parser("validate", help="print the resolved config, or the first error")

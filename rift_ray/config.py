@@ -62,7 +62,9 @@ class SyntheticConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder"] = "synthetic"
+    dataset: Literal["synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder"] = (
+        "synthetic"
+    )
     root: str | None = None
     """Directory (or, for imagefolder, a .tar/.tar.gz archive). torchvision datasets
     download here when ``download`` is true. Default: ``$RIFT_DATA_ROOT`` or ``~/.cache/rift-ray/data``."""
@@ -300,7 +302,9 @@ def format_validation_error(err: ValidationError) -> str:
             loc = f"{loc}.{head}" if loc != "<root>" else head
             msg = rest
     extra = len(err.errors()) - 1
-    return f"{loc}: {msg}" + (f" (and {extra} more error{'s' if extra > 1 else ''})" if extra else "")
+    return f"{loc}: {msg}" + (
+        f" (and {extra} more error{'s' if extra > 1 else ''})" if extra else ""
+    )
 
 
 def _set_path(d: dict[str, Any], path: str, value: Any) -> None:
@@ -320,7 +324,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     """Apply ``KEY=VALUE`` overrides (VALUE parsed as YAML: ``finetune.lrs=[0.001,0.005]``)."""
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. finetune.lrs=[0.001,0.005]")
+            raise ConfigError(
+                f"--set {item!r}: expected KEY=VALUE, e.g. finetune.lrs=[0.001,0.005]"
+            )
         key, text = item.split("=", 1)
         key = key.strip()
         if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
@@ -357,7 +363,9 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}"
+        )
     return raw
 
 

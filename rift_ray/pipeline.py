@@ -39,14 +39,27 @@ def log(msg: str) -> None:
 
 
 def _hash(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :12
+    ]
 
 
 def stage_hashes(cfg: SweepConfig) -> dict[str, str]:
     """Chained hashes of what each stage's result depends on (never resources or W&B)."""
     d = cfg.to_dict()
     ev = d["eval"]
-    h1 = _hash(["adv_train", cfg.seed, d["data"], d["model"], d["attack"], d["adv_train"], ev["val_subset"], ev["restarts"]])
+    h1 = _hash(
+        [
+            "adv_train",
+            cfg.seed,
+            d["data"],
+            d["model"],
+            d["attack"],
+            d["adv_train"],
+            ev["val_subset"],
+            ev["restarts"],
+        ]
+    )
     h2 = _hash(["mrc", h1, d["mrc"], ev["batch_size"]])
     h3 = _hash(["finetune", h2, d["finetune"], d["interpolate"]["tolerance"]])
     h4 = _hash(["interpolate", h3, d["interpolate"], ev])
@@ -88,12 +101,16 @@ def prepare(cfg: SweepConfig) -> Prepared:
                 raise ConfigError(f"eval.corruptions: {os.path.join(root, c + '.npy')} not found")
     splits = load_dataset(cfg.data, seed=cfg.seed)
     if len(splits.val) == 0:
-        raise ConfigError("data.val_size: must be > 0 for a sweep (MRC, checkpoint and alpha* choice use validation)")
+        raise ConfigError(
+            "data.val_size: must be > 0 for a sweep (MRC, checkpoint and alpha* choice use validation)"
+        )
     spec = ModelSpec.of(splits)
     found = mrc_candidates(new_model(cfg, spec), (1, *spec.image_shape))
     for pat in cfg.mrc.include:
         if not any(fnmatch.fnmatchcase(m, pat) for m in found):
-            raise ConfigError(f"mrc.include: {pat!r} matches no Conv2d/Linear module of {cfg.model.arch}")
+            raise ConfigError(
+                f"mrc.include: {pat!r} matches no Conv2d/Linear module of {cfg.model.arch}"
+            )
     modules = select_modules(found, cfg.mrc.include, cfg.mrc.exclude)
     if not modules:
         raise ConfigError("mrc.exclude: every Conv2d/Linear module of the model is excluded")
@@ -112,7 +129,10 @@ def init_ray(cfg: SweepConfig, address: str | None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     r = cfg.resources
-    kwargs: dict[str, Any] = {"include_dashboard": False, "num_cpus": r.num_cpus or os.cpu_count() or 1}
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "num_cpus": r.num_cpus or os.cpu_count() or 1,
+    }
     if r.num_gpus is not None:
         kwargs["num_gpus"] = r.num_gpus
     if r.object_store_memory:
@@ -133,11 +153,20 @@ def _load_start_checkpoint(cfg: SweepConfig, spec: Any) -> dict[str, torch.Tenso
     return cpu_state(model)
 
 
-def _ckpt_bytes(cfg: SweepConfig, splits: DatasetSplits, state: dict[str, torch.Tensor], **extra: Any) -> bytes:
+def _ckpt_bytes(
+    cfg: SweepConfig, splits: DatasetSplits, state: dict[str, torch.Tensor], **extra: Any
+) -> bytes:
     buf = io.BytesIO()
     save_checkpoint(
-        buf, state, arch=cfg.model.arch, num_classes=splits.num_classes, dataset=cfg.data.dataset,
-        mean=splits.mean, std=splits.std, config_hash=cfg.config_hash(), extra=extra or None,
+        buf,
+        state,
+        arch=cfg.model.arch,
+        num_classes=splits.num_classes,
+        dataset=cfg.data.dataset,
+        mean=splits.mean,
+        std=splits.std,
+        config_hash=cfg.config_hash(),
+        extra=extra or None,
     )
     return buf.getvalue()
 
@@ -147,7 +176,9 @@ def _state_from_ckpt(blob: bytes) -> dict[str, torch.Tensor]:
     return state
 
 
-def run_sweep(cfg: SweepConfig, *, address: str | None = None, restart: bool = False) -> dict[str, Any]:
+def run_sweep(
+    cfg: SweepConfig, *, address: str | None = None, restart: bool = False
+) -> dict[str, Any]:
     """Run (or resume) the whole sweep; return the summary that is also written to summary.json."""
     import ray
 
@@ -158,7 +189,15 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, restart: bool = F
     store, splits, hashes = prep.store, prep.splits, prep.hashes
     if restart:
         log(f"--restart: removing earlier results under {store.uri}")
-        for rel in ("stages", "tables", "checkpoints", "artifacts", "ray", layout.MANIFEST, layout.SUMMARY):
+        for rel in (
+            "stages",
+            "tables",
+            "checkpoints",
+            "artifacts",
+            "ray",
+            layout.MANIFEST,
+            layout.SUMMARY,
+        ):
             store.delete(rel)
     store.put_text(layout.CONFIG, to_yaml(cfg))
     init_ray(cfg, address)
@@ -177,7 +216,9 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, restart: bool = F
         at_state = _state_from_ckpt(store.get(layout.AT_CHECKPOINT))
         at_history = (store.read_stage("adv_train") or {}).get("history", [])
     else:
-        store.write_stage("adv_train", status="running", hash=hashes["adv_train"], started=time.time())
+        store.write_stage(
+            "adv_train", status="running", hash=hashes["adv_train"], started=time.time()
+        )
         if cfg.adv_train.checkpoint:
             log(f"stage 1/4 adv_train: starting from {cfg.adv_train.checkpoint}")
             assert prep.start_state is not None
@@ -185,14 +226,20 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, restart: bool = F
         else:
             from rift_ray.stages.at import run_adv_train
 
-            log(f"stage 1/4 adv_train: {cfg.adv_train.method} for {cfg.adv_train.epochs} epochs on "
-                f"{cfg.resources.adv_train.num_workers} worker(s)")
+            log(
+                f"stage 1/4 adv_train: {cfg.adv_train.method} for {cfg.adv_train.epochs} epochs on "
+                f"{cfg.resources.adv_train.num_workers} worker(s)"
+            )
             try:
-                at_state, at_history = run_adv_train(cfg, store, splits_ref, f"at-{hashes['adv_train']}")
+                at_state, at_history = run_adv_train(
+                    cfg, store, splits_ref, f"at-{hashes['adv_train']}"
+                )
             except Exception as e:
                 store.write_stage("adv_train", status="failed", error=_one_line(e))
                 raise SweepError(f"adversarial training failed: {_one_line(e)}") from e
-        store.put(layout.AT_CHECKPOINT, _ckpt_bytes(cfg, splits, at_state), stage_hash=hashes["adv_train"])
+        store.put(
+            layout.AT_CHECKPOINT, _ckpt_bytes(cfg, splits, at_state), stage_hash=hashes["adv_train"]
+        )
         store.write_stage("adv_train", status="done", seconds=time.time() - t0, history=at_history)
         tracker.log_adv_train(at_history)
     timings["adv_train"] = (store.read_stage("adv_train") or {}).get("seconds", time.time() - t0)
@@ -207,14 +254,20 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, restart: bool = F
 
         log(f"stage 2/4 mrc: {len(prep.modules)} modules, one Tune trial each")
         store.write_stage("mrc", status="running", hash=hashes["mrc"], started=time.time())
-        mrc_rows, computed = run_mrc(cfg, store, splits_ref, spec, prep.modules, at_state, hashes["mrc"], run_token)
+        mrc_rows, computed = run_mrc(
+            cfg, store, splits_ref, spec, prep.modules, at_state, hashes["mrc"], run_token
+        )
         store.put_table(layout.MRC_TABLE, mrc_rows, stage_hash=hashes["mrc"])
         failed = [r["module"] for r in mrc_rows if r["status"] != "done"]
         status = "done" if len(failed) < len(mrc_rows) else "failed"
-        store.write_stage("mrc", status=status, seconds=time.time() - t0, computed=computed, failed=failed)
+        store.write_stage(
+            "mrc", status=status, seconds=time.time() - t0, computed=computed, failed=failed
+        )
         tracker.log_mrc(mrc_rows)
         if failed:
-            log(f"stage 2/4 mrc: {len(failed)} module(s) failed and are left out: {', '.join(failed)}")
+            log(
+                f"stage 2/4 mrc: {len(failed)} module(s) failed and are left out: {', '.join(failed)}"
+            )
         if status == "failed":
             raise SweepError("MRC failed for every module; see tables/mrc.parquet for the errors")
     timings["mrc"] = (store.read_stage("mrc") or {}).get("seconds", time.time() - t0)
@@ -229,16 +282,25 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, restart: bool = F
         log("stage 3/4 finetune: done earlier, reusing tables/finetune.parquet")
         ft_rows = store.get_table(layout.FINETUNE_TABLE).to_pylist()
         survivors = [
-            {**r, "modules": r["modules"].split("+"), "state": _state_from_ckpt(store.get(layout.finetune_checkpoint(r["trial"])))}
-            for r in ft_rows if r["trial"] in survivors_prev
+            {
+                **r,
+                "modules": r["modules"].split("+"),
+                "state": _state_from_ckpt(store.get(layout.finetune_checkpoint(r["trial"]))),
+            }
+            for r in ft_rows
+            if r["trial"] in survivors_prev
         ]
     else:
         from rift_ray.stages.finetune import run_finetune
 
         top = ranked[: cfg.finetune.top_k]
         groups = [[m] for m in top] + ([top] if cfg.finetune.joint and len(top) > 1 else [])
-        log(f"stage 3/4 finetune: {len(groups)} module set(s) x {len(cfg.finetune.lrs)} lr(s) under ASHA")
-        store.write_stage("finetune", status="running", hash=hashes["finetune"], started=time.time())
+        log(
+            f"stage 3/4 finetune: {len(groups)} module set(s) x {len(cfg.finetune.lrs)} lr(s) under ASHA"
+        )
+        store.write_stage(
+            "finetune", status="running", hash=hashes["finetune"], started=time.time()
+        )
         ft_rows, epoch_rows, survivors, computed = run_finetune(
             cfg, store, splits_ref, spec, at_state, groups, hashes["finetune"], run_token
         )
@@ -246,18 +308,30 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, restart: bool = F
             store.write_stage("finetune", status="failed", error="no fine-tuning trial finished")
             raise SweepError("fine-tuning produced no usable trial; see tables/finetune.parquet")
         for s in survivors:
-            store.put(layout.finetune_checkpoint(s["trial"]), _ckpt_bytes(cfg, splits, s["state"], trial=s["trial"]),
-                      stage_hash=hashes["finetune"])
+            store.put(
+                layout.finetune_checkpoint(s["trial"]),
+                _ckpt_bytes(cfg, splits, s["state"], trial=s["trial"]),
+                stage_hash=hashes["finetune"],
+            )
         store.put_table(layout.FINETUNE_EPOCHS_TABLE, epoch_rows, stage_hash=hashes["finetune"])
         store.put_table(layout.FINETUNE_TABLE, ft_rows, stage_hash=hashes["finetune"])
-        store.write_stage("finetune", status="done", seconds=time.time() - t0, computed=computed,
-                          survivors=[s["trial"] for s in survivors])
+        store.write_stage(
+            "finetune",
+            status="done",
+            seconds=time.time() - t0,
+            computed=computed,
+            survivors=[s["trial"] for s in survivors],
+        )
         tracker.log_finetune(ft_rows, epoch_rows)
     timings["finetune"] = (store.read_stage("finetune") or {}).get("seconds", time.time() - t0)
 
     # -- stage 4: interpolation and alpha* ------------------------------------------------------
     t0 = time.time()
-    if store.stage_done("interpolate", hashes["interpolate"], [layout.INTERPOLATION_TABLE, layout.RIFT_CHECKPOINT, layout.SUMMARY]):
+    if store.stage_done(
+        "interpolate",
+        hashes["interpolate"],
+        [layout.INTERPOLATION_TABLE, layout.RIFT_CHECKPOINT, layout.SUMMARY],
+    ):
         log("stage 4/4 interpolate: done earlier, reusing summary.json")
         summary = store.get_json(layout.SUMMARY)
         summary["reused"] = True
@@ -266,21 +340,34 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, restart: bool = F
     from rift_ray.stages.interp import run_interpolation
 
     log(f"stage 4/4 interpolate: {len(cfg.interpolate.alphas)} alphas x {len(survivors)} trial(s)")
-    store.write_stage("interpolate", status="running", hash=hashes["interpolate"], started=time.time())
+    store.write_stage(
+        "interpolate", status="running", hash=hashes["interpolate"], started=time.time()
+    )
     table, choice = run_interpolation(cfg, spec, splits_ref, at_state, survivors)
     best = choice["best"]
     if best is None:
-        store.write_stage("interpolate", status="failed", error="no alpha satisfies the robust-accuracy constraint")
-        raise SweepError("no trial has an alpha within interpolate.tolerance of the AT robust accuracy")
+        store.write_stage(
+            "interpolate",
+            status="failed",
+            error="no alpha satisfies the robust-accuracy constraint",
+        )
+        raise SweepError(
+            "no trial has an alpha within interpolate.tolerance of the AT robust accuracy"
+        )
     winner = next(s for s in survivors if s["trial"] == best["trial"])
     from rift_ray.rift import interpolate
 
     rift_state = interpolate(at_state, winner["state"], best["alpha"])
     store.put_table(layout.INTERPOLATION_TABLE, table, stage_hash=hashes["interpolate"])
-    store.put(layout.RIFT_CHECKPOINT, _ckpt_bytes(cfg, splits, rift_state, trial=best["trial"], alpha=best["alpha"]),
-              stage_hash=hashes["interpolate"])
+    store.put(
+        layout.RIFT_CHECKPOINT,
+        _ckpt_bytes(cfg, splits, rift_state, trial=best["trial"], alpha=best["alpha"]),
+        stage_hash=hashes["interpolate"],
+    )
     timings["interpolate"] = time.time() - t0
-    summary = build_summary(cfg, mrc_rows, ft_rows, table, choice, winner, timings, time.time() - t_start)
+    summary = build_summary(
+        cfg, mrc_rows, ft_rows, table, choice, winner, timings, time.time() - t_start
+    )
     store.put_json(layout.SUMMARY, summary, stage_hash=hashes["interpolate"])
     store.write_stage("interpolate", status="done", seconds=timings["interpolate"])
     tracker.log_interpolation(table, summary)
@@ -289,16 +376,33 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, restart: bool = F
 
 
 def build_summary(
-    cfg: SweepConfig, mrc_rows: list[dict[str, Any]], ft_rows: list[dict[str, Any]], table: list[dict[str, Any]],
-    choice: dict[str, Any], winner: dict[str, Any], timings: dict[str, float], wall: float,
+    cfg: SweepConfig,
+    mrc_rows: list[dict[str, Any]],
+    ft_rows: list[dict[str, Any]],
+    table: list[dict[str, Any]],
+    choice: dict[str, Any],
+    winner: dict[str, Any],
+    timings: dict[str, float],
+    wall: float,
 ) -> dict[str, Any]:
     best = choice["best"]
 
     def metrics(alpha: float, split: str) -> dict[str, Any]:
-        row = next((r for r in table if r["trial"] == best["trial"] and r["alpha"] == alpha and r["split"] == split), None)
+        row = next(
+            (
+                r
+                for r in table
+                if r["trial"] == best["trial"] and r["alpha"] == alpha and r["split"] == split
+            ),
+            None,
+        )
         if row is None:
             return {}
-        return {k: row.get(k) for k in ("clean_acc", "robust_acc", "corruption_acc") if row.get(k) is not None}
+        return {
+            k: row.get(k)
+            for k in ("clean_acc", "robust_acc", "corruption_acc")
+            if row.get(k) is not None
+        }
 
     return {
         "name": cfg.name,
@@ -311,14 +415,20 @@ def build_summary(
         "clean_gain_val": best["clean_gain"],
         "robust_drop_val": best["robust_drop"],
         "reason": best["reason"],
-        "mrc_ranking": [{"module": r["module"], "mrc": r.get("mrc"), "status": r["status"]} for r in mrc_rows],
+        "mrc_ranking": [
+            {"module": r["module"], "mrc": r.get("mrc"), "status": r["status"]} for r in mrc_rows
+        ],
         "failed_modules": [r["module"] for r in mrc_rows if r["status"] != "done"],
         "finetune_trials": len(ft_rows),
         "choices": choice["choices"],
         "at": {s: metrics(0.0, s) for s in ("val", "test")},
         "rift": {s: metrics(best["alpha"], s) for s in ("val", "test")},
         "seconds": {**timings, "total": wall},
-        "versions": {"rift_ray": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {
+            "rift_ray": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
     }
 
 

@@ -32,19 +32,32 @@ def time_per_image(cfg: SweepConfig, spec: Any, batch: int = 32, repeats: int = 
     return (time.perf_counter() - t0) / (repeats * batch)
 
 
-def estimate(cfg: SweepConfig, n_train: int, n_val: int, n_test: int, n_modules: int, t_img: float) -> dict[str, float]:
+def estimate(
+    cfg: SweepConfig, n_train: int, n_val: int, n_test: int, n_modules: int, t_img: float
+) -> dict[str, float]:
     """Device-seconds per stage (upper bounds: ASHA usually stops part of the fine-tuning grid)."""
     k = cfg.attack.steps + 1
     val_eval = min(n_val, cfg.eval.val_subset or n_val)
     test_eval = min(n_test, cfg.eval.test_subset or n_test)
-    at = 0.0 if cfg.adv_train.checkpoint else cfg.adv_train.epochs * (n_train * k + val_eval * k * cfg.eval.restarts) * t_img
+    at = (
+        0.0
+        if cfg.adv_train.checkpoint
+        else cfg.adv_train.epochs * (n_train * k + val_eval * k * cfg.eval.restarts) * t_img
+    )
     n_adv = min(n_val, cfg.mrc.adv_set_size or n_val)
-    mrc = n_adv * k * t_img + n_modules * cfg.mrc.epochs * n_adv * 1.3 * t_img  # ascent + a forward pass per epoch
+    mrc = (
+        n_adv * k * t_img + n_modules * cfg.mrc.epochs * n_adv * 1.3 * t_img
+    )  # ascent + a forward pass per epoch
     groups = cfg.finetune.top_k + (1 if cfg.finetune.joint and cfg.finetune.top_k > 1 else 0)
     trials = groups * len(cfg.finetune.lrs)
     metric = (len(cfg.finetune.metric_alphas) * min(n_val, cfg.finetune.metric_subset) * k) * t_img
     ft = trials * cfg.finetune.epochs * (n_train * t_img + metric)
-    interp = (1 + trials * len([a for a in cfg.interpolate.alphas if a > 0])) * (val_eval + test_eval) * (k * cfg.eval.restarts + 1) * t_img
+    interp = (
+        (1 + trials * len([a for a in cfg.interpolate.alphas if a > 0]))
+        * (val_eval + test_eval)
+        * (k * cfg.eval.restarts + 1)
+        * t_img
+    )
     return {"adv_train": at, "mrc": mrc, "finetune": ft, "interpolate": interp}
 
 
@@ -64,34 +77,53 @@ def print_plan(cfg: SweepConfig) -> None:
         "mrc": prep.store.stage_done("mrc", prep.hashes["mrc"], [MRC_TABLE]),
         "finetune": (prep.store.read_stage("finetune") or {}).get("status") == "done"
         and (prep.store.read_stage("finetune") or {}).get("hash") == prep.hashes["finetune"],
-        "interpolate": prep.store.stage_done("interpolate", prep.hashes["interpolate"], [INTERPOLATION_TABLE, SUMMARY]),
+        "interpolate": prep.store.stage_done(
+            "interpolate", prep.hashes["interpolate"], [INTERPOLATION_TABLE, SUMMARY]
+        ),
     }
     groups = cfg.finetune.top_k + (1 if cfg.finetune.joint and cfg.finetune.top_k > 1 else 0)
     alphas = [a for a in cfg.interpolate.alphas if a > 0]
     tasks = math.ceil(len(alphas) / cfg.interpolate.alphas_per_task)
     print(f"sweep {cfg.name} -> {prep.store.uri}")
-    print(f"data: {cfg.data.dataset} train {len(s.train)} / val {len(s.val)} / test {len(s.test)}, {s.num_classes} classes; "
-          f"model {cfg.model.arch}")
-    at_desc = (f"start from {cfg.adv_train.checkpoint}" if cfg.adv_train.checkpoint else
-               f"TorchTrainer, {r.adv_train.num_workers} worker(s) x {{CPU: {r.adv_train.cpus_per_worker:g}"
-               f"{', GPU: %g' % (r.adv_train.gpus_per_worker or 1) if r.adv_train.use_gpu else ''}}}, "
-               f"{cfg.adv_train.method} {cfg.adv_train.epochs} epochs")
+    print(
+        f"data: {cfg.data.dataset} train {len(s.train)} / val {len(s.val)} / test {len(s.test)}, {s.num_classes} classes; "
+        f"model {cfg.model.arch}"
+    )
+    at_desc = (
+        f"start from {cfg.adv_train.checkpoint}"
+        if cfg.adv_train.checkpoint
+        else f"TorchTrainer, {r.adv_train.num_workers} worker(s) x {{CPU: {r.adv_train.cpus_per_worker:g}"
+        f"{', GPU: %g' % (r.adv_train.gpus_per_worker or 1) if r.adv_train.use_gpu else ''}}}, "
+        f"{cfg.adv_train.method} {cfg.adv_train.epochs} epochs"
+    )
     lines = [
         ("adv_train", at_desc),
-        ("mrc", f"{len(prep.modules)} Tune trials (one per module) x {{CPU: {r.mrc.cpu:g}, GPU: {r.mrc.gpu:g}}}: "
-                + ", ".join(prep.modules[:6]) + (" ..." if len(prep.modules) > 6 else "")),
-        ("finetune", f"{groups} module set(s) x {len(cfg.finetune.lrs)} lr(s) = {groups * len(cfg.finetune.lrs)} Tune trials "
-                     f"under ASHA (grace {cfg.finetune.asha.grace_period}, factor {cfg.finetune.asha.reduction_factor:g}) "
-                     f"x {{CPU: {r.finetune.cpu:g}, GPU: {r.finetune.gpu:g}}}"),
-        ("interpolate", f"{len(cfg.interpolate.alphas)} alphas per surviving trial, {tasks} task(s) per trial + 1 for AT "
-                        f"x {{CPU: {r.interpolate.cpu:g}, GPU: {r.interpolate.gpu:g}}}"),
+        (
+            "mrc",
+            f"{len(prep.modules)} Tune trials (one per module) x {{CPU: {r.mrc.cpu:g}, GPU: {r.mrc.gpu:g}}}: "
+            + ", ".join(prep.modules[:6])
+            + (" ..." if len(prep.modules) > 6 else ""),
+        ),
+        (
+            "finetune",
+            f"{groups} module set(s) x {len(cfg.finetune.lrs)} lr(s) = {groups * len(cfg.finetune.lrs)} Tune trials "
+            f"under ASHA (grace {cfg.finetune.asha.grace_period}, factor {cfg.finetune.asha.reduction_factor:g}) "
+            f"x {{CPU: {r.finetune.cpu:g}, GPU: {r.finetune.gpu:g}}}",
+        ),
+        (
+            "interpolate",
+            f"{len(cfg.interpolate.alphas)} alphas per surviving trial, {tasks} task(s) per trial + 1 for AT "
+            f"x {{CPU: {r.interpolate.cpu:g}, GPU: {r.interpolate.gpu:g}}}",
+        ),
     ]
     for i, (stage, desc) in enumerate(lines, 1):
         state = "done (will be reused)" if done[stage] else "to run"
         print(f"  {i}. {stage:<11} [{state}] {desc}; est. {_fmt(est[stage])} device-time")
     total = sum(v for k, v in est.items() if not done[k])
-    print(f"measured {t_img * 1e3:.2f} ms per image forward+backward on this machine's CPU; "
-          f"remaining compute ~{_fmt(total)} on one such device (ASHA usually cuts fine-tuning)")
+    print(
+        f"measured {t_img * 1e3:.2f} ms per image forward+backward on this machine's CPU; "
+        f"remaining compute ~{_fmt(total)} on one such device (ASHA usually cuts fine-tuning)"
+    )
 
 
 def _fmt(seconds: float) -> str:

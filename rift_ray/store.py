@@ -187,12 +187,18 @@ class Store:
 
     # -- typed helpers ---------------------------------------------------------
     def put_json(self, rel: str, obj: Any, *, stage_hash: str | None = None) -> None:
-        self.put(rel, json.dumps(obj, indent=2, sort_keys=False, default=str).encode(), stage_hash=stage_hash)
+        self.put(
+            rel,
+            json.dumps(obj, indent=2, sort_keys=False, default=str).encode(),
+            stage_hash=stage_hash,
+        )
 
     def get_json(self, rel: str) -> Any:
         return json.loads(self.get(rel))
 
-    def put_table(self, rel: str, table: pa.Table | list[dict[str, Any]], *, stage_hash: str | None = None) -> None:
+    def put_table(
+        self, rel: str, table: pa.Table | list[dict[str, Any]], *, stage_hash: str | None = None
+    ) -> None:
         if not isinstance(table, pa.Table):
             table = pa.Table.from_pylist(table)
         buf = io.BytesIO()

@@ -18,7 +18,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR10_ARCHIVE = Path(os.environ.get("RIFT_CIFAR10_ARCHIVE", ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"))
+CIFAR10_ARCHIVE = Path(
+    os.environ.get("RIFT_CIFAR10_ARCHIVE", ROOT.parent / "shared/data/cifar10-jpeg.tar.gz")
+)
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +29,12 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=500 * 1024**2, log_to_driver=False)
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=500 * 1024**2,
+            log_to_driver=False,
+        )
     yield ray
     ray.shutdown()
 
@@ -37,3 +44,11 @@ def cifar10_archive() -> Path:
     if not CIFAR10_ARCHIVE.is_file():
         pytest.skip(f"real CIFAR-10 archive not found at {CIFAR10_ARCHIVE}")
     return CIFAR10_ARCHIVE
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core box run far faster single-threaded (no oversubscription)."""
+    import torch
+
+    torch.set_num_threads(1)

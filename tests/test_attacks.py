@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,15 @@ from torch import nn
 from rift_ray.attacks import corruption_accuracy, evaluate, pgd_attack, trades_attack
 
 EPS = 8 / 255
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest single-threaded; OpenMP on a busy 2-core box is 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_cnn(num_classes: int = 3) -> nn.Module:
@@ -34,7 +45,9 @@ def images(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_pgd_stays_in_ball_and_range() -> None:
     model, (x, y) = tiny_cnn(), images()
-    x_adv = pgd_attack(model, x, y, eps=EPS, step_size=2 / 255, steps=5, generator=torch.Generator().manual_seed(1))
+    x_adv = pgd_attack(
+        model, x, y, eps=EPS, step_size=2 / 255, steps=5, generator=torch.Generator().manual_seed(1)
+    )
     assert (x_adv - x).abs().max() <= EPS + 1e-6
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert not torch.equal(x_adv, x)
@@ -70,8 +83,12 @@ def test_pgd_attack_runs_in_eval_mode() -> None:
 def test_pgd_zero_steps_is_clean_and_seeded_runs_repeat() -> None:
     model, (x, y) = tiny_cnn(), images()
     assert torch.equal(pgd_attack(model, x, y, eps=EPS, step_size=1.0, steps=0), x)
-    a = pgd_attack(model, x, y, eps=EPS, step_size=2 / 255, steps=3, generator=torch.Generator().manual_seed(5))
-    b = pgd_attack(model, x, y, eps=EPS, step_size=2 / 255, steps=3, generator=torch.Generator().manual_seed(5))
+    a = pgd_attack(
+        model, x, y, eps=EPS, step_size=2 / 255, steps=3, generator=torch.Generator().manual_seed(5)
+    )
+    b = pgd_attack(
+        model, x, y, eps=EPS, step_size=2 / 255, steps=3, generator=torch.Generator().manual_seed(5)
+    )
     assert torch.equal(a, b)
 
 
@@ -93,7 +110,9 @@ def test_pgd_restarts_keep_the_worst_case() -> None:
 
 def test_trades_attack_stays_in_ball() -> None:
     model, (x, _) = tiny_cnn(), images()
-    x_adv = trades_attack(model, x, eps=EPS, step_size=2 / 255, steps=3, generator=torch.Generator().manual_seed(0))
+    x_adv = trades_attack(
+        model, x, eps=EPS, step_size=2 / 255, steps=3, generator=torch.Generator().manual_seed(0)
+    )
     assert (x_adv - x).abs().max() <= EPS + 1e-6
     assert x_adv.min() >= 0 and x_adv.max() <= 1
 

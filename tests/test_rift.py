@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,6 +24,15 @@ from rift_ray.rift import (
 )
 
 CANDIDATES = ["0", "4", "7"]  # the Conv2d, Conv2d and Linear of tiny_cnn
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest single-threaded; OpenMP on a busy 2-core box is 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_cnn(num_classes: int = 3, seed: int = 0) -> nn.Sequential:
@@ -92,9 +102,13 @@ def test_adversarial_set_is_fixed_and_in_ball() -> None:
     assert q.dtype == torch.uint8 and torch.equal(q, (a * 255).round().to(torch.uint8))
 
 
-def test_mrc_nonnegative_and_exact_difference(adv: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
+def test_mrc_nonnegative_and_exact_difference(
+    adv: tuple[nn.Module, torch.Tensor, torch.Tensor],
+) -> None:
     model, xa, ya = adv
-    results = [module_robust_criticality(model, m, xa, ya, epochs=3, batch_size=16) for m in CANDIDATES]
+    results = [
+        module_robust_criticality(model, m, xa, ya, epochs=3, batch_size=16) for m in CANDIDATES
+    ]
     for r in results:
         assert r.mrc >= 0
         assert r.mrc == r.loss_after - r.loss_before  # exactly
@@ -174,7 +188,10 @@ def test_mrc_matches_closed_form_for_binary_linear_model() -> None:
         logits = model(x)[0].double()
     m = (logits[0] - logits[1]).item()
     r = 0.1 * model.weight.norm().item()
-    expected = F.softplus(torch.tensor(m + math.sqrt(2) * r * x.norm().item())).item() - F.softplus(torch.tensor(m)).item()
+    expected = (
+        F.softplus(torch.tensor(m + math.sqrt(2) * r * x.norm().item())).item()
+        - F.softplus(torch.tensor(m)).item()
+    )
     for projection in ("step", "epoch"):
         res = module_robust_criticality(model, "", x, y, epochs=3, lr=100.0, projection=projection)
         assert res.mrc == pytest.approx(expected, rel=1e-4)
@@ -187,10 +204,14 @@ def test_mrc_never_exceeds_the_bound_on_many_samples() -> None:
     x, y = torch.randn(40, 6), torch.randint(0, 2, (40,))
     with torch.no_grad():
         logits = model(x).double()
-    m = logits.gather(1, (1 - y).view(-1, 1)).squeeze(1) - logits.gather(1, y.view(-1, 1)).squeeze(1)
+    m = logits.gather(1, (1 - y).view(-1, 1)).squeeze(1) - logits.gather(1, y.view(-1, 1)).squeeze(
+        1
+    )
     r = 0.1 * model.weight.norm().item()
     bound = F.softplus(m + math.sqrt(2) * r * x.double().norm(dim=1)).mean().item()
-    res = module_robust_criticality(model, "", x, y, epochs=5, batch_size=8, lr=5.0, projection="step")
+    res = module_robust_criticality(
+        model, "", x, y, epochs=5, batch_size=8, lr=5.0, projection="step"
+    )
     assert 0 < res.mrc and res.loss_after <= bound + 1e-5
 
 
@@ -227,19 +248,54 @@ def test_finetune_trains_only_the_named_module() -> None:
         return {"val_acc": evaluate(m, [(x, y)])["clean_acc"]}
 
     rows = list(
-        finetune(model, ["4"], lambda epoch: [(x[:16], y[:16]), (x[16:], y[16:])], epochs=4, lr=0.05,
-                 lr_milestones=(2,), evaluate_fn=evaluate_fn)
+        finetune(
+            model,
+            ["4"],
+            lambda epoch: [(x[:16], y[:16]), (x[16:], y[16:])],
+            epochs=4,
+            lr=0.05,
+            lr_milestones=(2,),
+            evaluate_fn=evaluate_fn,
+        )
     )
     after = snapshot(model)
     params = {k for k, _ in model.named_parameters()}
     assert not torch.equal(before["4.weight"], after["4.weight"])
     for k in params - {"4.weight"}:
         assert torch.equal(before[k], after[k]), k
-    assert not torch.equal(before["1.running_mean"], after["1.running_mean"])  # BN ran in train mode
+    assert not torch.equal(
+        before["1.running_mean"], after["1.running_mean"]
+    )  # BN ran in train mode
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.05, 0.005, 0.005])
     assert all("val_acc" in r and r["images"] == 32 for r in rows) and modes_in_eval == [False] * 4
     assert all(p.requires_grad for p in model.parameters())  # flags restored when exhausted
+
+
+def test_finetune_resume_continues_the_same_run() -> None:
+    """4 epochs in one go == 2 epochs, then a resume from (weights, optimizer state) for 2 more."""
+    x, y = blobs(32, num_classes=3)
+
+    def data(epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(x[:16], y[:16]), (x[16:], y[16:])]
+
+    kw = dict(epochs=4, lr=0.05, lr_milestones=(3,))
+    whole = tiny_cnn()
+    rows_whole = list(finetune(whole, ["4"], data, **kw))
+    part = tiny_cnn()
+    rows = []
+    for row in finetune(part, ["4"], data, with_optimizer_state=True, **kw):
+        rows.append(row)
+        if row["epoch"] == 2:
+            break
+    saved_state, saved_opt = snapshot(part), rows[-1]["optimizer_state"]
+    resumed = tiny_cnn(seed=5)  # different init: everything must come from the saved state
+    resumed.load_state_dict(saved_state)
+    rows_rest = list(finetune(resumed, ["4"], data, start_epoch=2, optimizer_state=saved_opt, **kw))
+    assert [r["epoch"] for r in rows_rest] == [3, 4]
+    assert [r["lr"] for r in rows_rest] == pytest.approx([r["lr"] for r in rows_whole[2:]])
+    for k, v in snapshot(whole).items():
+        assert torch.allclose(v, snapshot(resumed)[k], atol=1e-6), k
 
 
 def test_finetune_rejects_unknown_module_at_call_time() -> None:
@@ -358,8 +414,14 @@ def test_trades_epoch_runs() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     before = snapshot(model)
     stats = adversarial_train_epoch(
-        model, [(x[:16], y[:16]), (x[16:], y[16:])], opt, eps=8 / 255, step_size=2 / 255, steps=2,
-        method="trades", generator=torch.Generator().manual_seed(0),
+        model,
+        [(x[:16], y[:16]), (x[16:], y[16:])],
+        opt,
+        eps=8 / 255,
+        step_size=2 / 255,
+        steps=2,
+        method="trades",
+        generator=torch.Generator().manual_seed(0),
     )
     assert math.isfinite(stats["loss"]) and stats["loss"] > 0
     assert 0 <= stats["clean_acc"] <= 100 and stats["images"] == 32

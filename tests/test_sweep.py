@@ -78,7 +78,10 @@ def test_summary_consistent_with_tables(smoke_run: Path) -> None:
     # the paper's rule on validation: within tolerance of the AT robust accuracy
     rift_val = next(r for r in chosen if r["split"] == "val")
     assert rift_val["robust_acc"] >= at_val["robust_acc"] - 0.1 - 1e-9
-    assert summary["modules"][0] == pq.read_table(smoke_run / "tables/mrc.parquet").to_pylist()[0]["module"]
+    assert (
+        summary["modules"][0]
+        == pq.read_table(smoke_run / "tables/mrc.parquet").to_pylist()[0]["module"]
+    )
     ft = pq.read_table(smoke_run / "tables/finetune.parquet").to_pylist()
     assert len(ft) == 2 and {r["lr"] for r in ft} == {0.001, 0.02}
 
@@ -99,7 +102,11 @@ def test_rift_checkpoint_is_the_interpolated_model(smoke_run: Path) -> None:
 
 
 def test_rerun_reuses_every_stage(smoke_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    before = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file() and "ray" not in p.parts}
+    before = {
+        p: p.stat().st_mtime_ns
+        for p in smoke_run.rglob("*")
+        if p.is_file() and "ray" not in p.parts
+    }
     code = main(["sweep", SMOKE, "--storage", str(smoke_run.parent), "--name", "t", *FAST])
     assert code == 0
     err = capsys.readouterr().err
@@ -109,7 +116,9 @@ def test_rerun_reuses_every_stage(smoke_run: Path, capsys: pytest.CaptureFixture
     assert set(changed) <= {"config.yaml", "manifest.json"}, changed
 
 
-def test_changed_config_recomputes_only_later_stages(smoke_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_changed_config_recomputes_only_later_stages(
+    smoke_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = main(["sweep", SMOKE, "--storage", str(smoke_run.parent), "--name", "t", *FAST,
                  "--set", "interpolate.alphas=[0.0,0.5,1.0]"])  # fmt: skip
     assert code == 0

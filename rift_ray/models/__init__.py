@@ -106,5 +106,9 @@ def module_by_name(model: nn.Module, name: str) -> nn.Module:
         return modules[name]
     names = [n for n in modules if n]
     close = difflib.get_close_matches(name, names, n=5)
-    hint = f"close matches: {', '.join(close)}" if close else f"some valid names: {', '.join(names[:8])}"
+    hint = (
+        f"close matches: {', '.join(close)}"
+        if close
+        else f"some valid names: {', '.join(names[:8])}"
+    )
     raise ValueError(f"no module {name!r} in {type(model).__name__} ({len(names)} modules); {hint}")

@@ -27,7 +27,9 @@ class PreActBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.shortcut: nn.Sequential | None = None
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
@@ -59,16 +61,23 @@ class PreActResNet(nn.Module):
                 layer.append(PreActBlock(in_planes, width, stride))
                 in_planes = width
             self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
+        self.num_stages = len(num_blocks)
         self.bn = nn.BatchNorm2d(in_planes)
         self.linear = nn.Linear(in_planes, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(self.normalize(x))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        for i in range(1, self.num_stages + 1):
+            out = getattr(self, f"layer{i}")(out)
         out = F.relu(self.bn(out))
         out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         return self.linear(out)
 
 
-def preact_resnet18(num_classes: int = 10, **kwargs: Sequence[float]) -> PreActResNet:
-    return PreActResNet((2, 2, 2, 2), num_classes, **kwargs)
+def preact_resnet18(
+    num_classes: int = 10,
+    *,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+) -> PreActResNet:
+    return PreActResNet((2, 2, 2, 2), num_classes, mean=mean, std=std)

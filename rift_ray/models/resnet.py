@@ -22,6 +22,9 @@ class Normalize(nn.Module):
     Buffers ``mean`` and ``std`` have shape [1, C, 1, 1] and are saved in the state dict.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std):
@@ -104,9 +107,19 @@ class ResNet(nn.Module):
         return self.linear(out)
 
 
-def resnet18(num_classes: int = 10, **kwargs: Sequence[float]) -> ResNet:
-    return ResNet((2, 2, 2, 2), num_classes, **kwargs)
+def resnet18(
+    num_classes: int = 10,
+    *,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+) -> ResNet:
+    return ResNet((2, 2, 2, 2), num_classes, mean=mean, std=std)
 
 
-def resnet34(num_classes: int = 10, **kwargs: Sequence[float]) -> ResNet:
-    return ResNet((3, 4, 6, 3), num_classes, **kwargs)
+def resnet34(
+    num_classes: int = 10,
+    *,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+) -> ResNet:
+    return ResNet((3, 4, 6, 3), num_classes, mean=mean, std=std)

@@ -56,7 +56,12 @@ class NetworkBlock(nn.Module):
         super().__init__()
         self.layer = nn.Sequential(
             *[
-                BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate)
+                BasicBlock(
+                    in_planes if i == 0 else out_planes,
+                    out_planes,
+                    stride if i == 0 else 1,
+                    drop_rate,
+                )
                 for i in range(num_layers)
             ]
         )
@@ -80,7 +85,9 @@ class WideResNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
-            raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (e.g. 16, 28, 34), got {depth}")
+            raise ValueError(
+                f"WideResNet depth must be 6n+4 with n >= 1 (e.g. 16, 28, 34), got {depth}"
+            )
         n = (depth - 4) // 6
         channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.normalize = Normalize(mean, std)

@@ -8,7 +8,13 @@
 
 from rift_ray.rift.finetune import finetune, trainable_parameters
 from rift_ray.rift.interpolate import AlphaChoice, interpolate, select_alpha
-from rift_ray.rift.mrc import MRCResult, adversarial_set, module_robust_criticality, mrc_table, project_l2_ball
+from rift_ray.rift.mrc import (
+    MRCResult,
+    adversarial_set,
+    module_robust_criticality,
+    mrc_table,
+    project_l2_ball,
+)
 from rift_ray.rift.train import adversarial_train_epoch
 
 __all__ = [

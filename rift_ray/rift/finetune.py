@@ -9,6 +9,7 @@ One dict per epoch, so a Ray Tune trial can report each and ASHA can stop early.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -59,6 +60,9 @@ def finetune(
     seed: int = 0,
     device: torch.device | str = "cpu",
     evaluate_fn: Callable[[nn.Module], dict[str, Any]] | None = None,
+    start_epoch: int = 0,
+    optimizer_state: dict[str, Any] | None = None,
+    with_optimizer_state: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Fine-tune ``model`` IN PLACE, training only the parameters of ``module_names``.
 
@@ -77,6 +81,11 @@ def finetune(
     which is called with the model in eval mode. Unknown module names raise ValueError
     at call time. Other parameters get ``requires_grad=False`` while the generator runs;
     the original flags and mode are restored when it finishes or is closed.
+
+    Resuming: ``start_epoch`` (epochs already done, with the model already holding their
+    weights) and ``optimizer_state`` (the SGD momentum saved then) continue the same
+    schedule; ``with_optimizer_state=True`` adds the optimizer's ``state_dict()`` to each
+    row under ``"optimizer_state"`` so a caller can checkpoint it.
     """
     params = trainable_parameters(model, module_names)  # validate before the first next()
     if callable(train_data):
@@ -86,9 +95,31 @@ def finetune(
         def epoch_batches(epoch: int) -> Batches:
             from rift_ray.data import batches
 
-            return batches(train_data, batch_size, shuffle=True, augment=augment, seed=seed, epoch=epoch, device=device)
+            return batches(
+                train_data,
+                batch_size,
+                shuffle=True,
+                augment=augment,
+                seed=seed,
+                epoch=epoch,
+                device=device,
+            )
 
-    return _epochs(model, params, epoch_batches, epochs, lr, momentum, weight_decay, lr_milestones, lr_gamma, evaluate_fn)
+    return _epochs(
+        model,
+        params,
+        epoch_batches,
+        epochs,
+        lr,
+        momentum,
+        weight_decay,
+        lr_milestones,
+        lr_gamma,
+        evaluate_fn,
+        start_epoch,
+        optimizer_state,
+        with_optimizer_state,
+    )
 
 
 def _epochs(
@@ -102,6 +133,9 @@ def _epochs(
     lr_milestones: Sequence[int],
     lr_gamma: float,
     evaluate_fn: Callable[[nn.Module], dict[str, Any]] | None,
+    start_epoch: int = 0,
+    optimizer_state: dict[str, Any] | None = None,
+    with_optimizer_state: bool = False,
 ) -> Iterator[dict[str, Any]]:
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     saved_modes = [(m, m.training) for m in model.modules()]
@@ -109,9 +143,21 @@ def _epochs(
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(lr_milestones), gamma=lr_gamma)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(lr_milestones), gamma=lr_gamma
+    )
+    if start_epoch:
+        with warnings.catch_warnings():  # stepping the schedule without optimizer steps is intended
+            warnings.simplefilter("ignore")
+            for _ in range(start_epoch):
+                scheduler.step()
+    if optimizer_state is not None:
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        optimizer.load_state_dict(optimizer_state)
+        for g, group_lr in zip(optimizer.param_groups, lrs):
+            g["lr"] = group_lr
     try:
-        for epoch in range(epochs):
+        for epoch in range(start_epoch, epochs):
             model.train()
             current_lr = optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
@@ -141,6 +187,8 @@ def _epochs(
             if evaluate_fn is not None:
                 with eval_mode(model):
                     row |= evaluate_fn(model)
+            if with_optimizer_state:
+                row["optimizer_state"] = optimizer.state_dict()
             yield row
     finally:
         for p, flag in saved_flags:

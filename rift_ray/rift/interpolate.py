@@ -1,9 +1,9 @@
 """Stage 4: interpolate AT and fine-tuned weights, then choose alpha.
 
-    theta(alpha) = (1 - alpha) * theta_AT + alpha * theta_FT     (whole state dict, BN stats included)
+theta(alpha) = (1 - alpha) * theta_AT + alpha * theta_FT     (whole state dict, BN stats included)
 
-    rows = [{"alpha": a, **metrics(interpolate(at, ft, a))} for a in alphas]
-    choice = select_alpha(rows, tolerance=0.1)       # largest clean gain, robust drop <= 0.1 point
+rows = [{"alpha": a, **metrics(interpolate(at, ft, a))} for a in alphas]
+choice = select_alpha(rows, tolerance=0.1)       # largest clean gain, robust drop <= 0.1 point
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 _EPS = 1e-9  # float slack for the tolerance comparison (accuracies are in percent)
 
 
-def interpolate(state_at: Mapping[str, Tensor], state_ft: Mapping[str, Tensor], alpha: float) -> dict[str, Tensor]:
+def interpolate(
+    state_at: Mapping[str, Tensor], state_ft: Mapping[str, Tensor], alpha: float
+) -> dict[str, Tensor]:
     """``(1 - alpha) * at + alpha * ft`` for every floating tensor, in the AT tensors' dtype/device.
 
     ``alpha = 0`` returns clones of the AT tensors and ``alpha = 1`` of the FT tensors,
@@ -29,10 +30,14 @@ def interpolate(state_at: Mapping[str, Tensor], state_ft: Mapping[str, Tensor], 
     """
     if not 0.0 <= alpha <= 1.0:  # also rejects NaN
         raise ValueError(f"alpha: must be in [0, 1] (got {alpha})")
-    missing = [k for k in state_at if k not in state_ft] + [k for k in state_ft if k not in state_at]
+    missing = [k for k in state_at if k not in state_ft] + [
+        k for k in state_ft if k not in state_at
+    ]
     if missing:
         where = "fine-tuned" if missing[0] in state_at else "AT"
-        raise ValueError(f"{missing[0]}: key missing from the {where} state dict ({len(missing)} mismatched keys)")
+        raise ValueError(
+            f"{missing[0]}: key missing from the {where} state dict ({len(missing)} mismatched keys)"
+        )
     out: dict[str, Tensor] = {}
     for key, a in state_at.items():
         f = state_ft[key]
@@ -63,7 +68,10 @@ class AlphaChoice:
 
 
 def select_alpha(
-    rows: Sequence[Mapping[str, Any]], tolerance: float = 0.1, *, baseline: Mapping[str, Any] | None = None
+    rows: Sequence[Mapping[str, Any]],
+    tolerance: float = 0.1,
+    *,
+    baseline: Mapping[str, Any] | None = None,
 ) -> AlphaChoice:
     """The alpha with the largest clean-accuracy gain whose robust accuracy is at most
     ``tolerance`` points below the AT model's (boundary included).
@@ -79,13 +87,20 @@ def select_alpha(
     if baseline is None:
         zero = [r for r in rows if math.isclose(float(r["alpha"]), 0.0, abs_tol=1e-12)]
         if not zero:
-            raise ValueError("select_alpha: no baseline: pass baseline= (AT metrics) or include a row with alpha=0")
+            raise ValueError(
+                "select_alpha: no baseline: pass baseline= (AT metrics) or include a row with alpha=0"
+            )
         baseline = zero[0]
     base_clean, base_rob = float(baseline["clean_acc"]), float(baseline["robust_acc"])
     feasible = [r for r in rows if float(r["robust_acc"]) >= base_rob - tolerance - _EPS]
     if not feasible:
         return AlphaChoice(
-            None, None, None, False, f"no alpha keeps robust accuracy within {tolerance:g} points of the AT model", None
+            None,
+            None,
+            None,
+            False,
+            f"no alpha keeps robust accuracy within {tolerance:g} points of the AT model",
+            None,
         )
     best = min(feasible, key=lambda r: (-(float(r["clean_acc"]) - base_clean), float(r["alpha"])))
     gain = float(best["clean_acc"]) - base_clean

@@ -51,7 +51,9 @@ def adversarial_set(
     xs, ys = [], []
     with eval_mode(model):
         for x, y in iter_batches(data, batch_size, device):
-            x_adv = pgd_attack(model, x, y, eps=eps, step_size=step_size, steps=steps, generator=gen)
+            x_adv = pgd_attack(
+                model, x, y, eps=eps, step_size=step_size, steps=steps, generator=gen
+            )
             xs.append(x_adv.cpu())
             ys.append(y.cpu())
     if not xs:
@@ -112,7 +114,9 @@ def _set_loss(
     return total / len(targets), 100.0 * correct / len(targets)
 
 
-def _batch(inputs: Tensor, targets: Tensor, idx: Tensor | slice, device: torch.device) -> tuple[Tensor, Tensor]:
+def _batch(
+    inputs: Tensor, targets: Tensor, idx: Tensor | slice, device: torch.device
+) -> tuple[Tensor, Tensor]:
     x = inputs[idx].to(device)
     if x.dtype == torch.uint8:
         x = x.float() / 255

@@ -1,9 +1,9 @@
 """Stage 1: one epoch of adversarial training (PGD-AT, Madry et al. 2018; or TRADES, Zhang et al. 2019).
 
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    for epoch in range(110):
-        stats = adversarial_train_epoch(model, batches(train, 128, ...), opt,
-                                        eps=8/255, step_size=2/255, steps=10)
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+for epoch in range(110):
+    stats = adversarial_train_epoch(model, batches(train, 128, ...), opt,
+                                    eps=8/255, step_size=2/255, steps=10)
 """
 
 from __future__ import annotations
@@ -69,13 +69,22 @@ def adversarial_train_epoch(
             with eval_mode(net), torch.no_grad():
                 clean_correct += int((net(x).argmax(1) == y).sum())
             x_adv = pgd_attack(
-                net, x, y, eps=eps, step_size=step_size, steps=steps, random_start=random_start, generator=generator
+                net,
+                x,
+                y,
+                eps=eps,
+                step_size=step_size,
+                steps=steps,
+                random_start=random_start,
+                generator=generator,
             )
             model.train()
             logits_adv = model(x_adv)
             loss = F.cross_entropy(logits_adv, y)
         else:
-            x_adv = trades_attack(net, x, eps=eps, step_size=step_size, steps=steps, generator=generator)
+            x_adv = trades_attack(
+                net, x, eps=eps, step_size=step_size, steps=steps, generator=generator
+            )
             model.train()
             logits_clean = model(x)
             logits_adv = model(x_adv)

@@ -29,7 +29,12 @@ from rift_ray.store import Store
 
 
 def _sharded_eval(
-    model: torch.nn.Module, splits: DatasetSplits, cfg: SweepConfig, rank: int, world: int, device: torch.device
+    model: torch.nn.Module,
+    splits: DatasetSplits,
+    cfg: SweepConfig,
+    rank: int,
+    world: int,
+    device: torch.device,
 ) -> dict[str, float]:
     """Clean and PGD accuracy on the validation split, sharded over workers and all-reduced."""
     val = splits.val
@@ -48,7 +53,12 @@ def _sharded_eval(
         seed=cfg.seed,
     )
     sums = torch.tensor(
-        [m["clean_acc"] * m["n"], m["robust_acc"] * m["n"], m["clean_loss"] * m["n"], float(m["n"])],
+        [
+            m["clean_acc"] * m["n"],
+            m["robust_acc"] * m["n"],
+            m["clean_loss"] * m["n"],
+            float(m["n"]),
+        ],
         dtype=torch.float64,
     )
     if world > 1 and torch.distributed.is_initialized():
@@ -73,8 +83,12 @@ def train_loop(config: dict[str, Any]) -> None:
     at = cfg.adv_train
 
     model = new_model(cfg, splits)
-    optimizer = torch.optim.SGD(model.parameters(), lr=at.lr, momentum=at.momentum, weight_decay=at.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(at.lr_milestones), gamma=at.lr_gamma)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=at.lr, momentum=at.momentum, weight_decay=at.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(at.lr_milestones), gamma=at.lr_gamma
+    )
     start_epoch, best_acc, best_state, best_epoch = 0, -1.0, None, 0
     history: list[dict[str, Any]] = []
 
@@ -160,7 +174,9 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
 
-def run_adv_train(cfg: SweepConfig, store: Store, splits_ref: Any, run_name: str) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+def run_adv_train(
+    cfg: SweepConfig, store: Store, splits_ref: Any, run_name: str
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Run PGD-AT under Ray Train; return (best state dict, per-epoch history)."""
     r = cfg.resources.adv_train
     storage_path, storage_fs = store.ray_storage()

@@ -42,7 +42,9 @@ class ModelSpec:
     @classmethod
     def of(cls, splits: DatasetSplits) -> ModelSpec:
         c, h, w = splits.train.images.shape[1:]
-        return cls(splits.num_classes, tuple(splits.mean), tuple(splits.std), (int(c), int(h), int(w)))
+        return cls(
+            splits.num_classes, tuple(splits.mean), tuple(splits.std), (int(c), int(h), int(w))
+        )
 
 
 def new_model(cfg: SweepConfig, splits: DatasetSplits | ModelSpec) -> torch.nn.Module:
@@ -58,7 +60,12 @@ def new_model(cfg: SweepConfig, splits: DatasetSplits | ModelSpec) -> torch.nn.M
 
 def attack_kwargs(cfg: SweepConfig) -> dict[str, Any]:
     a = cfg.attack
-    return {"eps": a.eps, "step_size": a.step_size, "steps": a.steps, "random_start": a.random_start}
+    return {
+        "eps": a.eps,
+        "step_size": a.step_size,
+        "steps": a.steps,
+        "random_start": a.random_start,
+    }
 
 
 def state_to_bytes(state: dict[str, torch.Tensor]) -> bytes:

@@ -36,14 +36,25 @@ def metric_subset(cfg: SweepConfig, splits: DatasetSplits) -> ImageData:
     return splits.val.subset(torch.arange(n))
 
 
-def _eval(cfg: SweepConfig, model: torch.nn.Module, data: ImageData, device: torch.device) -> dict[str, float]:
-    m = evaluate(model, data, batch_size=cfg.eval.batch_size, device=device, attack=attack_kwargs(cfg),
-                 restarts=1, seed=cfg.seed)
+def _eval(
+    cfg: SweepConfig, model: torch.nn.Module, data: ImageData, device: torch.device
+) -> dict[str, float]:
+    m = evaluate(
+        model,
+        data,
+        batch_size=cfg.eval.batch_size,
+        device=device,
+        attack=attack_kwargs(cfg),
+        restarts=1,
+        seed=cfg.seed,
+    )
     return {"clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"]}
 
 
 @ray.remote
-def _baseline_task(cfg_dict: dict[str, Any], spec: Any, splits: DatasetSplits, at_state: dict[str, torch.Tensor]) -> dict[str, float]:
+def _baseline_task(
+    cfg_dict: dict[str, Any], spec: Any, splits: DatasetSplits, at_state: dict[str, torch.Tensor]
+) -> dict[str, float]:
     """The AT model's clean and PGD accuracy on the metric subset (the alpha = 0 point)."""
     cfg = SweepConfig.model_validate(cfg_dict)
     device = setup_worker(cfg, cfg.resources.finetune.cpu, cfg.seed)
@@ -53,8 +64,13 @@ def _baseline_task(cfg_dict: dict[str, Any], spec: Any, splits: DatasetSplits, a
 
 
 def interpolated_gain(
-    cfg: SweepConfig, eval_model: torch.nn.Module, at_state: dict[str, torch.Tensor], ft_state: dict[str, torch.Tensor],
-    data: ImageData, baseline: dict[str, float], device: torch.device,
+    cfg: SweepConfig,
+    eval_model: torch.nn.Module,
+    at_state: dict[str, torch.Tensor],
+    ft_state: dict[str, torch.Tensor],
+    data: ImageData,
+    baseline: dict[str, float],
+    device: torch.device,
 ) -> dict[str, float]:
     """val_gain (the ASHA metric), the alpha achieving it, and the points measured."""
     rows = [{"alpha": 0.0, **baseline}]
@@ -81,7 +97,12 @@ def finetune_trial(
     """Tune function trial: fine-tune ``config["modules"]`` with ``config["lr"]``, report every epoch."""
     from rift_ray.pipeline import trial_name
 
-    assert cfg_dict is not None and splits is not None and at_state is not None and baseline is not None
+    assert (
+        cfg_dict is not None
+        and splits is not None
+        and at_state is not None
+        and baseline is not None
+    )
     cfg = SweepConfig.model_validate(cfg_dict)
     f = cfg.finetune
     modules, lr = list(config["modules"]), float(config["lr"])
@@ -101,7 +122,12 @@ def finetune_trial(
         with ckpt.as_directory() as d:
             saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
         model.load_state_dict(saved["model"])
-        start_epoch, opt_state, best, history = saved["epoch"], saved["optimizer"], saved["best"], saved["history"]
+        start_epoch, opt_state, best, history = (
+            saved["epoch"],
+            saved["optimizer"],
+            saved["best"],
+            saved["history"],
+        )
 
     def evaluate_fn(m: torch.nn.Module) -> dict[str, float]:
         return interpolated_gain(cfg, eval_model, at_dev, m.state_dict(), data, baseline, device)
@@ -109,51 +135,123 @@ def finetune_trial(
     t0 = time.time()
     try:
         rows = finetune(
-            model, modules, splits.train, epochs=f.epochs, lr=lr, momentum=f.momentum, weight_decay=f.weight_decay,
-            lr_milestones=f.lr_milestones, lr_gamma=f.lr_gamma, batch_size=f.batch_size, augment=cfg.data.augment,
-            seed=cfg.seed, device=device, evaluate_fn=evaluate_fn, start_epoch=start_epoch, optimizer_state=opt_state,
+            model,
+            modules,
+            splits.train,
+            epochs=f.epochs,
+            lr=lr,
+            momentum=f.momentum,
+            weight_decay=f.weight_decay,
+            lr_milestones=f.lr_milestones,
+            lr_gamma=f.lr_gamma,
+            batch_size=f.batch_size,
+            augment=cfg.data.augment,
+            seed=cfg.seed,
+            device=device,
+            evaluate_fn=evaluate_fn,
+            start_epoch=start_epoch,
+            optimizer_state=opt_state,
+            with_optimizer_state=True,
         )
         for row in rows:
             opt_state = row.pop("optimizer_state", None)
             if not torch.isfinite(torch.tensor(row["train_loss"])):
-                raise FloatingPointError(f"fine-tuning loss is {row['train_loss']} at epoch {row['epoch']}")
+                raise FloatingPointError(
+                    f"fine-tuning loss is {row['train_loss']} at epoch {row['epoch']}"
+                )
             if row["val_gain"] > best["val_gain"]:
-                best = {"val_gain": row["val_gain"], "val_alpha": row["val_alpha"], "epoch": row["epoch"],
-                        "state": cpu_state(model)}
-            metrics = {**row, "trial": trial, "modules": "+".join(modules), "lr": lr, "best_val_gain": best["val_gain"],
-                       "best_epoch": best["epoch"], "run_token": run_token, "status": "running", "error": ""}
-            history.append({k: v for k, v in metrics.items() if k not in ("run_token", "status", "error")})
+                best = {
+                    "val_gain": row["val_gain"],
+                    "val_alpha": row["val_alpha"],
+                    "epoch": row["epoch"],
+                    "state": cpu_state(model),
+                }
+            metrics = {
+                **row,
+                "trial": trial,
+                "modules": "+".join(modules),
+                "lr": lr,
+                "best_val_gain": best["val_gain"],
+                "best_epoch": best["epoch"],
+                "run_token": run_token,
+                "status": "running",
+                "error": "",
+            }
+            history.append(
+                {k: v for k, v in metrics.items() if k not in ("run_token", "status", "error")}
+            )
             with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": cpu_state(model), "optimizer": opt_state, "epoch": row["epoch"], "best": best,
-                            "history": history}, os.path.join(d, "state.pt"))
+                torch.save(
+                    {
+                        "model": cpu_state(model),
+                        "optimizer": opt_state,
+                        "epoch": row["epoch"],
+                        "best": best,
+                        "history": history,
+                    },
+                    os.path.join(d, "state.pt"),
+                )
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
     except Exception as e:  # noqa: BLE001 - reported as a failed trial row, the sweep goes on
-        tune.report({"trial": trial, "modules": "+".join(modules), "lr": lr, "status": "failed", "run_token": run_token,
-                     "error": f"{type(e).__name__}: {e}".splitlines()[0][:300], "traceback": traceback.format_exc()[-2000:],
-                     "val_gain": float("-inf"), "seconds": time.time() - t0})
+        tune.report(
+            {
+                "trial": trial,
+                "modules": "+".join(modules),
+                "lr": lr,
+                "status": "failed",
+                "run_token": run_token,
+                "error": f"{type(e).__name__}: {e}".splitlines()[0][:300],
+                "traceback": traceback.format_exc()[-2000:],
+                "val_gain": float("-inf"),
+                "seconds": time.time() - t0,
+            }
+        )
 
 
 def run_finetune(
-    cfg: SweepConfig, store: Any, splits_ref: Any, spec: Any, at_state: dict[str, torch.Tensor],
-    groups: list[list[str]], stage_hash: str, run_token: str,
+    cfg: SweepConfig,
+    store: Any,
+    splits_ref: Any,
+    spec: Any,
+    at_state: dict[str, torch.Tensor],
+    groups: list[list[str]],
+    stage_hash: str,
+    run_token: str,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], int]:
     """Run the ASHA grid; return (trial rows, epoch rows, surviving trials with best states, trials computed now)."""
     from rift_ray.pipeline import trial_name
 
     f, r = cfg.finetune, cfg.resources.finetune
-    baseline = ray.get(_baseline_task.options(num_cpus=r.cpu, num_gpus=r.gpu).remote(cfg.to_dict(), spec, splits_ref, at_state))
+    baseline = ray.get(
+        _baseline_task.options(num_cpus=r.cpu, num_gpus=r.gpu).remote(
+            cfg.to_dict(), spec, splits_ref, at_state
+        )
+    )
     trainable = tune.with_parameters(
-        finetune_trial, cfg_dict=cfg.to_dict(), spec=spec, splits=splits_ref, at_state=at_state, baseline=baseline,
+        finetune_trial,
+        cfg_dict=cfg.to_dict(),
+        spec=spec,
+        splits=splits_ref,
+        at_state=at_state,
+        baseline=baseline,
         run_token=run_token,
     )
     scheduler = ASHAScheduler(
-        time_attr="training_iteration", max_t=f.epochs, grace_period=min(f.asha.grace_period, f.epochs),
+        time_attr="training_iteration",
+        max_t=f.epochs,
+        grace_period=min(f.asha.grace_period, f.epochs),
         reduction_factor=f.asha.reduction_factor,
     )
     results = run_tune(
-        trainable, {"modules": tune.grid_search(groups), "lr": tune.grid_search(list(f.lrs))}, store=store,
-        name=f"finetune-{stage_hash}", resources={"cpu": r.cpu, "gpu": r.gpu},
-        max_concurrent=cfg.resources.max_concurrent_trials, metric="val_gain", mode="max", scheduler=scheduler,
+        trainable,
+        {"modules": tune.grid_search(groups), "lr": tune.grid_search(list(f.lrs))},
+        store=store,
+        name=f"finetune-{stage_hash}",
+        resources={"cpu": r.cpu, "gpu": r.gpu},
+        max_concurrent=cfg.resources.max_concurrent_trials,
+        metric="val_gain",
+        mode="max",
+        scheduler=scheduler,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
     trial_rows, epoch_rows, survivors, computed = [], [], [], 0
@@ -165,7 +263,9 @@ def run_finetune(
         saved = None
         if res.checkpoint is not None:
             with res.checkpoint.as_directory() as d:
-                saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+                saved = torch.load(
+                    os.path.join(d, "state.pt"), map_location="cpu", weights_only=True
+                )
         history = saved["history"] if saved else []
         epoch_rows += [{k: v for k, v in h.items()} for h in history]
         epochs_run = len(history)
@@ -174,15 +274,25 @@ def run_finetune(
             computed += 1
         best = saved["best"] if saved else {"val_gain": None, "epoch": 0, "state": None}
         finished = not failed and epochs_run >= f.epochs
-        trial_rows.append({
-            "trial": name, "modules": "+".join(modules), "lr": lr, "epochs": epochs_run,
-            "status": "failed" if failed else ("finished" if finished else "stopped"),
-            "best_epoch": best["epoch"], "best_val_gain": best["val_gain"], "best_val_alpha": best.get("val_alpha"),
-            "last_val_gain": history[-1]["val_gain"] if history else None,
-            "seconds": sum(h.get("seconds", 0.0) for h in history),
-            "error": met.get("error") or (str(res.error).strip().splitlines()[-1][:300] if res.error else ""),
-        })
+        trial_rows.append(
+            {
+                "trial": name,
+                "modules": "+".join(modules),
+                "lr": lr,
+                "epochs": epochs_run,
+                "status": "failed" if failed else ("finished" if finished else "stopped"),
+                "best_epoch": best["epoch"],
+                "best_val_gain": best["val_gain"],
+                "best_val_alpha": best.get("val_alpha"),
+                "last_val_gain": history[-1]["val_gain"] if history else None,
+                "seconds": sum(h.get("seconds", 0.0) for h in history),
+                "error": met.get("error")
+                or (str(res.error).strip().splitlines()[-1][:300] if res.error else ""),
+            }
+        )
         if finished and best["state"] is not None:
             survivors.append({"trial": name, "modules": modules, "lr": lr, "state": best["state"]})
-    trial_rows.sort(key=lambda t: -(t["best_val_gain"] if t["best_val_gain"] is not None else float("-inf")))
+    trial_rows.sort(
+        key=lambda t: -(t["best_val_gain"] if t["best_val_gain"] is not None else float("-inf"))
+    )
     return trial_rows, epoch_rows, survivors, computed

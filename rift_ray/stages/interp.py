@@ -26,7 +26,10 @@ from rift_ray.stages.common import attack_kwargs, new_model, setup_worker
 def eval_sets(cfg: SweepConfig, splits: DatasetSplits) -> dict[str, ImageData]:
     """The validation and test sets the interpolation grid is measured on (subsets as configured)."""
     out = {}
-    for split, data, n in (("val", splits.val, cfg.eval.val_subset), ("test", splits.test, cfg.eval.test_subset)):
+    for split, data, n in (
+        ("val", splits.val, cfg.eval.val_subset),
+        ("test", splits.test, cfg.eval.test_subset),
+    ):
         if n is not None and len(data) > n:
             data = data.subset(torch.arange(n))
         if len(data):
@@ -35,8 +38,12 @@ def eval_sets(cfg: SweepConfig, splits: DatasetSplits) -> dict[str, ImageData]:
 
 
 def evaluate_state(
-    cfg: SweepConfig, model: torch.nn.Module, state: dict[str, torch.Tensor], sets: dict[str, ImageData],
-    cdata: dict[Any, ImageData] | None, device: torch.device,
+    cfg: SweepConfig,
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    sets: dict[str, ImageData],
+    cdata: dict[Any, ImageData] | None,
+    device: torch.device,
 ) -> dict[str, dict[str, float]]:
     """Clean / PGD (/ corruption) accuracy of one state dict on each named set."""
     model.load_state_dict(state)
@@ -44,20 +51,31 @@ def evaluate_state(
     out: dict[str, dict[str, float]] = {}
     for split, data in sets.items():
         m = evaluate(
-            model, data, batch_size=cfg.eval.batch_size, device=device, attack=attack_kwargs(cfg),
-            restarts=cfg.eval.restarts, seed=cfg.seed,
+            model,
+            data,
+            batch_size=cfg.eval.batch_size,
+            device=device,
+            attack=attack_kwargs(cfg),
+            restarts=cfg.eval.restarts,
+            seed=cfg.seed,
         )
         row = {"clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"], "n": m["n"]}
         if cdata and split == "test":
-            row["corruption_acc"] = corruption_accuracy(model, cdata, batch_size=cfg.eval.batch_size, device=device)["mean"]
+            row["corruption_acc"] = corruption_accuracy(
+                model, cdata, batch_size=cfg.eval.batch_size, device=device
+            )["mean"]
         out[split] = row
     return out
 
 
 @ray.remote
 def _alpha_task(
-    cfg_dict: dict[str, Any], spec: Any, splits: DatasetSplits, at_state: dict[str, torch.Tensor],
-    ft_state: dict[str, torch.Tensor] | None, alphas: list[float],
+    cfg_dict: dict[str, Any],
+    spec: Any,
+    splits: DatasetSplits,
+    at_state: dict[str, torch.Tensor],
+    ft_state: dict[str, torch.Tensor] | None,
+    alphas: list[float],
 ) -> list[dict[str, Any]]:
     cfg = SweepConfig.model_validate(cfg_dict)
     device = setup_worker(cfg, cfg.resources.interpolate.cpu, cfg.seed)
@@ -82,7 +100,11 @@ def _corruptions(cfg: SweepConfig) -> dict[Any, ImageData] | None:
 
 
 def run_interpolation(
-    cfg: SweepConfig, spec: Any, splits_ref: Any, at_state: dict[str, torch.Tensor], trials: list[dict[str, Any]],
+    cfg: SweepConfig,
+    spec: Any,
+    splits_ref: Any,
+    at_state: dict[str, torch.Tensor],
+    trials: list[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Evaluate every trial's alpha grid; return (table rows, choice of the winning trial)."""
     r = cfg.resources.interpolate
@@ -97,7 +119,11 @@ def run_interpolation(
     for t in trials:
         ft_ref = ray.put(t["state"])
         for i in range(0, len(alphas), k):
-            jobs[_alpha_task.options(**opts).remote(cfg_dict, spec, splits_ref, at_ref, ft_ref, alphas[i : i + k])] = t
+            jobs[
+                _alpha_task.options(**opts).remote(
+                    cfg_dict, spec, splits_ref, at_ref, ft_ref, alphas[i : i + k]
+                )
+            ] = t
     results: dict[Any, list[dict[str, Any]]] = {}
     pending = list(jobs)
     done_points, total_points = 0, 1 + len(alphas) * len(trials)
@@ -106,7 +132,11 @@ def run_interpolation(
         for ref in ready:
             results[ref] = ray.get(ref)
             done_points += len({row["alpha"] for row in results[ref]})
-        print(f"[interpolate] {done_points}/{total_points} alpha points evaluated", file=sys.stderr, flush=True)
+        print(
+            f"[interpolate] {done_points}/{total_points} alpha points evaluated",
+            file=sys.stderr,
+            flush=True,
+        )
 
     baseline = next(rows for ref, rows in results.items() if jobs[ref] is None)
     table: list[dict[str, Any]] = []
@@ -122,14 +152,32 @@ def run_interpolation(
     for t in trials:
         val = [row for row in table if row["trial"] == t["trial"] and row["split"] == "val"]
         if not val:  # no validation split: select on test would be dishonest; keep the AT model
-            choices.append({"trial": t["trial"], "alpha": 0.0, "clean_gain": 0.0, "robust_drop": 0.0,
-                            "feasible": True, "reason": "no validation split: alpha* = 0 (AT model)"})
+            choices.append(
+                {
+                    "trial": t["trial"],
+                    "alpha": 0.0,
+                    "clean_gain": 0.0,
+                    "robust_drop": 0.0,
+                    "feasible": True,
+                    "reason": "no validation split: alpha* = 0 (AT model)",
+                }
+            )
             continue
         c = select_alpha(val, tolerance=cfg.interpolate.tolerance)
-        choices.append({"trial": t["trial"], "alpha": c.alpha, "clean_gain": c.clean_gain,
-                        "robust_drop": c.robust_drop, "feasible": c.feasible, "reason": c.reason})
+        choices.append(
+            {
+                "trial": t["trial"],
+                "alpha": c.alpha,
+                "clean_gain": c.clean_gain,
+                "robust_drop": c.robust_drop,
+                "feasible": c.feasible,
+                "reason": c.reason,
+            }
+        )
     feasible = [c for c in choices if c["feasible"] and c["alpha"] is not None]
-    best = max(feasible, key=lambda c: (c["clean_gain"] or 0.0), default=None)
+    best = max(feasible, key=lambda c: c["clean_gain"] or 0.0, default=None)
     for row in table:
-        row["selected"] = best is not None and row["trial"] == best["trial"] and row["alpha"] == best["alpha"]
+        row["selected"] = (
+            best is not None and row["trial"] == best["trial"] and row["alpha"] == best["alpha"]
+        )
     return table, {"choices": choices, "best": best}

@@ -20,19 +20,23 @@ from ray import tune
 
 from rift_ray.config import SweepConfig
 from rift_ray.rift import adversarial_set, module_robust_criticality
-from rift_ray.stages.common import ModelSpec, attack_kwargs, new_model, setup_worker, trial_device
+from rift_ray.stages.common import attack_kwargs, new_model, setup_worker, trial_device
 from rift_ray.stages.tuning import run_tune
 from rift_ray.store import Store
 
 
 def select_modules(all_modules: list[str], include: list[str], exclude: list[str]) -> list[str]:
     """Candidates filtered by fnmatch patterns (empty include = all), forward order kept."""
-    chosen = [m for m in all_modules if not include or any(fnmatch.fnmatchcase(m, p) for p in include)]
+    chosen = [
+        m for m in all_modules if not include or any(fnmatch.fnmatchcase(m, p) for p in include)
+    ]
     return [m for m in chosen if not any(fnmatch.fnmatchcase(m, p) for p in exclude)]
 
 
 @ray.remote
-def _adv_set_task(cfg_dict: dict[str, Any], splits: Any, at_state: dict[str, torch.Tensor]) -> bytes:
+def _adv_set_task(
+    cfg_dict: dict[str, Any], splits: Any, at_state: dict[str, torch.Tensor]
+) -> bytes:
     cfg = SweepConfig.model_validate(cfg_dict)
     device = setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
     model = new_model(cfg, splits)
@@ -53,7 +57,13 @@ def _adv_set_task(cfg_dict: dict[str, Any], splits: Any, at_state: dict[str, tor
     return buf.getvalue()
 
 
-def build_adversarial_set(cfg: SweepConfig, store: Store, splits_ref: Any, at_state: dict[str, torch.Tensor], stage_hash: str) -> tuple[torch.Tensor, torch.Tensor]:
+def build_adversarial_set(
+    cfg: SweepConfig,
+    store: Store,
+    splits_ref: Any,
+    at_state: dict[str, torch.Tensor],
+    stage_hash: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed adversarial set: from storage when valid, else generated once by a Ray task."""
     from rift_ray.store import ADV_SET
 
@@ -61,7 +71,11 @@ def build_adversarial_set(cfg: SweepConfig, store: Store, splits_ref: Any, at_st
         blob = store.get(ADV_SET)
     else:
         r = cfg.resources.mrc
-        blob = ray.get(_adv_set_task.options(num_cpus=r.cpu, num_gpus=r.gpu).remote(cfg.to_dict(), splits_ref, at_state))
+        blob = ray.get(
+            _adv_set_task.options(num_cpus=r.cpu, num_gpus=r.gpu).remote(
+                cfg.to_dict(), splits_ref, at_state
+            )
+        )
         store.put(ADV_SET, blob, stage_hash=stage_hash)
     d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     return d["inputs"], d["targets"]
@@ -148,7 +162,12 @@ def run_mrc(
     """Run one trial per module; return (rows sorted by MRC, failed ones last; trials computed now)."""
     adv = build_adversarial_set(cfg, store, splits_ref, at_state, stage_hash)
     trainable = tune.with_parameters(
-        mrc_trial, cfg_dict=cfg.to_dict(), model_spec=model_spec, at_state=at_state, adv=adv, run_token=run_token
+        mrc_trial,
+        cfg_dict=cfg.to_dict(),
+        model_spec=model_spec,
+        at_state=at_state,
+        adv=adv,
+        run_token=run_token,
     )
     r = cfg.resources.mrc
     results = run_tune(
@@ -166,13 +185,22 @@ def run_mrc(
         module = (res.config or {}).get("module") or met.get("module")
         if not met.get("status"):
             err = res.error
-            met = {"module": module, "status": "failed", "error": _one_line(err) if err else "trial did not report"}
+            met = {
+                "module": module,
+                "status": "failed",
+                "error": _one_line(err) if err else "trial did not report",
+            }
         if met.get("run_token") == run_token:
             computed += 1
         by_module[module] = {c: met.get(c) for c in MRC_COLUMNS}
     for mod in modules:
         rows.append(by_module.get(mod) or {"module": mod, "status": "failed", "error": "no result"})
-    rows.sort(key=lambda row: (row["status"] != "done", row.get("mrc") if row.get("mrc") is not None else 0.0))
+    rows.sort(
+        key=lambda row: (
+            row["status"] != "done",
+            row.get("mrc") if row.get("mrc") is not None else 0.0,
+        )
+    )
     return rows, computed
 
 
