@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -98,41 +97,37 @@ def _pct(v: float | None) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from rift_ray.store import STAGES, SUMMARY, Store
+    from rift_ray.report import open_sweep, status_lines, sweep_status
 
-    path = args.sweep_dir
-    if not os.path.isdir(path) and "://" not in path:
-        return _fail(f"{path}: no such sweep directory")
-    storage, name = (
-        os.path.split(os.path.abspath(path))
-        if "://" not in path
-        else path.rstrip("/").rsplit("/", 1)
-    )
-    store = Store.open(storage, name)
-    rows = []
-    for stage in STAGES:
-        rec = store.read_stage(stage) or {}
-        rows.append(
-            {
-                "stage": stage,
-                "status": rec.get("status", "pending"),
-                "seconds": rec.get("seconds"),
-                "computed": rec.get("computed"),
-                "failed": rec.get("failed") or None,
-            }
-        )
+    status = sweep_status(open_sweep(args.sweep_dir))
     if args.json:
-        out: dict[str, Any] = {"stages": rows}
-        if store.exists(SUMMARY):
-            out["summary"] = json.loads(store.read_bytes(SUMMARY))
-        print(json.dumps(out, indent=2))
+        print(json.dumps(status, indent=2, default=str))
         return 0
-    for r in rows:
-        secs = f"{r['seconds']:.0f}s" if r["seconds"] is not None else ""
-        extra = f" failed: {', '.join(r['failed'])}" if r["failed"] else ""
-        print(f"{r['stage']:<12} {r['status']:<8} {secs:>7}{extra}")
-    if store.exists(SUMMARY):
-        print_summary(json.loads(store.read_bytes(SUMMARY)))
+    print("\n".join(status_lines(status)))
+    if status.get("summary"):
+        print_summary(status["summary"])
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rift_ray.report import (
+        SweepResults,
+        export_tables,
+        open_sweep,
+        table_records,
+        write_report,
+    )
+
+    store = open_sweep(args.sweep_dir)
+    if args.format == "html":
+        print(write_report(store, args.output))
+    elif args.output == "-":
+        if args.format != "json":
+            return _fail("--output -: only with --format json")
+        print(json.dumps(table_records(SweepResults.load(store)), indent=1))
+    else:
+        for path in export_tables(store, args.format, args.output):
+            print(path)
     return 0
 
 
@@ -164,9 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_validate)
 
     st = sub.add_parser("status", help="which stages of a sweep are done")
-    st.add_argument("sweep_dir", help="<storage>/<name>")
+    st.add_argument("sweep_dir", help="<storage>/<name>, or a name under ./results")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+    rp = sub.add_parser("report", help="an HTML report of a sweep, or its tables as CSV / JSON")
+    rp.add_argument("sweep_dir", help="<storage>/<name>, or a name under ./results")
+    rp.add_argument(
+        "--format",
+        choices=["html", "csv", "json"],
+        default="html",
+        help="html: one self-contained file (default); csv / json: one file per table",
+    )
+    rp.add_argument(
+        "-o",
+        "--output",
+        help="html: the file (default <sweep_dir>/report.html); csv / json: a directory "
+        "(default <sweep_dir>/export/); '-' prints every table as one JSON object",
+    )
+    rp.set_defaults(func=cmd_report)
     return p
 
 

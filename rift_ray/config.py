@@ -151,6 +151,8 @@ class FinetuneConfig(_Section):
     asha: ASHAConfig = ASHAConfig()
     metric_subset: PosInt = 1000
     """Validation images used for the per-epoch ASHA metric (interpolated-model gain)."""
+    metric_penalty: NonNegFloat = 2.0
+    """ASHA score: clean gain minus this x robust drop beyond interpolate.tolerance (points)."""
     metric_alphas: Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=1)] = [
         0.5,
         0.7,

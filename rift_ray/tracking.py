@@ -1,206 +1,532 @@
-"""W&B runs for a sweep, logged from the driver; W&B problems never fail the sweep.
+"""W&B runs for a sweep, logged from the driver after each stage; W&B never fails the sweep.
 
-One W&B group per sweep (``wandb.group`` or the sweep name) with a run per stage
-(``<name>-adv_train``, ``<name>-mrc``, ``<name>-ft-<trial>`` for each fine-tuning trial,
-``<name>-interpolate``). Mode: ``wandb.mode``, else ``$WANDB_MODE``, else online when
-``WANDB_API_KEY`` is set, else offline. When online logging fails, the tracker warns
-once, switches to offline and prints the ``wandb sync`` command at the end. The API
-key is only ever read by wandb itself from the environment.
+One W&B group per sweep with runs that mirror the stages (``job_type`` = stage):
+
+=========================  ==================================================================
+``<name>-adv_train``       per-epoch curves keyed by ``epoch``: ``train/loss``,
+                           ``train/clean_acc``, ``train/adv_acc``, ``val/clean_acc``,
+                           ``val/robust_acc``, ``val/clean_loss``, ``lr``, ``images_per_s``
+``<name>-mrc``             ``mrc/table`` (every module), ``mrc/by_module`` (bar chart),
+                           ``mrc/figure``; summary: least critical module
+``<name>-ft-<trial>``      one per fine-tuning trial: per-epoch ``train/*``, ``val/*``;
+                           summary ``asha/status`` (finished | stopped | failed),
+                           ``asha/epochs``, ``best/*``; a failed trial ends with exit code 1
+``<name>-interpolate``     ``interp/table``, ``interp/choices``, one line chart per split and
+                           metric (``interp/val/clean_acc`` ...: a line per trial, alpha*
+                           as a vertical line), ``interp/figure``; summary: alpha*, trial
+``<name>-summary``         ``summary/before_after`` table and figure, ``at/<split>/<metric>``,
+                           ``rift/<split>/<metric>``, ``delta/...``; the final checkpoint as
+                           a ``model`` artifact when ``wandb.log_checkpoint``
+=========================  ==================================================================
+
+Settings: ``wandb.<field>`` in the config when given there, else the standard W&B
+environment variables (``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_RUN_GROUP``,
+``WANDB_TAGS``, ``WANDB_MODE``), else defaults (project ``rift-ray``, group = sweep
+name). ``wandb.enabled: false``, ``WANDB_MODE=disabled`` or ``WANDB_DISABLED=true`` turn
+logging off. Online needs ``WANDB_API_KEY`` in the environment; the key is read by
+wandb itself, never by this module, and never printed or stored. Without a key, or
+when W&B cannot be reached, the tracker warns once, logs offline and prints the
+``wandb sync`` command at the end. Offline runs land in ``<sweep dir>/wandb/``
+(``$WANDB_DIR`` when set). :func:`read_offline_run` reads a run back (tests, debugging).
 """
 
 from __future__ import annotations
 
+import glob
+import json
+import math
 import os
+import struct
 import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from rift_ray.config import SweepConfig
 from rift_ray.store import RIFT_CHECKPOINT, Store
 
+_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline"}
+
+
+def _numeric(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def metric_key(name: str) -> str:
+    """``train_clean_acc`` -> ``train/clean_acc`` (W&B panel sections); other names unchanged."""
+    for prefix in ("train", "val", "test", "best", "last"):
+        if name.startswith(prefix + "_"):
+            return f"{prefix}/{name[len(prefix) + 1 :]}"
+    return name
+
+
+def _history_row(row: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, float]:
+    """Numeric, finite entries of a stage row under W&B keys (``seconds`` -> ``epoch_seconds``)."""
+    out = {}
+    for k, v in row.items():
+        if k in skip or not _numeric(v):
+            continue
+        out["epoch_seconds" if k == "seconds" else metric_key(k)] = v
+    return out
+
 
 class Tracker:
+    """Logs each stage's results to W&B from the driver; every failure is a warning."""
+
+    init_timeout: float = 60.0
+    """Seconds ``wandb.init`` may take online before the tracker falls back to offline."""
+
     def __init__(self, cfg: SweepConfig, store: Store) -> None:
         self.cfg = cfg
         self.store = store
-        w = cfg.wandb
-        self.mode = (
-            "disabled"
-            if not w.enabled
-            else (
-                w.mode
-                or os.environ.get("WANDB_MODE")
-                or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-            )
-        )
-        if self.mode not in ("online", "offline", "disabled"):
-            self.mode = "offline"
-        self.dir = os.environ.get("WANDB_DIR") or (
-            store.path("") if store.is_local else os.path.abspath(".")
-        )
+        w, env = cfg.wandb, os.environ
+        explicit = w.model_fields_set
+        self.project = w.project if "project" in explicit else env.get("WANDB_PROJECT", w.project)
+        self.entity = w.entity or env.get("WANDB_ENTITY") or None
+        self.group = w.group or env.get("WANDB_RUN_GROUP") or cfg.name
+        env_tags = [t.strip() for t in env.get("WANDB_TAGS", "").split(",") if t.strip()]
+        self.tags = list(w.tags) if w.tags else env_tags
+        self.mode, self._pending_notice = self._resolve_mode()
+        self.dir = env.get("WANDB_DIR") or (store.path("") if store.is_local else os.getcwd())
         self.offline_runs: list[str] = []
+        self.runs: list[dict[str, Any]] = []
         self._warned = False
+
+    def _resolve_mode(self) -> tuple[str, str | None]:
+        """(mode, a notice to print once when a run is first opened)."""
+        w, env = self.cfg.wandb, os.environ
+        if not w.enabled or env.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+            return "disabled", None
+        asked = w.mode or env.get("WANDB_MODE") or None
+        if asked == "disabled":
+            return "disabled", None
+        has_key = bool(env.get("WANDB_API_KEY"))
+        if asked is None:
+            if has_key:
+                return "online", None
+            return "offline", "no WANDB_API_KEY in the environment"
+        mode = _MODES.get(asked, "offline")
+        if mode == "online" and not has_key:
+            return "offline", "wandb mode is online but WANDB_API_KEY is not set"
+        return mode, None
 
     @property
     def enabled(self) -> bool:
         return self.mode != "disabled"
 
-    def _warn(self, what: str, e: BaseException) -> None:
+    def _warn(self, what: str) -> None:
         if not self._warned:
-            print(
-                f"[rift-ray] warning: W&B {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-                "logging offline, the sweep goes on",
-                file=sys.stderr,
-                flush=True,
-            )
             self._warned = True
+            print(f"[rift-ray] warning: W&B: {what}", file=sys.stderr, flush=True)
 
-    def _init(self, name: str, job_type: str, config: dict[str, Any] | None = None) -> Any:
+    # -- runs -----------------------------------------------------------------------------
+    def _init(self, name: str, job_type: str, config: dict[str, Any] | None) -> Any:
         import wandb
 
-        w = self.cfg.wandb
-        kwargs = dict(
-            project=w.project,
-            entity=w.entity,
-            group=w.group or self.cfg.name,
+        if self._pending_notice:
+            self._warn(f"{self._pending_notice}; logging offline, the sweep goes on")
+            self._pending_notice = None
+        kwargs: dict[str, Any] = dict(
+            project=self.project,
+            entity=self.entity,
+            group=self.group,
             name=f"{self.cfg.name}-{name}",
             job_type=job_type,
-            tags=list(w.tags),
-            config=config or self.cfg.to_dict(),
+            tags=self.tags,
+            config=config if config is not None else self.cfg.to_dict(),
             dir=self.dir,
             reinit="create_new",
         )
         os.makedirs(self.dir, exist_ok=True)
-        try:
-            return wandb.init(
-                mode=self.mode, settings=wandb.Settings(init_timeout=60, silent=True), **kwargs
-            )
-        except Exception as e:  # noqa: BLE001 - unreachable service, bad key, ...
-            if self.mode != "online":
-                raise
-            self._warn("init", e)
-            self.mode = "offline"
-            return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
 
-    def _run(self, name: str, job_type: str, fn: Any, config: dict[str, Any] | None = None) -> None:
-        """Open a run, let ``fn(run, wandb)`` log into it, close it; never raise."""
+        def settings(**extra: Any) -> Any:
+            return wandb.Settings(silent=True, console="off", x_disable_stats=True, **extra)
+
+        if self.mode == "online":
+            try:
+                return wandb.init(
+                    mode="online", settings=settings(init_timeout=self.init_timeout), **kwargs
+                )
+            except Exception as e:  # noqa: BLE001 - unreachable service, bad key, ...
+                msg = " ".join(str(e).split())[:200]
+                self._warn(f"cannot reach W&B ({type(e).__name__}: {msg}); logging offline")
+                self.mode = "offline"
+        return wandb.init(mode="offline", settings=settings(), **kwargs)
+
+    def _run(
+        self,
+        stage: str,
+        name: str,
+        fn: Callable[[Any, Any], int | None],
+        config: dict[str, Any] | None = None,
+        job_type: str | None = None,
+    ) -> None:
+        """Open a run, let ``fn(run, wandb)`` log into it (its return: the exit code), close it."""
         if not self.enabled:
             return
-        run = None
+        run, exit_code = None, None
         try:
             import wandb
 
-            run = self._init(name, job_type, config)
-            fn(run, wandb)
-        except Exception as e:  # noqa: BLE001
-            self._warn(f"logging of {name}", e)
+            run = self._init(name, job_type or stage, config)
+            exit_code = fn(run, wandb)
+        except Exception as e:  # noqa: BLE001 - W&B never fails the sweep
+            self._warn(f"logging {name} failed ({type(e).__name__}: {str(e)[:200]})")
         finally:
             if run is not None:
-                try:
-                    if self.mode == "offline" and getattr(run, "dir", None):
-                        self.offline_runs.append(os.path.dirname(run.dir))
-                    run.finish()
-                except Exception as e:  # noqa: BLE001
-                    self._warn("finish", e)
+                self._finish_run(run, stage, exit_code)
 
+    def _finish_run(self, run: Any, stage: str, exit_code: int | None) -> None:
+        try:
+            offline = bool(getattr(run, "offline", self.mode == "offline"))
+            run_dir = os.path.dirname(run.dir) if getattr(run, "dir", None) else None
+            info = {"stage": stage, "name": run.name, "id": run.id, "mode": self.mode}
+            if offline and run_dir:
+                self.offline_runs.append(run_dir)
+                info["dir"] = run_dir
+            elif getattr(run, "url", None):
+                info["url"] = run.url
+            self.runs.append(info)
+            run.finish(exit_code=exit_code)
+        except Exception as e:  # noqa: BLE001
+            self._warn(f"finishing a run failed ({type(e).__name__}: {str(e)[:200]})")
+
+    # -- stages ---------------------------------------------------------------------------
     def log_adv_train(self, history: list[dict[str, Any]]) -> None:
+        """The AT run: one history row per epoch (or a note when training was skipped)."""
+
         def fn(run: Any, wandb: Any) -> None:
+            run.define_metric("epoch")
+            run.define_metric("*", step_metric="epoch")
             for row in history:
                 run.log(
-                    {f"at/{k}": v for k, v in row.items() if isinstance(v, (int, float))},
+                    {"epoch": int(row["epoch"]), **_history_row(row, skip=("epoch", "best_epoch"))},
                     step=int(row["epoch"]),
                 )
+            if not history:
+                run.summary["source"] = str(self.cfg.adv_train.checkpoint or "")
+                return
+            best = max(history, key=lambda r: r.get("val_robust_acc", -1.0))
+            run.summary["best_epoch"] = int(history[-1].get("best_epoch", best["epoch"]))
+            for k in ("val_clean_acc", "val_robust_acc"):
+                if k in best:
+                    run.summary[f"best/{k}"] = best[k]
+            from rift_ray.report import fig_adv_train
+
+            self._log_figure(run, wandb, "at/figure", fig_adv_train(history))
 
         self._run("adv_train", "adv_train", fn)
+        self._record("adv_train")
 
     def log_mrc(self, rows: list[dict[str, Any]]) -> None:
+        """The MRC run: the per-module table, a bar chart by module and the report figure."""
+
         def fn(run: Any, wandb: Any) -> None:
-            cols = list(rows[0].keys())
-            table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])
-            run.log({"mrc/table": table})
-            ok = [r for r in rows if r["status"] == "done"]
+            from rift_ray.report import fig_mrc
+
+            run.log({"mrc/table": _table(wandb, rows)})
+            ok = sorted(
+                (r for r in rows if r.get("status") == "done" and _numeric(r.get("mrc"))),
+                key=lambda r: r["mrc"],
+            )
             bar = wandb.Table(columns=["module", "mrc"], data=[[r["module"], r["mrc"]] for r in ok])
             run.log({"mrc/by_module": wandb.plot.bar(bar, "module", "mrc", title="MRC by module")})
+            top = self.cfg.finetune.top_k
+            self._log_figure(
+                run, wandb, "mrc/figure", fig_mrc(rows, [r["module"] for r in ok[:top]])
+            )
+            run.summary["modules"] = len(rows)
+            run.summary["failed"] = len(rows) - len(ok)
             if ok:
-                run.summary["mrc/lowest_module"] = ok[0]["module"]
-                run.summary["mrc/lowest"] = ok[0]["mrc"]
+                run.summary["least_critical"] = ok[0]["module"]
+                run.summary["least_critical_mrc"] = ok[0]["mrc"]
 
         self._run("mrc", "mrc", fn)
+        self._record("mrc")
 
-    def log_finetune(self, trials: list[dict[str, Any]], epochs: list[dict[str, Any]]) -> None:
-        for t in trials:
-
-            def fn(run: Any, wandb: Any, t: dict[str, Any] = t) -> None:
-                for row in epochs:
-                    if row["trial"] == t["trial"]:
-                        run.log(
-                            {f"ft/{k}": v for k, v in row.items() if isinstance(v, (int, float))},
-                            step=int(row["epoch"]),
-                        )
-                for k, v in t.items():
-                    run.summary[f"ft/{k}"] = v
-
-            self._run(
-                f"ft-{t['trial']}", "finetune", fn, config={**self.cfg.to_dict(), "trial": dict(t)}
+    def log_finetune(
+        self, trial_rows: list[dict[str, Any]], epoch_rows: list[dict[str, Any]]
+    ) -> None:
+        """One run per fine-tuning trial: its learning curves and its ASHA outcome."""
+        for t in trial_rows:
+            epochs = sorted(
+                (e for e in epoch_rows if e.get("trial") == t["trial"]), key=lambda e: e["epoch"]
             )
+
+            def fn(
+                run: Any, wandb: Any, t: dict[str, Any] = t, epochs: list = epochs
+            ) -> int | None:
+                run.define_metric("epoch")
+                run.define_metric("*", step_metric="epoch")
+                for e in epochs:
+                    skip = ("epoch", "best_epoch", "best_val_gain", "best_val_score")
+                    run.log(
+                        {"epoch": int(e["epoch"]), **_history_row(e, skip)}, step=int(e["epoch"])
+                    )
+                run.summary["asha/status"] = t.get("status")
+                run.summary["asha/epochs"] = t.get("epochs")
+                run.summary["asha/max_epochs"] = self.cfg.finetune.epochs
+                for k, v in t.items():
+                    if k.startswith(("best_", "last_")) and v is not None:
+                        run.summary[metric_key(k)] = v
+                if t.get("error"):
+                    run.summary["error"] = t["error"]
+                return 1 if t.get("status") == "failed" else None
+
+            config = {
+                **self.cfg.to_dict(),
+                "trial": {"name": t["trial"], "modules": t.get("modules"), "lr": t.get("lr")},
+            }
+            self._run("finetune", f"ft-{t['trial']}", fn, config=config)
+        self._record("finetune")
 
     def log_interpolation(self, table: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-        def fn(run: Any, wandb: Any) -> None:
-            cols = list(table[0].keys())
-            run.log(
-                {
-                    "interp/table": wandb.Table(
-                        columns=cols, data=[[r.get(c) for c in cols] for r in table]
-                    )
-                }
-            )
-            for metric in ("clean_acc", "robust_acc"):
-                trials = sorted({r["trial"] for r in table})
-                xs = sorted({r["alpha"] for r in table})
-                ys = [
-                    [
-                        next(
-                            (
-                                r[metric]
-                                for r in table
-                                if r["trial"] == t and r["alpha"] == a and r["split"] == "val"
-                            ),
-                            None,
-                        )
-                        for a in xs
-                    ]
-                    for t in trials
-                ]
-                run.log(
-                    {
-                        f"interp/val_{metric}": wandb.plot.line_series(
-                            xs=xs, ys=ys, keys=trials, title=f"val {metric} vs alpha", xname="alpha"
-                        )
-                    }
-                )
-            for k in ("alpha", "lr", "trial", "clean_gain_val", "robust_drop_val"):
-                run.summary[k] = summary.get(k)
-            for who in ("at", "rift"):
-                for split, m in summary.get(who, {}).items():
-                    for k, v in m.items():
-                        run.summary[f"{who}/{split}_{k}"] = v
-            if self.cfg.wandb.log_checkpoint and self.store.is_local:
-                path = self.store.path(RIFT_CHECKPOINT)
-                if os.path.isfile(path):
-                    art = wandb.Artifact(
-                        f"{self.cfg.name}-rift",
-                        type="model",
-                        metadata={"alpha": summary.get("alpha")},
-                    )
-                    art.add_file(path)
-                    run.log_artifact(art)
+        """The interpolation run (grid, curves, alpha*) and the summary run (before/after)."""
+        self._run(
+            "interpolate",
+            "interpolate",
+            lambda run, wandb: self._interp(run, wandb, table, summary),
+        )
+        self._run(
+            "interpolate",
+            "summary",
+            lambda run, wandb: self._summary(run, wandb, summary),
+            job_type="summary",
+        )
+        self._record("interpolate")
 
-        self._run("interpolate", "interpolate", fn)
+    def _interp(
+        self, run: Any, wandb: Any, table: list[dict[str, Any]], summary: dict[str, Any]
+    ) -> None:
+        from rift_ray.report import METRICS, fig_interpolation
+
+        run.log({"interp/table": _table(wandb, table)})
+        if summary.get("choices"):
+            run.log({"interp/choices": _table(wandb, summary["choices"])})
+        trials = list(dict.fromkeys(r["trial"] for r in table))
+        best, alpha = summary.get("trial"), summary.get("alpha")
+        for split in ("val", "test"):
+            for metric in METRICS:
+                pts = [r for r in table if r["split"] == split and _numeric(r.get(metric))]
+                if not pts:
+                    continue
+                xs, ys, keys = [], [], []
+                for trial in trials:
+                    series = sorted((r["alpha"], r[metric]) for r in pts if r["trial"] == trial)
+                    if series:
+                        xs.append([a for a, _ in series])
+                        ys.append([v for _, v in series])
+                        keys.append(trial)
+                if alpha is not None:  # alpha* as a vertical segment across the chart
+                    lo, hi = min(map(min, ys)), max(map(max, ys))
+                    xs.append([alpha, alpha])
+                    ys.append([lo, hi])
+                    keys.append(f"alpha* = {alpha:g} ({best})")
+                title = f"{split} {METRICS[metric]} accuracy vs alpha"
+                chart = wandb.plot.line_series(xs=xs, ys=ys, keys=keys, title=title, xname="alpha")
+                run.log({f"interp/{split}/{metric}": chart})
+        fig = fig_interpolation(table, summary.get("choices"), best, self.cfg.interpolate.tolerance)
+        self._log_figure(run, wandb, "interp/figure", fig)
+        for k in ("alpha", "trial", "lr", "reason", "clean_gain_val", "robust_drop_val"):
+            if summary.get(k) is not None:
+                run.summary[k] = summary[k]
+        run.summary["modules"] = "+".join(summary.get("modules") or [])
+
+    def _summary(self, run: Any, wandb: Any, summary: dict[str, Any]) -> None:
+        from rift_ray.report import fig_before_after, summary_rows
+
+        run.log({"summary/before_after": _table(wandb, summary_rows(summary))})
+        self._log_figure(run, wandb, "summary/figure", fig_before_after(summary))
+        for split in ("val", "test"):
+            at = (summary.get("at") or {}).get(split) or {}
+            rift = (summary.get("rift") or {}).get(split) or {}
+            for k in set(at) | set(rift):
+                if k in at:
+                    run.summary[f"at/{split}/{k}"] = at[k]
+                if k in rift:
+                    run.summary[f"rift/{split}/{k}"] = rift[k]
+                if _numeric(at.get(k)) and _numeric(rift.get(k)):
+                    run.summary[f"delta/{split}/{k}"] = rift[k] - at[k]
+        for k in ("alpha", "trial", "lr", "reason"):
+            if summary.get(k) is not None:
+                run.summary[k] = summary[k]
+        run.summary["modules"] = "+".join(summary.get("modules") or [])
+        run.summary["seconds"] = summary.get("seconds") or {}
+        path = self.store.path(RIFT_CHECKPOINT)
+        if self.cfg.wandb.log_checkpoint and self.store.is_local and os.path.isfile(path):
+            meta = {
+                k: summary.get(k)
+                for k in ("alpha", "trial", "modules", "lr", "config_hash", "seed")
+            }
+            art = wandb.Artifact(
+                f"{self.cfg.name}-rift",
+                type="model",
+                metadata={**meta, "rift": summary.get("rift")},
+            )
+            art.add_file(path, name="rift.pt")
+            run.log_artifact(art)
+
+    def _record(self, stage: str) -> None:
+        """Note the stage's W&B runs (name, id, url or offline dir) in its stage record."""
+        runs = [r for r in self.runs if r["stage"] == stage]
+        if runs:
+            try:
+                self.store.write_stage(stage, wandb=runs)
+            except Exception as e:  # noqa: BLE001 - bookkeeping only
+                self._warn(f"recording the runs of {stage} failed ({type(e).__name__})")
+
+    def _log_figure(self, run: Any, wandb: Any, key: str, fig: Any) -> None:
+        if fig is None:
+            return
+        import io
+
+        from PIL import Image
+
+        from rift_ray.report import png_bytes
+
+        run.log({key: wandb.Image(Image.open(io.BytesIO(png_bytes(fig))))})
 
     def finish(self) -> None:
+        """At the end of the sweep: how to upload offline runs (never the key)."""
         if self.offline_runs:
-            runs = " ".join(sorted(set(self.offline_runs)))
+            runs = " ".join(dict.fromkeys(self.offline_runs))
             print(
-                f"[rift-ray] W&B logged offline; to upload: wandb sync {runs}",
+                f"[rift-ray] W&B runs were logged offline; to upload them: wandb sync {runs}",
                 file=sys.stderr,
                 flush=True,
             )
+        urls = [r["url"] for r in self.runs if r.get("url")]
+        if urls:
+            print(f"[rift-ray] W&B group {self.group}: {urls[0]}", file=sys.stderr, flush=True)
+
+
+def _table(wandb: Any, rows: list[dict[str, Any]]) -> Any:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    return wandb.Table(columns=cols, data=[[_cell(r.get(c)) for c in cols] for r in rows])
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return v
+
+
+# -- reading offline runs back ------------------------------------------------------------------
+
+
+@dataclass
+class OfflineRun:
+    """What one offline W&B run directory holds: run info, config, history, summary, artifacts."""
+
+    path: str
+    info: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    exit_code: int | None = None
+
+    def table(self, key: str) -> list[dict[str, Any]]:
+        """The rows of the ``wandb.Table`` logged under ``key`` (a chart's data is ``<key>_table``)."""
+        for row in reversed(self.history):
+            v = row.get(key)
+            if isinstance(v, dict) and "path" in v:
+                with open(os.path.join(self.path, "files", v["path"])) as f:
+                    data = json.load(f)
+                return [dict(zip(data["columns"], r)) for r in data["data"]]
+        raise KeyError(f"no table {key!r} in {self.path}")
+
+    def values(self, key: str) -> list[Any]:
+        """Every logged value of ``key``, in order."""
+        return [row[key] for row in self.history if key in row]
+
+
+def _leveldb_records(path: str) -> Iterator[bytes]:
+    """Records of a ``.wandb`` file: a 7-byte W&B header, then LevelDB-log blocks of 32 KiB."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a W&B run file")
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 1:  # full
+            yield chunk
+        elif kind == 2:  # first
+            pending = chunk
+        elif kind == 3:  # middle
+            pending += chunk
+        elif kind == 4:  # last
+            yield pending + chunk
+            pending = b""
+
+
+def _put(target: dict[str, Any], item: Any) -> None:
+    keys = list(item.nested_key) or [item.key]
+    for k in keys[:-1]:
+        target = target.setdefault(k, {})
+    target[keys[-1]] = json.loads(item.value_json)
+
+
+def read_offline_run(run_dir: str) -> OfflineRun:
+    """Read an offline run directory (``.../wandb/offline-run-<time>-<id>``) back."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    out = OfflineRun(run_dir)
+    for raw in _leveldb_records(path):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            r = rec.run
+            out.info = {
+                "id": r.run_id,
+                "name": r.display_name,
+                "project": r.project,
+                "entity": r.entity,
+                "group": r.run_group,
+                "job_type": r.job_type,
+                "tags": list(r.tags),
+            }
+            for item in r.config.update:
+                _put(out.config, item)
+        elif kind == "config":
+            for item in rec.config.update:
+                _put(out.config, item)
+        elif kind == "history":
+            row: dict[str, Any] = {}
+            for item in rec.history.item:
+                _put(row, item)
+            out.history.append(row)
+        elif kind == "summary":
+            for item in rec.summary.update:
+                _put(out.summary, item)
+        elif kind == "artifact":
+            a = rec.artifact
+            out.artifacts.append(
+                {
+                    "name": a.name,
+                    "type": a.type,
+                    "metadata": json.loads(a.metadata) if a.metadata else {},
+                    "files": {c.path: c.local_path for c in a.manifest.contents},
+                }
+            )
+        elif kind == "exit":
+            out.exit_code = rec.exit.exit_code
+    return out
+
+
+def offline_run_dirs(wandb_dir: str) -> list[str]:
+    """The offline run directories under a ``wandb/`` directory, oldest first."""
+    return sorted(glob.glob(os.path.join(wandb_dir, "offline-run-*")))

@@ -133,7 +133,7 @@ def test_status_command(smoke_run: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["status", str(smoke_run), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [s["status"] for s in out["stages"]] == ["done"] * 4
-    assert out["summary"]["name"] == "smoke"
+    assert out["summary"]["name"] == "t"
 
 
 def test_dry_run_computes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,7 +6,8 @@
 
 Every model takes images in [0, 1] ([B, C, H, W]) and normalizes them itself with its
 first submodule ``normalize``; the output is logits [B, num_classes].
-To add an architecture: write it in a module here, then add it to ``_BUILDERS``.
+To add an architecture: write it in a module here, then add it to ``_BUILDERS``; give it a
+``blocks()`` method (:mod:`rift_ray.models.blocks`) so MRC can skip its frozen prefix.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from rift_ray.models.blocks import Block, block_index, model_blocks, run_blocks
 from rift_ray.models.preact_resnet import PreActResNet, preact_resnet18
 from rift_ray.models.resnet import Normalize, ResNet, resnet18, resnet34
 from rift_ray.models.small import SmallCNN, small_cnn, small_resnet
@@ -24,14 +26,18 @@ from rift_ray.models.wide_resnet import WideResNet
 
 __all__ = [
     "ARCHITECTURES",
+    "Block",
     "Normalize",
     "PreActResNet",
     "ResNet",
     "SmallCNN",
     "WideResNet",
+    "block_index",
     "build_model",
+    "model_blocks",
     "module_by_name",
     "mrc_candidates",
+    "run_blocks",
 ]
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {

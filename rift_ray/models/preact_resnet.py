@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rift_ray.models.blocks import Block, global_pool, run_blocks
 from rift_ray.models.resnet import Normalize
 
 
@@ -65,13 +66,22 @@ class PreActResNet(nn.Module):
         self.bn = nn.BatchNorm2d(in_planes)
         self.linear = nn.Linear(in_planes, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(self.normalize(x))
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(self.normalize(x))
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return global_pool(F.relu(self.bn(x)))
+
+    def blocks(self) -> list[Block]:
+        """stem, every block (``layerX.Y``), head (bn, relu, pool), linear: composed, the forward pass."""
+        out = [Block("stem", ("normalize", "conv1"), self._stem)]
         for i in range(1, self.num_stages + 1):
-            out = getattr(self, f"layer{i}")(out)
-        out = F.relu(self.bn(out))
-        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-        return self.linear(out)
+            for j, block in enumerate(getattr(self, f"layer{i}")):
+                out.append(Block(f"layer{i}.{j}", (f"layer{i}.{j}",), block))
+        return out + [Block("head", ("bn",), self._head), Block("linear", ("linear",), self.linear)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_blocks(self.blocks(), x)
 
 
 def preact_resnet18(

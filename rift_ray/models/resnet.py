@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rift_ray.models.blocks import Block, global_pool, run_blocks
+
 
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel; the first submodule of every model here.
@@ -99,12 +101,19 @@ class ResNet(nn.Module):
         self.num_stages = len(widths)
         self.linear = nn.Linear(in_planes, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn1(self.conv1(self.normalize(x))))
+
+    def blocks(self) -> list[Block]:
+        """stem, every residual block (``layerX.Y``), pool, linear: composed, the forward pass."""
+        out = [Block("stem", ("normalize", "conv1", "bn1"), self._stem)]
         for i in range(1, self.num_stages + 1):
-            out = getattr(self, f"layer{i}")(out)
-        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-        return self.linear(out)
+            for j, block in enumerate(getattr(self, f"layer{i}")):
+                out.append(Block(f"layer{i}.{j}", (f"layer{i}.{j}",), block))
+        return out + [Block("pool", (), global_pool), Block("linear", ("linear",), self.linear)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_blocks(self.blocks(), x)
 
 
 def resnet18(

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rift_ray.models.blocks import Block, global_pool, run_blocks
 from rift_ray.models.resnet import Normalize, ResNet
 
 
@@ -53,12 +54,27 @@ class SmallCNN(nn.Module):
         self.bn3 = nn.BatchNorm2d(128)
         self.linear = nn.Linear(128, num_classes)
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn1(self.conv1(self.normalize(x))))
+
+    def _conv2(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn2(self.conv2(x)))
+
+    def _conv3(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn3(self.conv3(x)))
+
+    def blocks(self) -> list[Block]:
+        """stem (conv1), conv2, conv3 (each with its BN and ReLU), pool, linear."""
+        return [
+            Block("stem", ("normalize", "conv1", "bn1"), self._stem),
+            Block("conv2", ("conv2", "bn2"), self._conv2),
+            Block("conv3", ("conv3", "bn3"), self._conv3),
+            Block("pool", (), global_pool),
+            Block("linear", ("linear",), self.linear),
+        ]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = F.relu(self.bn3(self.conv3(out)))
-        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-        return self.linear(out)
+        return run_blocks(self.blocks(), x)
 
 
 def small_cnn(

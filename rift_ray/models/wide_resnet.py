@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rift_ray.models.blocks import Block, global_pool, run_blocks
 from rift_ray.models.resnet import Normalize
 
 
@@ -107,9 +108,21 @@ class WideResNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(self.normalize(x))
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return global_pool(self.relu(self.bn1(x)))
+
+    def blocks(self) -> list[Block]:
+        """stem, every BasicBlock (``blockK.layer.Y``), head (bn1, relu, pool), fc: composed, the forward pass."""
+        out = [Block("stem", ("normalize", "conv1"), self._stem)]
+        for k in (1, 2, 3):
+            for j, block in enumerate(getattr(self, f"block{k}").layer):
+                name = f"block{k}.layer.{j}"
+                out.append(Block(name, (name,), block))
+        head = Block("head", ("bn1", "relu"), self._head)
+        return out + [head, Block("fc", ("fc",), self.fc)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(self.normalize(x))
-        out = self.block3(self.block2(self.block1(out)))
-        out = self.relu(self.bn1(out))
-        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-        return self.fc(out)
+        return run_blocks(self.blocks(), x)

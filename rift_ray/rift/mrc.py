@@ -9,6 +9,14 @@ the adversarially trained model. The max is approximated by gradient ascent:
     x_adv, y = adversarial_set(model, val)            # PGD-10, eps 8/255, seeded
     res = module_robust_criticality(model, "layer2.1.conv2", x_adv, y)
     res.mrc, res.acc_before - res.acc_after            # loss rise, robust-acc drop (points)
+
+Fast path (``fast=True``, the default): the model is in eval mode and only one weight
+moves, so the input of the block that runs the module (:mod:`rift_ray.models.blocks`)
+never changes. It is computed once for the whole set, and every ascent step and every
+end-of-epoch evaluation runs only the rest of the network (for the classifier: the
+pooled features are cached). Same batches, same order, same seed as the reference
+path (``fast=False``, a full forward and backward per step); the results agree to
+float rounding (benchmarks/README.md gives the measured difference).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rift_ray.attacks import eval_mode, iter_batches, pgd_attack
+from rift_ray.models.blocks import block_index, model_blocks, run_blocks
 
 
 def adversarial_set(
@@ -70,6 +79,8 @@ class MRCResult:
 
     ``loss_after`` is the largest end-of-epoch loss (epoch ``best_epoch``, 1-based) and
     ``acc_after`` the accuracy at that epoch, so ``mrc == loss_after - loss_before``.
+    ``cached_block``: the block whose input the fast path cached ("" when none was, e.g.
+    the stem or ``fast=False``); ``cache_bytes``: the size of that cache.
     """
 
     module: str
@@ -82,6 +93,8 @@ class MRCResult:
     best_epoch: int
     num_params: int
     seconds: float
+    cached_block: str = ""
+    cache_bytes: int = 0
 
     @property
     def acc_drop(self) -> float:
@@ -100,8 +113,15 @@ def project_l2_ball(delta: Tensor, radius: float) -> Tensor:
     return delta * (radius / norm)
 
 
+Tail = Callable[[Tensor], Tensor]  # a forward pass (possibly of part of a network)
+
+
 def _set_loss(
-    model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int, device: torch.device
+    model: Tail,
+    inputs: Tensor,
+    targets: Tensor,
+    batch_size: int,
+    device: torch.device,
 ) -> tuple[float, float]:
     """Mean CE and accuracy (percent) of ``model`` over the whole set, in order, under no_grad."""
     total, correct = 0.0, 0
@@ -114,13 +134,70 @@ def _set_loss(
     return total / len(targets), 100.0 * correct / len(targets)
 
 
-def _batch(
-    inputs: Tensor, targets: Tensor, idx: Tensor | slice, device: torch.device
-) -> tuple[Tensor, Tensor]:
+def _images(inputs: Tensor, idx: Tensor | slice, device: torch.device) -> Tensor:
+    """``inputs[idx]`` as float on ``device`` (uint8 images scaled to [0, 1])."""
     x = inputs[idx].to(device)
     if x.dtype == torch.uint8:
         x = x.float() / 255
-    return x.float(), targets[idx].to(device)
+    return x.float()
+
+
+def _channels_last(fn: Tail) -> Tail:
+    """``fn`` taking its 4-D inputs in channels_last layout (a no-op copy when they already are)."""
+
+    def call(x: Tensor) -> Tensor:
+        return fn(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
+
+    return call
+
+
+def _batch(
+    inputs: Tensor, targets: Tensor, idx: Tensor | slice, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    return _images(inputs, idx, device), targets[idx].to(device)
+
+
+def _cached_tail(
+    net: nn.Module,
+    module_name: str,
+    inputs: Tensor,
+    batch_size: int,
+    device: torch.device,
+    max_cache_bytes: int,
+    channels_last: bool = False,
+) -> tuple[Tail, Tensor, str]:
+    """(the network from block k on, the inputs of block k for the whole set, its name).
+
+    Block k is the latest block, up to the one running ``module_name``, whose inputs for
+    the whole set fit in ``max_cache_bytes``; k = 0 returns the net and ``inputs`` as they
+    are. The cache is computed in eval mode, without grad, in batches of ``batch_size`` in
+    order (the slices the end-of-epoch evaluation uses), and lives on ``device``.
+    """
+    blocks = model_blocks(net)
+    k = block_index(blocks, module_name)
+    if k > 0:  # shapes of every block input, from one image
+        with torch.no_grad():
+            x = _images(inputs, slice(0, 1), device)
+            per_image = []
+            for block in blocks[:k]:
+                x = block.fn(x)
+                per_image.append(x.numel() * x.element_size())
+        while k > 0 and per_image[k - 1] * len(inputs) > max_cache_bytes:
+            k -= 1
+    if k == 0:
+        return net, inputs, ""
+
+    def prefix(x: Tensor) -> Tensor:
+        return run_blocks(blocks[:k], x)
+
+    run_prefix = _channels_last(prefix) if channels_last else prefix
+    with torch.no_grad():
+        parts = [
+            run_prefix(_images(inputs, slice(i, i + batch_size), device))
+            for i in range(0, len(inputs), batch_size)
+        ]
+    rest = blocks[k:]
+    return (lambda f: run_blocks(rest, f)), torch.cat(parts), rest[0].name
 
 
 def module_robust_criticality(
@@ -137,6 +214,9 @@ def module_robust_criticality(
     shuffle: bool = True,
     seed: int = 0,
     device: torch.device | str | None = None,
+    fast: bool = True,
+    max_cache_bytes: int = 2 * 1024**3,
+    channels_last: bool = False,
 ) -> MRCResult:
     """MRC of ``model.<module_name>.weight`` on the fixed set ``(inputs [N,C,H,W] in [0,1], targets [N])``.
 
@@ -151,6 +231,13 @@ def module_robust_criticality(
     loss. This raw definition could in principle be negative (if every epoch ended
     below the start); with ascent at a modest lr it is >= 0 in practice.
     ``device``: where the copy runs (default: the model's device).
+
+    ``fast``: cache the input of the module's block once (at most ``max_cache_bytes``, on
+    ``device``; else an earlier block's, or none) and run only the rest of the network
+    per step and per evaluation (module docstring). ``fast=False`` is the reference
+    procedure: a full forward and backward per step, a full forward per evaluation.
+    ``channels_last``: run the copy in channels_last layout (faster convolutions on CPU
+    and with cuDNN; the results then differ from the default layout by float rounding).
     """
     if projection not in ("epoch", "step"):
         raise ValueError(f"projection: must be 'epoch' or 'step' (got {projection!r})")
@@ -161,6 +248,8 @@ def module_robust_criticality(
         device = next(iter(model.parameters())).device
     device = torch.device(device)
     net = copy.deepcopy(model).to(device).eval()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
     try:
         weight = net.get_submodule(module_name).weight
     except AttributeError:
@@ -182,7 +271,18 @@ def module_robust_criticality(
             if float(delta.norm()) > radius:  # inside the ball the weight stays bit-identical
                 weight.copy_(w0 + project_l2_ball(delta, radius))
 
-    loss_before, acc_before = _set_loss(net, inputs, targets, batch_size, device)
+    forward: Tail = net
+    cached_block, cache_bytes = "", 0
+    if fast:
+        forward, inputs, cached_block = _cached_tail(
+            net, module_name, inputs, batch_size, device, max_cache_bytes, channels_last
+        )
+        if cached_block:
+            cache_bytes = inputs.numel() * inputs.element_size()
+    if channels_last:
+        forward = _channels_last(forward)
+
+    loss_before, acc_before = _set_loss(forward, inputs, targets, batch_size, device)
     epoch_losses: list[float] = []
     epoch_accs: list[float] = []
     n = len(targets)
@@ -191,13 +291,13 @@ def module_robust_criticality(
         for i in range(0, n, batch_size):
             x, y = _batch(inputs, targets, order[i : i + batch_size], device)
             optimizer.zero_grad(set_to_none=True)
-            (-F.cross_entropy(net(x), y)).backward()
+            (-F.cross_entropy(forward(x), y)).backward()
             optimizer.step()
             if projection == "step":
                 project()
         if projection == "epoch":
             project()
-        loss, acc = _set_loss(net, inputs, targets, batch_size, device)
+        loss, acc = _set_loss(forward, inputs, targets, batch_size, device)
         epoch_losses.append(loss)
         epoch_accs.append(acc)
     best = max(range(epochs), key=lambda e: (epoch_losses[e], -e))  # first epoch on ties
@@ -212,6 +312,8 @@ def module_robust_criticality(
         best_epoch=best + 1,
         num_params=weight.numel(),
         seconds=time.perf_counter() - start,
+        cached_block=cached_block,
+        cache_bytes=cache_bytes,
     )
 
 

@@ -1,0 +1,68 @@
+"""A model's forward pass as an ordered list of blocks, so it can be run from any block onward.
+
+    blocks = model_blocks(model)                 # [stem, layer1.0, ..., pool, linear]
+    k = block_index(blocks, "layer2.1.conv2")    # the block that runs this module
+    feats = run_blocks(blocks[:k], x)            # fixed while only that module's weight moves
+    logits = run_blocks(blocks[k:], feats)       # == model(x)
+
+MRC uses this to cache the input of the perturbed module's block once and run only the
+rest of the network during the ascent (:func:`rift_ray.rift.module_robust_criticality`).
+Every model here has a ``blocks()`` method whose composition is exactly its forward
+pass (tests check bit-equality); a model without one is a single block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Block:
+    """One step of a forward pass: ``fn`` maps the previous block's output to this block's output.
+
+    ``modules``: qualified names of the submodules ``fn`` runs (a name covers its children);
+    empty for parameter-free steps such as global pooling.
+    """
+
+    name: str
+    modules: tuple[str, ...]
+    fn: Callable[[Tensor], Tensor]
+
+    def owns(self, module_name: str) -> bool:
+        """Whether ``module_name`` (or a module inside it) runs in this block."""
+        return any(
+            m == "" or module_name == m or module_name.startswith(m + ".") for m in self.modules
+        )
+
+
+def global_pool(x: Tensor) -> Tensor:
+    """[B, C, H, W] -> [B, C]: global average pooling, as the models' heads do it."""
+    return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+def model_blocks(model: nn.Module) -> list[Block]:
+    """``model.blocks()`` when the model defines it, else the whole model as one block."""
+    blocks = getattr(model, "blocks", None)
+    if callable(blocks):
+        return list(blocks())
+    return [Block(type(model).__name__, ("",), model)]
+
+
+def block_index(blocks: Sequence[Block], module_name: str) -> int:
+    """Index of the block that runs ``module_name``; ValueError when none does."""
+    for i, block in enumerate(blocks):
+        if block.owns(module_name):
+            return i
+    raise ValueError(f"{module_name}: not run by any block ({', '.join(b.name for b in blocks)})")
+
+
+def run_blocks(blocks: Sequence[Block], x: Tensor) -> Tensor:
+    """Apply ``blocks`` in order (an empty sequence returns ``x``)."""
+    for block in blocks:
+        x = block.fn(x)
+    return x

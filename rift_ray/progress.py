@@ -1,0 +1,150 @@
+"""Progress a person can follow: a live bar on a terminal, plain lines in logs (CI).
+
+    with Progress("interpolate", total=67, unit="alpha points") as bar:
+        for ref in finished_tasks():
+            bar.advance(points_in(ref))
+
+    print(epoch_line("adv_train", metrics, total_epochs=10))   # one line per epoch
+
+A bar is drawn (rich) only when stderr is a terminal, ``TERM`` is not ``dumb`` and
+``CI`` is not set; otherwise a line is printed for the first and last item, each
+10 % crossed, and at most every ``min_interval`` seconds in between.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import IO, Any
+
+
+def duration(seconds: float | None) -> str:
+    """12s, 3m05s, 2h14m."""
+    if seconds is None:
+        return ""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def interactive(stream: IO[str] | None = None) -> bool:
+    """True when ``stream`` (default stderr) is a terminal a person is watching."""
+    stream = stream or sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    return bool(
+        isatty and isatty() and os.environ.get("TERM") != "dumb" and not os.environ.get("CI")
+    )
+
+
+class Progress:
+    """Counts finished work items out of ``total``; a context manager."""
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        unit: str = "",
+        *,
+        stream: IO[str] | None = None,
+        live: bool | None = None,
+        min_interval: float = 10.0,
+    ) -> None:
+        self.label, self.total, self.unit = label, max(int(total), 0), unit
+        self.stream = stream or sys.stderr
+        self.live = interactive(self.stream) if live is None else live
+        self.min_interval = min_interval
+        self.done = 0
+        self._t0 = self._last = time.monotonic()
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Progress:
+        self._t0 = self._last = time.monotonic()
+        if self.live:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn(f"[rift-ray] {self.label}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(self.unit),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(file=self.stream),
+                transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=self.total or None)
+        return self
+
+    def advance(self, n: int = 1) -> None:
+        """``n`` more items are finished."""
+        before, self.done = self.done, min(self.done + n, self.total or self.done + n)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done)
+            return
+        now = time.monotonic()
+        tenth = (lambda d: 10 * d // self.total) if self.total else (lambda d: 0)
+        if (
+            before == 0
+            or self.done >= self.total
+            or tenth(self.done) > tenth(before)
+            or now - self._last >= self.min_interval
+        ):
+            self._last = now
+            print(self.line(), file=self.stream, flush=True)
+
+    def line(self) -> str:
+        """``[rift-ray] interpolate: 12/67 alpha points (18%), 1m02s elapsed, ~4m44s left``."""
+        elapsed = time.monotonic() - self._t0
+        text = f"[rift-ray] {self.label}: {self.done}/{self.total} {self.unit}".rstrip()
+        if self.total:
+            text += f" ({100 * self.done // self.total}%)"
+        text += f", {duration(elapsed)} elapsed"
+        if 0 < self.done < self.total:
+            text += f", ~{duration(elapsed / self.done * (self.total - self.done))} left"
+        return text
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+_EPOCH_FIELDS = (
+    ("train_loss", "loss {:.3f}"),
+    ("train_clean_acc", "train clean {:.2f}"),
+    ("train_adv_acc", "adv {:.2f}"),
+    ("train_acc", "train acc {:.2f}"),
+    ("val_clean_acc", "val clean {:.2f}"),
+    ("val_robust_acc", "PGD {:.2f}"),
+    ("val_score", "score {:+.2f}"),
+    ("lr", "lr {:.3g}"),
+    ("images_per_s", "{:.0f} img/s"),
+)
+
+
+def epoch_line(stage: str, metrics: dict[str, Any], total_epochs: int | None = None) -> str:
+    """One log line per epoch, e.g.
+    ``[adv_train] epoch 3/10  loss 1.985  train clean 52.60  adv 29.51  val clean 59.50  PGD 29.25  lr 0.05  374 img/s  3.1s``.
+    """
+    epoch = metrics.get("epoch", "?")
+    parts = [f"[{stage}] epoch {epoch}" + (f"/{total_epochs}" if total_epochs else "")]
+    for key, template in _EPOCH_FIELDS:
+        v = metrics.get(key)
+        if isinstance(v, (int, float)) and v == v and abs(v) != float("inf"):
+            parts.append(template.format(v))
+    if isinstance(metrics.get("seconds"), (int, float)):
+        parts.append(f"{metrics['seconds']:.1f}s")
+    return "  ".join(parts)

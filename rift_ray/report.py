@@ -1,0 +1,848 @@
+"""Sweep results for people: figures, a self-contained HTML report, table exports, stage status.
+
+    rift-ray report results/smoke                  # results/smoke/report.html
+    rift-ray report results/smoke --format csv     # results/smoke/export/<table>.csv
+    rift-ray status results/smoke                  # stages, timings, best figures so far
+
+Everything here reads a sweep directory through :class:`rift_ray.store.Store` (local
+or object storage) and never starts Ray. The figures are matplotlib (no display
+needed) and are shared with the W&B tracker (:mod:`rift_ray.tracking`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from rift_ray import __version__
+from rift_ray import store as layout
+from rift_ray.progress import duration
+from rift_ray.store import STAGES, StorageError, Store
+
+SUMMARY_TABLE = "tables/summary.parquet"
+TABLES = {
+    "mrc": layout.MRC_TABLE,
+    "finetune": layout.FINETUNE_TABLE,
+    "finetune_epochs": layout.FINETUNE_EPOCHS_TABLE,
+    "interpolation": layout.INTERPOLATION_TABLE,
+    "summary": SUMMARY_TABLE,
+}
+"""Every table of a sweep: export name -> path under the sweep directory (docs/tables.md)."""
+
+SUMMARY_SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("split", pa.string()),
+        ("trial", pa.string()),
+        ("alpha", pa.float64()),
+        ("clean_acc", pa.float64()),
+        ("robust_acc", pa.float64()),
+        ("corruption_acc", pa.float64()),
+    ]
+)
+METRICS = {"clean_acc": "clean", "robust_acc": "PGD", "corruption_acc": "corruption"}
+AT_COLOR, RIFT_COLOR, LIMIT_COLOR = "#7f7f7f", "#d62728", "#1f77b4"
+
+
+# -- reading a sweep directory -----------------------------------------------------------
+
+
+def open_sweep(arg: str) -> Store:
+    """The sweep at ``arg``: a directory, an ``s3://``/``gs://`` URI, or a name under ./results."""
+    if "://" in arg:
+        base, name = arg.rstrip("/").rsplit("/", 1)
+        store = Store.open(base, name)
+    else:
+        path = os.path.expanduser(arg)
+        if not os.path.isdir(path):
+            from rift_ray.config import SweepConfig
+
+            default = os.path.join(SweepConfig().storage, arg)
+            if os.sep in arg or not os.path.isdir(default):
+                raise StorageError(f"{arg}: no such sweep directory (nor {default})")
+            path = default
+        storage, name = os.path.split(os.path.abspath(path))
+        store = Store.open(storage, name)
+    if not (store.exists(layout.CONFIG) or store.exists("stages")):
+        raise StorageError(f"{store.uri}: not a sweep directory (no config.yaml, no stages/)")
+    return store
+
+
+@dataclass
+class SweepResults:
+    """What a sweep directory holds so far; anything not written yet is missing or empty."""
+
+    store: Store
+    config: dict[str, Any] = field(default_factory=dict)
+    config_text: str = ""
+    summary: dict[str, Any] | None = None
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, store: Store) -> SweepResults:
+        res = cls(store)
+        if store.exists(layout.CONFIG):
+            res.config_text = store.read_bytes(layout.CONFIG).decode()
+            res.config = yaml.safe_load(res.config_text) or {}
+        if store.exists(layout.SUMMARY):
+            res.summary = json.loads(store.read_bytes(layout.SUMMARY))
+        res.stages = {s: rec for s in STAGES if (rec := store.read_stage(s))}
+        for name, rel in TABLES.items():
+            if store.exists(rel):
+                res.tables[name] = pq.read_table(io.BytesIO(store.read_bytes(rel)))
+        if "summary" not in res.tables and res.summary:
+            res.tables["summary"] = summary_table(res.summary)
+        return res
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or self.store.root.rsplit("/", 1)[-1])
+
+    def rows(self, table: str) -> list[dict[str, Any]]:
+        t = self.tables.get(table)
+        return t.to_pylist() if t is not None else []
+
+    def setting(self, section: str, key: str, default: Any = None) -> Any:
+        return (self.config.get(section) or {}).get(key, default)
+
+
+def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The before/after table: one row per (model "at" | "rift", split) from summary.json."""
+    rows = []
+    for model in ("at", "rift"):
+        for split in ("val", "test"):
+            m = (summary.get(model) or {}).get(split)
+            if not m:
+                continue
+            rows.append(
+                {
+                    "model": model,
+                    "split": split,
+                    "trial": summary.get("trial") if model == "rift" else None,
+                    "alpha": float(summary.get("alpha") or 0.0) if model == "rift" else 0.0,
+                    **{k: m.get(k) for k in METRICS},
+                }
+            )
+    return rows
+
+
+def summary_table(summary: dict[str, Any]) -> pa.Table:
+    """:func:`summary_rows` with a fixed schema (``tables/summary.parquet``)."""
+    return pa.Table.from_pylist(summary_rows(summary), schema=SUMMARY_SCHEMA)
+
+
+def environment_info(
+    ray_resources: dict[str, float] | None = None, ray_nodes: int | None = None
+) -> dict[str, Any]:
+    """Host, hardware and library versions, for summary.json (``summary["environment"]``)."""
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("rift-ray", "torch", "torchvision", "ray", "wandb", "numpy", "pyarrow"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    gpus: list[str] = []
+    try:
+        import torch
+
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no torch or no driver: no GPUs to name
+        pass
+    out: dict[str, Any] = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "gpus": gpus,
+        "versions": versions,
+    }
+    if ray_resources is not None:
+        out["ray_cluster"] = {
+            "nodes": ray_nodes,
+            **{k: v for k, v in ray_resources.items() if k in ("CPU", "GPU", "memory")},
+        }
+    return out
+
+
+# -- figures ------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def png_bytes(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def fig_adv_train(history: list[dict[str, Any]]) -> Any | None:
+    """Adversarial training per epoch: losses, clean / PGD accuracy, learning rate."""
+    if not history:
+        return None
+    fig = _figure(10, 3)
+    axes = fig.subplots(1, 3)
+    ep = [h["epoch"] for h in history]
+    panels = [
+        (axes[0], "loss", {"train_loss": "train (adv.)", "val_clean_loss": "val clean"}),
+        (
+            axes[1],
+            "accuracy (%)",
+            {
+                "train_clean_acc": "train clean",
+                "train_adv_acc": "train adv.",
+                "val_clean_acc": "val clean",
+                "val_robust_acc": "val PGD",
+            },
+        ),
+        (axes[2], "learning rate", {"lr": "lr"}),
+    ]
+    for ax, ylabel, keys in panels:
+        for k, label in keys.items():
+            if any(_finite(h.get(k)) for h in history):
+                ax.plot(ep, [h.get(k) for h in history], marker="o", ms=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle("Adversarial training")
+    return fig
+
+
+def fig_mrc(rows: list[dict[str, Any]], selected: list[str] | None = None) -> Any | None:
+    """Horizontal bars of MRC by module, least critical on top; fine-tuned modules highlighted."""
+    done = [r for r in rows if r.get("status") == "done" and _finite(r.get("mrc"))]
+    if not done:
+        return None
+    done.sort(key=lambda r: r["mrc"])
+    chosen = set(selected or [])
+    fig = _figure(7, 1.0 + 0.24 * len(done))
+    ax = fig.subplots()
+    y = list(range(len(done)))[::-1]
+    colors = [RIFT_COLOR if r["module"] in chosen else AT_COLOR for r in done]
+    ax.barh(y, [r["mrc"] for r in done], color=colors)
+    ax.set_yticks(y, [r["module"] for r in done], fontsize=8)
+    ax.set_xlabel("MRC (robust loss increase under a weight perturbation)")
+    ax.grid(axis="x", alpha=0.3)
+    failed = [r["module"] for r in rows if r.get("status") != "done"]
+    title = "Module robust criticality"
+    if chosen:
+        title += " (red: fine-tuned)"
+    if failed:
+        title += f"; failed: {', '.join(failed[:4])}" + (" ..." if len(failed) > 4 else "")
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def fig_finetune(epochs: list[dict[str, Any]], trials: list[dict[str, Any]]) -> Any | None:
+    """Fine-tuning learning curves of every trial; ASHA-stopped trials dashed."""
+    if not epochs:
+        return None
+    metric = "val_score" if any(_finite(e.get("val_score")) for e in epochs) else "val_gain"
+    status = {t["trial"]: t.get("status", "") for t in trials}
+    names = list(dict.fromkeys(e["trial"] for e in epochs))
+    fig = _figure(10, 3.4 + 0.18 * ((len(names) + 2) // 3))
+    axes = fig.subplots(1, 3)
+    panels = [
+        ("train_loss", "train loss"),
+        ("train_acc", "train accuracy (%)"),
+        (metric, f"{metric} (ASHA metric, points)"),
+    ]
+    lines = []
+    for i, name in enumerate(names):
+        rows = sorted((e for e in epochs if e["trial"] == name), key=lambda e: e["epoch"])
+        style = {"finished": "-", "stopped": "--", "failed": ":"}.get(status.get(name, ""), "-")
+        color = f"C{i % 10}"
+        for ax, (key, _) in zip(axes, panels):
+            (line,) = ax.plot(
+                [e["epoch"] for e in rows],
+                [e.get(key) for e in rows],
+                ls=style,
+                color=color,
+                marker="o",
+                ms=3,
+            )
+        label = name + (f" ({status[name]})" if status.get(name) not in (None, "finished") else "")
+        lines.append((line, label))
+    for ax, (_, ylabel) in zip(axes, panels):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.legend(
+        [ln for ln, _ in lines],
+        [lb for _, lb in lines],
+        loc="outside lower center",
+        ncol=3,
+        fontsize=7,
+        frameon=False,
+    )
+    fig.suptitle("Fine-tuning (solid: finished, dashed: stopped by ASHA)")
+    return fig
+
+
+def fig_interpolation(
+    rows: list[dict[str, Any]],
+    choices: list[dict[str, Any]] | None = None,
+    best: str | None = None,
+    tolerance: float | None = None,
+) -> Any | None:
+    """Accuracy against alpha for each trial and split; the constraint line and alpha* marked.
+
+    ``choices`` are the per-trial alpha* choices (summary.json ``choices``), ``best`` the
+    winning trial and ``tolerance`` the robust-accuracy slack of the selection rule.
+    """
+    if not rows:
+        return None
+    splits = [s for s in ("val", "test") if any(r["split"] == s for r in rows)]
+    metrics = [m for m in METRICS if any(_finite(r.get(m)) for r in rows)]
+    trials = list(dict.fromkeys(r["trial"] for r in rows))
+    alpha_star = {c["trial"]: c.get("alpha") for c in choices or [] if c.get("feasible")}
+    fig = _figure(4.0 * len(metrics), 2.9 * len(splits) + 0.3 + 0.18 * ((len(trials) + 2) // 3))
+    axes = fig.subplots(len(splits), len(metrics), squeeze=False)
+    handles: dict[str, Any] = {}
+    for i, split in enumerate(splits):
+        for j, metric in enumerate(metrics):
+            ax = axes[i][j]
+            for k, trial in enumerate(trials):
+                pts = sorted(
+                    (r["alpha"], r[metric])
+                    for r in rows
+                    if r["trial"] == trial and r["split"] == split and _finite(r.get(metric))
+                )
+                if not pts:
+                    continue
+                win = trial == best
+                (line,) = ax.plot(
+                    *zip(*pts),
+                    color=f"C{k % 10}",
+                    lw=2.2 if win else 1.0,
+                    alpha=1.0 if win or best is None else 0.6,
+                    marker="o",
+                    ms=2.5,
+                    zorder=3 if win else 2,
+                )
+                handles.setdefault(trial + (" (alpha* chosen)" if win else ""), line)
+                a = alpha_star.get(trial)
+                y = dict(pts).get(a) if a is not None else None
+                if y is not None:
+                    star = ax.plot(
+                        a, y, marker="*", ms=12 if win else 8, color=f"C{k % 10}", mec="k", zorder=4
+                    )[0]
+                    handles.setdefault("alpha* of a trial", star)
+            at_pts = [r[metric] for r in rows if r["split"] == split and r["alpha"] == 0.0]
+            if metric == "robust_acc" and split == "val" and tolerance is not None and at_pts:
+                limit = at_pts[0] - tolerance
+                handles["constraint: AT - tolerance"] = ax.axhline(
+                    limit, color=LIMIT_COLOR, ls=":", lw=1.5
+                )
+            if best is not None and alpha_star.get(best) is not None:
+                handles[f"alpha* = {alpha_star[best]:g}"] = ax.axvline(
+                    alpha_star[best], color="k", ls="--", lw=1
+                )
+            ax.set_title(f"{split}: {METRICS[metric]} accuracy", fontsize=10)
+            ax.set_xlabel("alpha (0 = AT, 1 = fine-tuned)")
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(alpha=0.3)
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="outside lower center",
+        ncol=3,
+        fontsize=7,
+        frameon=False,
+    )
+    fig.suptitle("Interpolation between AT and fine-tuned weights")
+    return fig
+
+
+def fig_before_after(summary: dict[str, Any]) -> Any | None:
+    """Grouped bars: AT vs RiFT accuracy on validation and test."""
+    groups = [
+        (split, metric)
+        for split in ("val", "test")
+        for metric in METRICS
+        if _finite(((summary.get("at") or {}).get(split) or {}).get(metric))
+    ]
+    if not groups:
+        return None
+    fig = _figure(1.2 + 1.3 * len(groups), 3.2)
+    ax = fig.subplots()
+    w = 0.38
+    for off, who, label, color in (
+        (-w / 2, "at", "AT", AT_COLOR),
+        (w / 2, "rift", "RiFT", RIFT_COLOR),
+    ):
+        vals = [((summary.get(who) or {}).get(s) or {}).get(m) for s, m in groups]
+        xs = [i + off for i in range(len(groups))]
+        bars = ax.bar(xs, [v if _finite(v) else 0 for v in vals], w, label=label, color=color)
+        ax.bar_label(bars, [f"{v:.2f}" if _finite(v) else "-" for v in vals], fontsize=7)
+    ax.set_xticks(range(len(groups)), [f"{s}\n{METRICS[m]}" for s, m in groups])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(f"AT vs RiFT (alpha* = {summary.get('alpha', 0):g})", fontsize=10)
+    return fig
+
+
+def report_figures(res: SweepResults) -> dict[str, tuple[str, Any]]:
+    """id -> (caption, figure) for every figure the sweep's results allow so far."""
+    s = res.summary or {}
+    ft_trials = res.rows("finetune")
+    selected = sorted({m for t in ft_trials for m in str(t.get("modules", "")).split("+") if m})
+    figs = {
+        "fig-before-after": (
+            "Accuracy of the AT model and the RiFT model (interpolated at alpha*).",
+            fig_before_after(s) if s else None,
+        ),
+        "fig-adv-train": (
+            "Adversarial training: per-epoch loss, accuracy and learning rate.",
+            fig_adv_train((res.stages.get("adv_train") or {}).get("history") or []),
+        ),
+        "fig-mrc": (
+            "Module robust criticality of every candidate module (lower = less critical).",
+            fig_mrc(res.rows("mrc"), selected),
+        ),
+        "fig-finetune": (
+            "Fine-tuning learning curves of every trial under ASHA.",
+            fig_finetune(res.rows("finetune_epochs"), ft_trials),
+        ),
+        "fig-interpolation": (
+            "Accuracy against alpha for each fine-tuning trial; stars mark each trial's alpha*, "
+            "the dashed line the chosen alpha*, the dotted line the robust-accuracy constraint.",
+            fig_interpolation(
+                res.rows("interpolation"),
+                s.get("choices"),
+                s.get("trial"),
+                res.setting("interpolate", "tolerance", 0.1),
+            ),
+        ),
+    }
+    return {k: v for k, v in figs.items() if v[1] is not None}
+
+
+# -- HTML ---------------------------------------------------------------------------------
+
+_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:13px}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:right} th{background:#f4f4f4}
+td.l,th.l{text-align:left} .muted{color:#777} .good{color:#2a7d2a} .bad{color:#b22}
+figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee}
+figcaption{color:#555;font-size:13px} pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:12px}
+"""
+
+# Marks <body data-loaded="OK/ALL"> once every figure has decoded (checked by the tests).
+_SCRIPT = """
+window.addEventListener("load", () => {
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter((i) => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.loaded = ok + "/" + imgs.length;
+});
+"""
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v))
+
+
+def fmt(v: Any, digits: int = 4) -> str:
+    """A table cell: floats to ``digits`` significant figures, None/NaN as '-'."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def _html_table(
+    rows: list[dict[str, Any]], columns: list[str] | None = None, left: tuple[str, ...] = ()
+) -> str:
+    if not rows:
+        return '<p class="muted">none</p>'
+    cols = columns or list(dict.fromkeys(k for r in rows for k in r))
+    head = "".join(f'<th class="{"l" if c in left else ""}">{_e(c)}</th>' for c in cols)
+    body = "".join(
+        "<tr>"
+        + "".join(f'<td class="{"l" if c in left else ""}">{_e(fmt(r.get(c)))}</td>' for c in cols)
+        + "</tr>"
+        for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _before_after_html(summary: dict[str, Any]) -> str:
+    head = "<tr><th class='l'>split</th><th class='l'>metric</th><th>AT</th><th>RiFT</th><th>change</th></tr>"
+    body = ""
+    for split in ("val", "test"):
+        for metric, label in METRICS.items():
+            a = ((summary.get("at") or {}).get(split) or {}).get(metric)
+            b = ((summary.get("rift") or {}).get(split) or {}).get(metric)
+            if a is None and b is None:
+                continue
+            d = b - a if _finite(a) and _finite(b) else None
+            cls = "" if d is None or d == 0 else ("good" if d > 0 else "bad")
+            delta = "-" if d is None else f"{d:+.2f}"
+            body += (
+                f"<tr><td class='l'>{split}</td><td class='l'>{label}</td>"
+                f"<td>{_pct(a)}</td><td>{_pct(b)}</td><td class='{cls}'>{delta}</td></tr>"
+            )
+    return f"<table>{head}{body}</table>"
+
+
+def _pct(v: Any) -> str:
+    return f"{v:.2f}" if _finite(v) else "-"
+
+
+def _stages_rows(res: SweepResults) -> list[dict[str, Any]]:
+    out = []
+    for stage in STAGES:
+        rec = res.stages.get(stage) or {}
+        started = rec.get("started")
+        out.append(
+            {
+                "stage": stage,
+                "status": rec.get("status", "pending"),
+                "duration": duration(rec.get("seconds")),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))
+                if isinstance(started, (int, float))
+                else "",
+                "finished": rec.get("updated", "") if rec.get("status") == "done" else "",
+                "error": rec.get("error", ""),
+            }
+        )
+    return out
+
+
+def _metadata_html(res: SweepResults) -> str:
+    s = res.summary or {}
+    env = s.get("environment") or {}
+    items: list[tuple[str, Any]] = [
+        ("sweep", res.name),
+        ("location", res.store.uri),
+        ("seed", s.get("seed", res.config.get("seed"))),
+        ("config hash", s.get("config_hash", "")),
+        ("model", f"{res.setting('model', 'arch', '')} on {res.setting('data', 'dataset', '')}"),
+    ]
+    versions = {**(s.get("versions") or {}), **(env.get("versions") or {})}
+    if versions:
+        items.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
+    if env:
+        hw = f"{env.get('host', '')}: {env.get('platform', '')}, {env.get('cpus')} CPUs"
+        if env.get("gpus"):
+            hw += ", GPUs: " + ", ".join(env["gpus"])
+        items.append(("driver host", hw))
+        if env.get("ray_cluster"):
+            items.append(
+                (
+                    "Ray cluster",
+                    ", ".join(
+                        f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in env["ray_cluster"].items()
+                    ),
+                )
+            )
+    else:
+        nodes = sorted({r["node"] for r in res.rows("mrc") if r.get("node")})
+        items.append(
+            (
+                "hardware",
+                "not recorded" + (f"; MRC ran on Ray node(s) {', '.join(nodes)}" if nodes else ""),
+            )
+        )
+    secs = s.get("seconds") or {
+        k: v["seconds"] for k, v in res.stages.items() if isinstance(v.get("seconds"), (int, float))
+    }
+    if secs:
+        items.append(("durations", ", ".join(f"{k} {duration(v)}" for k, v in secs.items())))
+    items.append(("report", f"rift-ray {__version__}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"))
+    rows = "".join(
+        f"<tr><th class='l'>{_e(k)}</th><td class='l'>{_e(v)}</td></tr>" for k, v in items
+    )
+    return f"<table>{rows}</table>"
+
+
+def render_html(res: SweepResults) -> str:
+    """The whole report as one HTML string, figures embedded as base64 PNG."""
+    s = res.summary or {}
+    figs = {k: (cap, png_bytes(fig)) for k, (cap, fig) in report_figures(res).items()}
+
+    def figure(fid: str) -> str:
+        if fid not in figs:
+            return '<p class="muted">not available yet</p>'
+        cap, png = figs[fid]
+        data = base64.b64encode(png).decode()
+        return (
+            f'<figure id="{fid}"><img alt="{_e(cap)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{_e(cap)}</figcaption></figure>"
+        )
+
+    parts = [f"<h1>RiFT sweep {_e(res.name)}</h1>"]
+    if s:
+        mods = "+".join(s.get("modules") or [])
+        parts.append(
+            f"<p>Fine-tuned module <b>{_e(mods)}</b> at lr {_e(fmt(s.get('lr')))}, "
+            f"interpolated at <b>alpha* = {_e(fmt(s.get('alpha')))}</b>. {_e(s.get('reason', ''))}</p>"
+        )
+        parts += ["<h2>Before / after</h2>", _before_after_html(s), figure("fig-before-after")]
+    else:
+        parts.append('<p class="muted">The sweep has not finished: no summary yet.</p>')
+    parts += ["<h2>Stages</h2>", _html_table(_stages_rows(res), left=("stage", "status", "error"))]
+    parts += ["<h2>Adversarial training</h2>", figure("fig-adv-train")]
+    parts += [
+        "<h2>Module robust criticality</h2>",
+        figure("fig-mrc"),
+        "<details><summary>MRC table</summary>",
+        _html_table(res.rows("mrc"), left=("module", "status", "error", "node")),
+        "</details>",
+    ]
+    parts += [
+        "<h2>Fine-tuning</h2>",
+        figure("fig-finetune"),
+        _html_table(res.rows("finetune"), left=("trial", "modules", "status", "error")),
+    ]
+    parts += ["<h2>Interpolation</h2>", figure("fig-interpolation")]
+    if s.get("choices"):
+        parts.append(_html_table(s["choices"], left=("trial", "reason")))
+    parts += [
+        "<h2>Run metadata</h2>",
+        _metadata_html(res),
+        "<details><summary>Config</summary>",
+        f"<pre>{_e(res.config_text)}</pre></details>",
+    ]
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>RiFT sweep {_e(res.name)}</title><style>{_CSS}</style>"
+        f"<script>{_SCRIPT}</script></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )
+
+
+def default_output(store: Store, filename: str) -> str:
+    """``<sweep dir>/<filename>`` for a local sweep, else ``./<name>-<filename>``."""
+    if store.is_local:
+        return os.path.join(store.root, filename)
+    return os.path.abspath(f"{store.root.rsplit('/', 1)[-1]}-{filename}")
+
+
+def write_report(store: Store, out: str | None = None) -> str:
+    """Write the HTML report; return its path."""
+    out = out or default_output(store, "report.html")
+    text = render_html(SweepResults.load(store))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(text)
+    return out
+
+
+# -- exports ------------------------------------------------------------------------------
+
+
+def _jsonable(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def table_records(res: SweepResults) -> dict[str, list[dict[str, Any]]]:
+    """Every table the sweep has so far, as JSON-safe records (non-finite floats as null)."""
+    return {
+        name: [{k: _jsonable(v) for k, v in r.items()} for r in res.rows(name)]
+        for name in TABLES
+        if name in res.tables
+    }
+
+
+def export_tables(store: Store, fmt_: str, out_dir: str | None = None) -> list[str]:
+    """Write every table as ``<out_dir>/<table>.csv`` or ``.json``; return the paths."""
+    res = SweepResults.load(store)
+    out_dir = out_dir or default_output(store, "export")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, records in table_records(res).items():
+        path = os.path.join(out_dir, f"{name}.{fmt_}")
+        if fmt_ == "csv":
+            res.tables[name].to_pandas().to_csv(path, index=False)
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(records, f, indent=1)
+        paths.append(path)
+    return paths
+
+
+# -- status -------------------------------------------------------------------------------
+
+
+def _live_tune(store: Store, experiment: str) -> list[dict[str, Any]]:
+    """The last result of every trial of a Tune experiment still running under ray/."""
+    out = []
+    for trial in store.list(f"ray/{experiment}"):
+        rel = f"ray/{experiment}/{trial}/result.json"
+        try:
+            lines = store.read_bytes(rel).decode().strip().splitlines() if store.exists(rel) else []
+            if lines:
+                out.append(json.loads(lines[-1]))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _stage_figures(
+    res: SweepResults, stage: str, rec: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """(one line for a person, the same figures as data) for one stage, done or running."""
+    status, h = rec.get("status"), rec.get("hash", "")
+    if stage == "adv_train":
+        hist = rec.get("history") or []
+        if status == "running":
+            snap = f"ray/at-{h}/checkpoint_manager_snapshot.json"
+            try:
+                latest = json.loads(res.store.read_bytes(snap))["latest_checkpoint_result"]
+                hist = [latest["metrics"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                hist = []
+        if not hist:
+            return "", {}
+        best = max(hist, key=lambda r: r.get("val_robust_acc", float("-inf")))
+        total = res.setting("adv_train", "epochs", "?")
+        line = f"epoch {hist[-1].get('epoch')}/{total}"
+        if "val_robust_acc" in best:
+            line += f"; best epoch {best['epoch']}: val clean {best.get('val_clean_acc', 0):.2f}, PGD {best['val_robust_acc']:.2f}"
+        return line, {k: best.get(k) for k in ("epoch", "val_clean_acc", "val_robust_acc")}
+    if stage == "mrc":
+        rows = res.rows("mrc") if status != "running" else _live_tune(res.store, f"mrc-{h}")
+        ok = sorted((r for r in rows if r.get("status") == "done"), key=lambda r: r["mrc"])
+        if not rows:
+            return "", {}
+        line = f"{len(ok)} module(s) done, {len(rows) - len(ok)} failed"
+        if ok:
+            line += f"; least critical {ok[0]['module']} (MRC {ok[0]['mrc']:.4g})"
+        return line, {"modules_done": len(ok), "least_critical": ok[0]["module"] if ok else None}
+    if stage == "finetune":
+        if status == "running":
+            live = _live_tune(res.store, f"finetune-{h}")
+            scored = [r for r in live if _finite(r.get("best_val_score", r.get("best_val_gain")))]
+            if not live:
+                return "", {}
+            line = f"{len(live)} trial(s) reporting"
+            if scored:
+                b = max(scored, key=lambda r: r.get("best_val_score", r.get("best_val_gain")))
+                v = b.get("best_val_score", b.get("best_val_gain"))
+                line += f"; best so far {b.get('trial')} ({v:+.2f} at epoch {b.get('best_epoch')})"
+            return line, {"trials_reporting": len(live)}
+        rows = res.rows("finetune")
+        if not rows:
+            return "", {}
+        key = (
+            "best_val_score"
+            if any(_finite(r.get("best_val_score")) for r in rows)
+            else "best_val_gain"
+        )
+        counts = {
+            s: sum(r.get("status") == s for r in rows) for s in ("finished", "stopped", "failed")
+        }
+        line = f"{len(rows)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())})"
+        scored = [r for r in rows if _finite(r.get(key))]
+        best = max(scored, key=lambda r: r[key]) if scored else None
+        if best:
+            line += f"; best {best['trial']} ({key} {best[key]:+.2f})"
+        return line, {**counts, "best_trial": best["trial"] if best else None}
+    if stage == "interpolate" and res.summary and status == "done":
+        s = res.summary
+        test_at, test_rift = (
+            (s.get("at") or {}).get("test") or {},
+            (s.get("rift") or {}).get("test") or {},
+        )
+        line = f"alpha* {s.get('alpha', 0):g} on {s.get('trial')}"
+        if test_at and test_rift:
+            line += (
+                f"; test clean {test_at.get('clean_acc', 0):.2f} -> {test_rift.get('clean_acc', 0):.2f}, "
+                f"PGD {test_at.get('robust_acc', 0):.2f} -> {test_rift.get('robust_acc', 0):.2f}"
+            )
+        return line, {"alpha": s.get("alpha"), "trial": s.get("trial"), "test": test_rift}
+    return "", {}
+
+
+def sweep_status(store: Store) -> dict[str, Any]:
+    """Each stage's status, timing and best figures so far, plus the summary when finished."""
+    res = SweepResults.load(store)
+    now = time.time()
+    stages = []
+    for stage in STAGES:
+        rec = res.stages.get(stage) or {}
+        status = rec.get("status", "pending")
+        started = rec.get("started")
+        line, best = _stage_figures(res, stage, rec) if rec else ("", {})
+        stages.append(
+            {
+                "stage": stage,
+                "status": status,
+                "seconds": rec.get("seconds") if status == "done" else None,
+                "elapsed": now - started
+                if status == "running" and isinstance(started, (int, float))
+                else None,
+                "computed": rec.get("computed"),
+                "failed": rec.get("failed") or None,
+                "error": rec.get("error"),
+                "updated": rec.get("updated"),
+                "detail": line,
+                "best": best,
+            }
+        )
+    out: dict[str, Any] = {"name": res.name, "location": store.uri, "stages": stages}
+    out["wandb"] = [run for s in STAGES for run in (res.stages.get(s) or {}).get("wandb") or []]
+    if res.summary:
+        out["summary"] = res.summary
+    return out
+
+
+def status_lines(status: dict[str, Any]) -> list[str]:
+    """The status as plain aligned lines (one per stage)."""
+    lines = [f"sweep {status['name']} at {status['location']}"]
+    for r in status["stages"]:
+        if r["status"] == "running":
+            when = f"{duration(r['elapsed'])} so far" if r["elapsed"] is not None else ""
+            state = "running"  # or interrupted: a record cannot tell a dead driver apart
+        else:
+            when, state = duration(r["seconds"]), r["status"]
+        detail = r["detail"]
+        if r["failed"]:
+            detail += f"{'; ' if detail else ''}failed: {', '.join(r['failed'])}"
+        if r["status"] == "failed" and r["error"]:
+            detail += f"{'; ' if detail else ''}{r['error']}"
+        lines.append(f"  {r['stage']:<12} {state:<8} {when:>12}  {detail}".rstrip())
+    runs = status.get("wandb") or []
+    urls = [r["url"] for r in runs if r.get("url")]
+    dirs = [r["dir"] for r in runs if r.get("dir")]
+    if urls:
+        lines.append(f"  W&B: {len(urls)} run(s), e.g. {urls[0]}")
+    if dirs:
+        lines.append(f"  W&B: {len(dirs)} offline run(s); upload with: wandb sync {' '.join(dirs)}")
+    if any(r["status"] == "running" for r in status["stages"]):
+        lines.append(
+            "  (a stage shown running may also have been interrupted: re-run the sweep to resume)"
+        )
+    return lines

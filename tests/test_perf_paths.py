@@ -1,0 +1,166 @@
+"""Fast paths give the reference answers: cached-activation MRC, model blocks, alpha search."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from rift_ray.models import ARCHITECTURES, build_model, model_blocks, run_blocks
+from rift_ray.rift.interpolate import search_alpha, select_alpha
+from rift_ray.rift.mrc import MRCResult, module_robust_criticality
+
+GRID = [round(0.1 * i, 1) for i in range(11)]
+
+
+def _model(arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    extra = {"depth": 10, "widen_factor": 1} if arch == "wrn" else {}
+    model = build_model(arch, 5, **extra)  # type: ignore[arg-type]
+    model.train()
+    with torch.no_grad():  # non-trivial BatchNorm running statistics
+        model(torch.rand(16, 3, 32, 32))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def fixed_set() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(40, 3, 32, 32, generator=g), torch.randint(0, 5, (40,), generator=g)
+
+
+def _mrc(model: nn.Module, name: str, data: tuple[torch.Tensor, torch.Tensor], **kw: object):
+    args = {"epochs": 2, "batch_size": 16, "lr": 5.0, "seed": 3} | kw
+    return module_robust_criticality(model, name, *data, **args)  # type: ignore[arg-type]
+
+
+def _assert_same(a: MRCResult, b: MRCResult, tol: float = 1e-5) -> None:
+    assert b.epoch_losses == pytest.approx(a.epoch_losses, rel=tol, abs=tol)
+    assert b.loss_before == pytest.approx(a.loss_before, rel=tol, abs=tol)
+    assert b.mrc == pytest.approx(a.mrc, rel=tol, abs=tol)
+    assert (b.acc_before, b.acc_after, b.best_epoch) == (a.acc_before, a.acc_after, a.best_epoch)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_blocks_compose_to_the_forward_pass(arch: str) -> None:
+    model = _model(arch)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(run_blocks(model_blocks(model), x), model(x))
+    owned = [n for b in model_blocks(model) for n in b.modules]
+    for child, _ in model.named_children():  # every submodule runs in some block
+        assert any(n == child or f"{n}.".startswith(f"{child}.") for n in owned), child
+
+
+@pytest.mark.parametrize(
+    "arch, module, cached",
+    [
+        ("small_resnet", "conv1", ""),  # the stem: nothing before it to cache
+        ("small_resnet", "layer1.0.conv2", "layer1.0"),
+        ("small_resnet", "layer2.0.shortcut.0", "layer2.0"),
+        ("small_resnet", "linear", "linear"),  # pooled features cached
+        ("small_cnn", "conv3", "conv3"),
+        ("wrn", "block2.layer.0.convShortcut", "block2.layer.0"),
+        ("wrn", "fc", "fc"),
+        ("preact_resnet18", "layer3.0.shortcut.0", "layer3.0"),
+    ],
+)
+@pytest.mark.parametrize("projection", ["epoch", "step"])
+def test_fast_mrc_matches_reference(
+    arch: str,
+    module: str,
+    cached: str,
+    projection: str,
+    fixed_set: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    model = _model(arch)
+    ref = _mrc(model, module, fixed_set, projection=projection, fast=False)
+    fast = _mrc(model, module, fixed_set, projection=projection, fast=True)
+    assert ref.cached_block == "" and fast.cached_block == cached
+    assert (fast.cache_bytes > 0) == bool(cached)
+    _assert_same(ref, fast)
+    assert ref.mrc > 0  # the ascent did move the loss, so the comparison means something
+
+
+def test_fast_mrc_with_uint8_inputs_and_cache_limit(
+    fixed_set: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    model = _model("small_resnet")
+    data = ((fixed_set[0] * 255).round().to(torch.uint8), fixed_set[1])
+    ref = _mrc(model, "layer3.0.conv1", data, fast=False)
+    _assert_same(ref, _mrc(model, "layer3.0.conv1", data))
+    # layer3.0's input is 32x8x8 floats (8 KiB) per image: 320 KiB for 40 images; every
+    # earlier block input is larger, so a smaller budget caches nothing
+    fits = _mrc(model, "layer3.0.conv1", data, max_cache_bytes=320 * 1024)
+    assert fits.cached_block == "layer3.0" and fits.cache_bytes == 320 * 1024
+    none = _mrc(model, "layer3.0.conv1", data, max_cache_bytes=320 * 1024 - 1)
+    assert none.cached_block == "" and none.cache_bytes == 0
+    _assert_same(ref, none)
+
+
+def test_channels_last_mrc_is_close(fixed_set: tuple[torch.Tensor, torch.Tensor]) -> None:
+    model = _model("small_resnet")
+    for name in ("conv1", "layer2.0.conv2"):
+        ref = _mrc(model, name, fixed_set, fast=False)
+        _assert_same(ref, _mrc(model, name, fixed_set, channels_last=True), tol=1e-4)
+
+
+# ---------------------------------------------------------------- alpha search
+
+
+def _curves(rng: random.Random, strict: bool) -> dict[float, dict[str, float]]:
+    """Monotone clean (rising) and robust (falling) accuracy over GRID, AT = alpha 0."""
+    clean, robust = 80.0, 50.0
+    out = {}
+    for a in GRID:
+        out[a] = {"clean_acc": round(clean, 2), "robust_acc": round(robust, 2)}
+        clean += rng.uniform(0.01 if strict else 0.0, 0.6)
+        robust -= rng.choice([0.0, rng.uniform(0.0, 0.08), rng.uniform(0.0, 1.0)])
+    return out
+
+
+def _grid_choice(curves: dict[float, dict[str, float]], tolerance: float = 0.1) -> float | None:
+    return select_alpha([{"alpha": a, **m} for a, m in curves.items()], tolerance).alpha
+
+
+@pytest.mark.parametrize("with_baseline", [True, False])
+def test_search_alpha_on_monotone_curves(with_baseline: bool) -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        curves = _curves(rng, strict=True)
+        calls: list[float] = []
+
+        def evaluate(alpha: float, curves: dict = curves, calls: list = calls) -> dict:
+            calls.append(alpha)
+            return curves[alpha]
+
+        res = search_alpha(evaluate, GRID, 0.1, baseline=curves[0.0] if with_baseline else None)
+        assert res.choice.alpha == _grid_choice(curves)
+        assert not res.used_grid and res.evaluations == len(calls) == len(set(calls))
+        assert res.evaluations <= (5 if with_baseline else 6)
+
+
+def test_search_alpha_with_ties_still_agrees() -> None:
+    rng = random.Random(1)
+    for _ in range(300):
+        curves = _curves(rng, strict=False)
+        res = search_alpha(lambda a, c=curves: c[a], GRID, 0.1, baseline=curves[0.0])
+        assert res.choice.alpha == _grid_choice(curves)
+
+
+def test_search_alpha_falls_back_to_the_grid_when_not_monotone() -> None:
+    # the search evaluates 0.6, 0.9, 1.0, then 0.8, which is below 0.9: not monotone
+    robust = [50, 50, 49.99, 49.98, 49.97, 49.0, 49.95, 49.5, 49.2, 49.96, 48]
+    curves = {a: {"clean_acc": 80 + 10 * a, "robust_acc": r} for a, r in zip(GRID, robust)}
+    res = search_alpha(lambda a: curves[a], GRID, 0.1, baseline=curves[0.0])
+    assert res.used_grid and res.evaluations == 10
+    assert res.choice.alpha == _grid_choice(curves) == 0.9
+
+
+def test_search_alpha_keeps_at_model_when_nothing_is_feasible() -> None:
+    curves = {a: {"clean_acc": 80 + a, "robust_acc": 50 - 5 * a} for a in GRID}
+    res = search_alpha(lambda a: curves[a], GRID, 0.1, baseline=curves[0.0])
+    assert res.choice.alpha == 0.0 == _grid_choice(curves)
+    assert res.evaluations <= 4

@@ -1,0 +1,281 @@
+"""W&B tracking in offline mode, read back from the run files wandb writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rift_ray.config import SweepConfig
+from rift_ray.store import RIFT_CHECKPOINT, Store
+from rift_ray.tracking import OfflineRun, Tracker, offline_run_dirs, read_offline_run
+
+KEY = "0123456789abcdef0123456789abcdef01234567"  # a made-up 40-character API key
+
+HISTORY = [
+    {
+        "epoch": e,
+        "lr": 0.1 / e,
+        "train_loss": 2.0 / e,
+        "train_clean_acc": 30.0 * e,
+        "train_adv_acc": 20.0 * e,
+        "images_per_s": 100.0 * e,
+        "seconds": 1.5,
+        "val_clean_acc": 40.0 * e,
+        "val_robust_acc": 20.0 + e,
+        "best_epoch": e,
+    }
+    for e in (1, 2)
+]
+MRC = [
+    {"module": "conv1", "mrc": 0.1, "status": "done", "error": ""},
+    {"module": "fc", "mrc": 0.3, "status": "done", "error": ""},
+    {"module": "conv2", "mrc": None, "status": "failed", "error": "OOM"},
+]
+TRIALS = [
+    {"trial": "conv1_lr0.01", "modules": "conv1", "lr": 0.01, "epochs": 2, "status": "finished",
+     "best_epoch": 2, "best_val_score": 1.5, "best_val_gain": 1.5, "last_val_score": 1.5, "error": ""},
+    {"trial": "conv1_lr0.1", "modules": "conv1", "lr": 0.1, "epochs": 1, "status": "stopped",
+     "best_epoch": 1, "best_val_score": -1.0, "best_val_gain": 0.0, "last_val_score": -1.0, "error": ""},
+    {"trial": "fc_lr0.1", "modules": "fc", "lr": 0.1, "epochs": 0, "status": "failed",
+     "best_epoch": 0, "best_val_score": None, "best_val_gain": None, "last_val_score": None,
+     "error": "FloatingPointError: nan"},
+]  # fmt: skip
+EPOCHS = [
+    {"trial": "conv1_lr0.01", "epoch": 1, "train_loss": 0.9, "train_acc": 70.0, "val_score": 0.5},
+    {"trial": "conv1_lr0.01", "epoch": 2, "train_loss": 0.8, "train_acc": 72.0, "val_score": 1.5,
+     "images_per_s": float("inf")},
+    {"trial": "conv1_lr0.1", "epoch": 1, "train_loss": 1.1, "train_acc": 65.0, "val_score": -1.0},
+]  # fmt: skip
+INTERP = [
+    {"alpha": a, "split": s, "clean_acc": 70 + 2 * a, "robust_acc": 40 - a, "trial": t, "lr": lr,
+     "selected": t == "conv1_lr0.01" and a == 0.5}
+    for t, lr in (("conv1_lr0.01", 0.01), ("conv1_lr0.1", 0.1))
+    for s in ("val", "test")
+    for a in (0.0, 0.5, 1.0)
+]  # fmt: skip
+SUMMARY = {
+    "trial": "conv1_lr0.01",
+    "modules": ["conv1"],
+    "lr": 0.01,
+    "alpha": 0.5,
+    "reason": "ok",
+    "choices": [{"trial": "conv1_lr0.01", "alpha": 0.5, "feasible": True, "clean_gain": 1.0}],
+    "at": {"val": {"clean_acc": 70.0, "robust_acc": 40.0}, "test": {"clean_acc": 69.0}},
+    "rift": {"val": {"clean_acc": 71.0, "robust_acc": 39.5}, "test": {"clean_acc": 70.5}},
+    "seconds": {"total": 12.0},
+}
+
+
+@pytest.fixture
+def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every W&B file of the test under tmp_path; no key, no mode from the environment."""
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wb"))
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_TAGS",
+                "WANDB_RUN_GROUP", "WANDB_DISABLED"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path / "wb"
+
+
+def tracker(tmp_path: Path, **wandb: Any) -> Tracker:
+    cfg = SweepConfig.model_validate(
+        {"name": "tiny", "storage": str(tmp_path), "finetune": {"top_k": 1}, "wandb": wandb}
+    )
+    return Tracker(cfg, Store.open(str(tmp_path), "tiny"))
+
+
+def runs_by_name(wandb_dir: Path) -> dict[str, OfflineRun]:
+    runs = [read_offline_run(d) for d in offline_run_dirs(str(wandb_dir / "wandb"))]
+    return {r.info["name"]: r for r in runs}
+
+
+def test_settings_from_config_then_environment(
+    tmp_path: Path, wandb_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = tracker(tmp_path)
+    assert (t.mode, t.project, t.group, t.tags, t.entity) == (
+        "offline",
+        "rift-ray",
+        "tiny",
+        [],
+        None,
+    )
+    assert t._pending_notice == "no WANDB_API_KEY in the environment"
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    monkeypatch.setenv("WANDB_PROJECT", "env-proj")
+    monkeypatch.setenv("WANDB_ENTITY", "team")
+    monkeypatch.setenv("WANDB_TAGS", "a, b")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "g")
+    t = tracker(tmp_path)
+    assert (t.mode, t.project, t.entity, t.tags, t.group) == (
+        "online",
+        "env-proj",
+        "team",
+        ["a", "b"],
+        "g",
+    )
+    t = tracker(tmp_path, project="cfg-proj", tags=["c"], group="cg", mode="offline")
+    assert (t.mode, t.project, t.tags, t.group) == ("offline", "cfg-proj", ["c"], "cg")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert not tracker(tmp_path).enabled
+    monkeypatch.delenv("WANDB_MODE")
+    assert not tracker(tmp_path, enabled=False).enabled
+    monkeypatch.delenv("WANDB_API_KEY")
+    t = tracker(tmp_path, mode="online")
+    assert t.mode == "offline" and "WANDB_API_KEY is not set" in (t._pending_notice or "")
+
+
+def test_stage_runs_logged_offline_and_read_back(
+    tmp_path: Path, wandb_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = tracker(tmp_path, tags=["ci"])
+    ckpt = Path(t.store.path(RIFT_CHECKPOINT))
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights")
+    t.log_adv_train(HISTORY)
+    t.log_mrc(MRC)
+    t.log_finetune(TRIALS, EPOCHS)
+    t.log_interpolation(INTERP, SUMMARY)
+    t.finish()
+    err = capsys.readouterr().err
+    assert err.count("warning: W&B: no WANDB_API_KEY in the environment") == 1
+    assert "wandb sync " + str(wandb_dir / "wandb" / "offline-run-") in err
+
+    runs = runs_by_name(wandb_dir)
+    assert set(runs) == {
+        "tiny-adv_train", "tiny-mrc", "tiny-ft-conv1_lr0.01", "tiny-ft-conv1_lr0.1",
+        "tiny-ft-fc_lr0.1", "tiny-interpolate", "tiny-summary",
+    }  # fmt: skip
+    for r in runs.values():
+        assert (r.info["group"], r.info["project"], r.info["tags"]) == ("tiny", "rift-ray", ["ci"])
+        assert r.config["name"] == "tiny"
+
+    at = runs["tiny-adv_train"]
+    assert at.info["job_type"] == "adv_train"
+    assert at.values("epoch") == [1, 2]
+    assert at.values("train/loss") == [2.0, 1.0]
+    assert at.values("val/robust_acc") == [21.0, 22.0]
+    assert at.values("lr") == [0.1, 0.05]
+    assert at.values("images_per_s") == [100.0, 200.0]
+    assert at.summary["best/val_robust_acc"] == 22.0 and at.summary["best_epoch"] == 2
+    assert at.summary["at/figure"]["_type"] == "image-file"
+
+    mrc = runs["tiny-mrc"]
+    assert [(r["module"], r["mrc"], r["status"]) for r in mrc.table("mrc/table")] == [
+        (m["module"], m["mrc"], m["status"]) for m in MRC
+    ]
+    assert mrc.table("mrc/by_module_table") == [
+        {"module": "conv1", "mrc": 0.1},
+        {"module": "fc", "mrc": 0.3},
+    ]
+    assert "mrc/by_module" in mrc.config["_wandb"]["visualize"]  # the bar chart panel
+    assert mrc.summary["least_critical"] == "conv1" and mrc.summary["failed"] == 1
+
+    ft = runs["tiny-ft-conv1_lr0.01"]
+    assert ft.info["job_type"] == "finetune"
+    assert ft.config["trial"] == {"name": "conv1_lr0.01", "modules": "conv1", "lr": 0.01}
+    assert ft.values("val/score") == [0.5, 1.5]
+    assert ft.values("train/acc") == [70.0, 72.0]
+    assert ft.values("images_per_s") == []  # inf is not logged
+    assert ft.summary["asha/status"] == "finished" and ft.summary["best/val_score"] == 1.5
+    assert runs["tiny-ft-conv1_lr0.1"].summary["asha/status"] == "stopped"
+    failed = runs["tiny-ft-fc_lr0.1"]
+    assert failed.summary["asha/status"] == "failed" and failed.exit_code == 1
+    assert ft.exit_code == 0
+
+    interp = runs["tiny-interpolate"]
+    assert len(interp.table("interp/table")) == len(INTERP)
+    curve = interp.table("interp/val/robust_acc_table")
+    assert {r["lineKey"] for r in curve} == {
+        "conv1_lr0.01",
+        "conv1_lr0.1",
+        "alpha* = 0.5 (conv1_lr0.01)",
+    }
+    assert [r["step"] for r in curve if r["lineKey"].startswith("alpha*")] == [0.5, 0.5]
+    assert interp.summary["alpha"] == 0.5 and interp.summary["trial"] == "conv1_lr0.01"
+    assert interp.summary["interp/figure"]["_type"] == "image-file"
+
+    summ = runs["tiny-summary"]
+    assert summ.info["job_type"] == "summary"
+    assert (
+        summ.summary["rift/val/clean_acc"] == 71.0 and summ.summary["delta/val/robust_acc"] == -0.5
+    )
+    assert [r["model"] for r in summ.table("summary/before_after")] == ["at", "at", "rift", "rift"]
+    (art,) = summ.artifacts[-1:]
+    assert (art["type"], list(art["files"])) == ("model", ["rift.pt"])
+    assert art["metadata"]["alpha"] == 0.5
+
+    rec = t.store.read_stage("finetune") or {}
+    assert sorted(r["name"] for r in rec["wandb"]) == sorted(
+        f"tiny-ft-{x['trial']}" for x in TRIALS
+    )
+
+
+def test_api_key_is_never_printed_or_written(
+    tmp_path: Path,
+    wandb_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    t = tracker(tmp_path, mode="offline")
+    t.log_adv_train(HISTORY)
+    t.finish()
+    out, err = capfd.readouterr()
+    assert KEY not in out + err
+    for root in (wandb_dir, tmp_path / "tiny"):
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                path = Path(dirpath, f)
+                if not path.is_symlink():
+                    assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_unreachable_server_falls_back_to_offline_once(
+    tmp_path: Path,
+    wandb_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    t = tracker(tmp_path)
+    t.init_timeout = 3
+    assert t.mode == "online"
+    t.log_adv_train(HISTORY)
+    t.log_mrc(MRC)
+    t.finish()
+    err = capsys.readouterr().err
+    assert err.count("warning: W&B") == 1 and "cannot reach W&B" in err
+    assert t.mode == "offline" and "wandb sync" in err
+    assert set(runs_by_name(wandb_dir)) == {"tiny-adv_train", "tiny-mrc"}
+
+
+def test_wandb_errors_never_fail_the_sweep(
+    tmp_path: Path,
+    wandb_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import wandb
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("W&B is down")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    t = tracker(tmp_path, mode="offline")
+    t.log_adv_train(HISTORY)
+    t.log_finetune(TRIALS, EPOCHS)
+    t.finish()
+    assert capsys.readouterr().err.count("warning: W&B") == 1
+
+
+def test_disabled_writes_nothing(tmp_path: Path, wandb_dir: Path) -> None:
+    t = tracker(tmp_path, enabled=False)
+    t.log_adv_train(HISTORY)
+    t.log_mrc(MRC)
+    t.finish()
+    assert not wandb_dir.exists() and not (tmp_path / "tiny" / "wandb").exists()
