@@ -71,8 +71,9 @@ class DataConfig(_Section):
     download: bool = True
     cache_dir: str | None = None
     """Where archives are extracted and decoded arrays cached. Default ``~/.cache/rift-ray``."""
-    val_size: NonNegInt = 5000
-    """Images held out of train (seeded) for validation: checkpoint choice, MRC, alpha*."""
+    val_size: NonNegInt | None = None
+    """Images held out of train (seeded) for validation: checkpoint choice, MRC, alpha*.
+    Default: 5,000 for CIFAR, 10,000 for Tiny-ImageNet, 10% of train otherwise."""
     train_subset: PosInt | None = None
     test_subset: PosInt | None = None
     augment: bool = True

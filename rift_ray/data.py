@@ -200,6 +200,15 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(expand_path(cfg.cache_dir) or "~/.cache/rift-ray").expanduser()
 
 
+def resolved_val_size(cfg: DataConfig, n_train: int) -> int:
+    """``cfg.val_size``, or by default 5,000 (CIFAR), 10,000 (Tiny-ImageNet), else 10% of train."""
+    if cfg.val_size is not None:
+        return cfg.val_size
+    return {"cifar10": 5000, "cifar100": 5000, "tinyimagenet": 10000}.get(
+        cfg.dataset, n_train // 10
+    )
+
+
 def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetSplits:
     """Load ``cfg.dataset``, take the seeded subsets, hold out ``cfg.val_size`` training images.
 
@@ -227,11 +236,12 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetSplits:
         train = train.subset(_random_indices(len(train), cfg.train_subset, "train_subset", seed))
     if cfg.test_subset is not None and cfg.test_subset < len(test):
         test = test.subset(_random_indices(len(test), cfg.test_subset, "test_subset", seed))
-    if cfg.val_size > len(train) / 2:
+    val_size = resolved_val_size(cfg, len(train))
+    if val_size > len(train) / 2:
         raise DataError(
-            f"data.val_size: {cfg.val_size} is more than half of the {len(train)} training images"
+            f"data.val_size: {val_size} is more than half of the {len(train)} training images"
         )
-    train, val = split_validation(train, cfg.val_size, seed)
+    train, val = split_validation(train, val_size, seed)
     mean, std = _STATS[name] if name in _STATS else channel_stats(train.images)
     return DatasetSplits(name, train, val, test, len(train.classes), mean, std)
 

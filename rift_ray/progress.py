@@ -136,8 +136,10 @@ _EPOCH_FIELDS = (
 
 
 def epoch_line(stage: str, metrics: dict[str, Any], total_epochs: int | None = None) -> str:
-    """One log line per epoch, e.g.
-    ``[adv_train] epoch 3/10  loss 1.985  train clean 52.60  adv 29.51  val clean 59.50  PGD 29.25  lr 0.05  374 img/s  3.1s``.
+    """One log line per epoch (only the fields present), e.g.::
+
+    [adv_train] epoch 3/10  loss 1.985  train clean 52.60  adv 29.51  val clean 59.50
+        PGD 29.25  lr 0.05  374 img/s  3.1s        (on one line)
     """
     epoch = metrics.get("epoch", "?")
     parts = [f"[{stage}] epoch {epoch}" + (f"/{total_epochs}" if total_epochs else "")]

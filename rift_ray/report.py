@@ -453,7 +453,8 @@ table{border-collapse:collapse;margin:.6em 0;font-size:13px}
 th,td{border:1px solid #ddd;padding:3px 8px;text-align:right} th{background:#f4f4f4}
 td.l,th.l{text-align:left} .muted{color:#777} .good{color:#2a7d2a} .bad{color:#b22}
 figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee}
-figcaption{color:#555;font-size:13px} pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:12px}
+figcaption{color:#555;font-size:13px}
+pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:12px}
 """
 
 # Marks <body data-loaded="OK/ALL"> once every figure has decoded (checked by the tests).
@@ -498,7 +499,10 @@ def _html_table(
 
 
 def _before_after_html(summary: dict[str, Any]) -> str:
-    head = "<tr><th class='l'>split</th><th class='l'>metric</th><th>AT</th><th>RiFT</th><th>change</th></tr>"
+    head = (
+        "<tr><th class='l'>split</th><th class='l'>metric</th>"
+        "<th>AT</th><th>RiFT</th><th>change</th></tr>"
+    )
     body = ""
     for split in ("val", "test"):
         for metric, label in METRICS.items():
@@ -608,7 +612,8 @@ def render_html(res: SweepResults) -> str:
         mods = "+".join(s.get("modules") or [])
         parts.append(
             f"<p>Fine-tuned module <b>{_e(mods)}</b> at lr {_e(fmt(s.get('lr')))}, "
-            f"interpolated at <b>alpha* = {_e(fmt(s.get('alpha')))}</b>. {_e(s.get('reason', ''))}</p>"
+            f"interpolated at <b>alpha* = {_e(fmt(s.get('alpha')))}</b>. "
+            f"{_e(s.get('reason', ''))}</p>"
         )
         parts += ["<h2>Before / after</h2>", _before_after_html(s), figure("fig-before-after")]
     else:
@@ -730,7 +735,10 @@ def _stage_figures(
         total = res.setting("adv_train", "epochs", "?")
         line = f"epoch {hist[-1].get('epoch')}/{total}"
         if "val_robust_acc" in best:
-            line += f"; best epoch {best['epoch']}: val clean {best.get('val_clean_acc', 0):.2f}, PGD {best['val_robust_acc']:.2f}"
+            line += (
+                f"; best epoch {best['epoch']}: val clean {best.get('val_clean_acc', 0):.2f}, "
+                f"PGD {best['val_robust_acc']:.2f}"
+            )
         return line, {k: best.get(k) for k in ("epoch", "val_clean_acc", "val_robust_acc")}
     if stage == "mrc":
         rows = res.rows("mrc") if status != "running" else _live_tune(res.store, f"mrc-{h}")
@@ -779,8 +787,9 @@ def _stage_figures(
         line = f"alpha* {s.get('alpha', 0):g} on {s.get('trial')}"
         if test_at and test_rift:
             line += (
-                f"; test clean {test_at.get('clean_acc', 0):.2f} -> {test_rift.get('clean_acc', 0):.2f}, "
-                f"PGD {test_at.get('robust_acc', 0):.2f} -> {test_rift.get('robust_acc', 0):.2f}"
+                f"; test clean {test_at.get('clean_acc', 0):.2f} -> "
+                f"{test_rift.get('clean_acc', 0):.2f}, PGD {test_at.get('robust_acc', 0):.2f} -> "
+                f"{test_rift.get('robust_acc', 0):.2f}"
             )
         return line, {"alpha": s.get("alpha"), "trial": s.get("trial"), "test": test_rift}
     return "", {}

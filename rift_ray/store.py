@@ -104,9 +104,12 @@ class Store:
     def check_writable(self) -> None:
         """Write and delete a probe file; raise StorageError naming the location."""
         probe = f".probe-{uuid.uuid4().hex[:8]}"
+        created = not self.exists("")
         try:
             self._write(probe, b"ok")
             self.fs.delete_file(self.path(probe))
+            if created and self.is_local:  # leave no trace: the sweep may still be refused
+                os.rmdir(self.root)
         except (OSError, pa.ArrowException) as e:
             raise StorageError(f"storage {self.uri}: not writable ({_short(e)})") from None
 

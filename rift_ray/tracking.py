@@ -90,7 +90,7 @@ class Tracker:
         self.dir = env.get("WANDB_DIR") or (store.path("") if store.is_local else os.getcwd())
         self.offline_runs: list[str] = []
         self.runs: list[dict[str, Any]] = []
-        self._warned = False
+        self._warned: set[str] = set()
 
     def _resolve_mode(self) -> tuple[str, str | None]:
         """(mode, a notice to print once when a run is first opened)."""
@@ -114,9 +114,10 @@ class Tracker:
     def enabled(self) -> bool:
         return self.mode != "disabled"
 
-    def _warn(self, what: str) -> None:
-        if not self._warned:
-            self._warned = True
+    def _warn(self, kind: str, what: str) -> None:
+        """Print a warning once per kind of problem (no key, unreachable, logging, ...)."""
+        if kind not in self._warned:
+            self._warned.add(kind)
             print(f"[rift-ray] warning: W&B: {what}", file=sys.stderr, flush=True)
 
     # -- runs -----------------------------------------------------------------------------
@@ -124,7 +125,7 @@ class Tracker:
         import wandb
 
         if self._pending_notice:
-            self._warn(f"{self._pending_notice}; logging offline, the sweep goes on")
+            self._warn("mode", f"{self._pending_notice}; logging offline, the sweep goes on")
             self._pending_notice = None
         kwargs: dict[str, Any] = dict(
             project=self.project,
@@ -149,7 +150,7 @@ class Tracker:
                 )
             except Exception as e:  # noqa: BLE001 - unreachable service, bad key, ...
                 msg = " ".join(str(e).split())[:200]
-                self._warn(f"cannot reach W&B ({type(e).__name__}: {msg}); logging offline")
+                self._warn("init", f"cannot reach W&B ({type(e).__name__}: {msg}); logging offline")
                 self.mode = "offline"
         return wandb.init(mode="offline", settings=settings(), **kwargs)
 
@@ -171,7 +172,7 @@ class Tracker:
             run = self._init(name, job_type or stage, config)
             exit_code = fn(run, wandb)
         except Exception as e:  # noqa: BLE001 - W&B never fails the sweep
-            self._warn(f"logging {name} failed ({type(e).__name__}: {str(e)[:200]})")
+            self._warn("log", f"logging {name} failed ({type(e).__name__}: {str(e)[:200]})")
         finally:
             if run is not None:
                 self._finish_run(run, stage, exit_code)
@@ -189,7 +190,7 @@ class Tracker:
             self.runs.append(info)
             run.finish(exit_code=exit_code)
         except Exception as e:  # noqa: BLE001
-            self._warn(f"finishing a run failed ({type(e).__name__}: {str(e)[:200]})")
+            self._warn("finish", f"finishing a run failed ({type(e).__name__}: {str(e)[:200]})")
 
     # -- stages ---------------------------------------------------------------------------
     def log_adv_train(self, history: list[dict[str, Any]]) -> None:
@@ -373,7 +374,7 @@ class Tracker:
             try:
                 self.store.write_stage(stage, wandb=runs)
             except Exception as e:  # noqa: BLE001 - bookkeeping only
-                self._warn(f"recording the runs of {stage} failed ({type(e).__name__})")
+                self._warn("record", f"recording the runs of {stage} failed ({type(e).__name__})")
 
     def _log_figure(self, run: Any, wandb: Any, key: str, fig: Any) -> None:
         if fig is None:
@@ -429,7 +430,7 @@ class OfflineRun:
     exit_code: int | None = None
 
     def table(self, key: str) -> list[dict[str, Any]]:
-        """The rows of the ``wandb.Table`` logged under ``key`` (a chart's data is ``<key>_table``)."""
+        """Rows of the ``wandb.Table`` logged as ``key`` (a chart's data: ``<key>_table``)."""
         for row in reversed(self.history):
             v = row.get(key)
             if isinstance(v, dict) and "path" in v:

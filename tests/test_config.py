@@ -33,7 +33,7 @@ def test_defaults_follow_the_paper() -> None:
     )
     assert cfg.interpolate.alphas == pytest.approx([i / 10 for i in range(11)])
     assert cfg.interpolate.tolerance == 0.1
-    assert cfg.data.dataset == "synthetic" and cfg.data.val_size == 5000
+    assert cfg.data.dataset == "synthetic" and cfg.data.val_size is None
 
 
 def test_config_is_frozen() -> None:

@@ -379,3 +379,14 @@ def test_real_cifar10_archive(tmp_path_factory: pytest.TempPathFactory) -> None:
     assert torch.bincount(first.test.labels).tolist() == [1000] * 10
     assert torch.equal(first.val.images, second.val.images)
     assert t2 - t1 < 10
+
+
+def test_default_val_size_per_dataset() -> None:
+    from rift_ray.data import resolved_val_size
+
+    assert resolved_val_size(DataConfig(dataset="cifar10"), 50000) == 5000
+    assert resolved_val_size(DataConfig(dataset="tinyimagenet"), 100000) == 10000
+    assert resolved_val_size(DataConfig(), 2000) == 200
+    assert resolved_val_size(DataConfig(val_size=0), 2000) == 0
+    splits = load_dataset(DataConfig())
+    assert (len(splits.train), len(splits.val)) == (1800, 200)

@@ -1,4 +1,4 @@
-"""The HTML report, table exports, `rift-ray status` and progress lines, on a fake sweep directory."""
+"""HTML report, table exports, `rift-ray status` and progress lines, on a fake sweep directory."""
 
 from __future__ import annotations
 

@@ -22,10 +22,12 @@ def run_tune(
     scheduler: Any = None,
     checkpoint_config: Any = None,
     callbacks: list[Any] | None = None,
+    max_failures: int = 2,
 ) -> tune.ResultGrid:
     """Fit a Tune grid; when the experiment ``name`` exists in storage, restore it.
 
-    The name carries the stage's config hash, so only an interrupted run of the same
+    A trial whose worker or node dies is retried up to ``max_failures`` times (from its
+    last checkpoint where it has one). The name carries the stage's config hash, so only an interrupted run of the same
     stage configuration is resumed: finished trials are kept, unfinished ones continue
     from their last checkpoint and errored ones are retried.
     """
@@ -58,6 +60,7 @@ def run_tune(
                 storage_path=storage_path,
                 storage_filesystem=storage_fs,
                 checkpoint_config=checkpoint_config,
+                failure_config=tune.FailureConfig(max_failures=max_failures),
                 callbacks=callbacks,
                 verbose=1,
             ),
