@@ -64,6 +64,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(highlight=False)
@@ -86,7 +87,12 @@ def print_summary(summary: dict[str, Any]) -> None:
                 *(_pct(m.get(k)) for k in ("clean_acc", "robust_acc", "corruption_acc")),
             )
     console.print(table)
-    if summary.get("failed_modules"):
+    failures = summary.get("failures")
+    if failures:  # what is missing from the result, and why
+        for f in failures:
+            line = escape(f"{f['stage']} failed: {f['name']}: {f['error']}")
+            console.print(f"[yellow]{line}[/yellow]")
+    elif summary.get("failed_modules"):
         console.print(f"[yellow]MRC failed for: {', '.join(summary['failed_modules'])}[/yellow]")
     secs = summary.get("seconds", {})
     console.print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in secs.items()))

@@ -174,6 +174,19 @@ class InterpolateConfig(_Section):
     alphas_per_task: PosInt = 4
 
 
+class AutoAttackConfig(_Section):
+    """AutoAttack (torchattacks, official "standard" parameters) at L-inf ``attack.eps``.
+
+    Needs the ``autoattack`` extra. ``subset``: the first N test images (None = all);
+    ``shard_size``: images per Ray task (each shard is stored as it finishes).
+    """
+
+    enabled: bool = False
+    version: Literal["standard"] = "standard"
+    subset: PosInt | None = 1000
+    shard_size: PosInt = 250
+
+
 class EvalConfig(_Section):
     batch_size: PosInt = 256
     restarts: PosInt = 1
@@ -184,6 +197,11 @@ class EvalConfig(_Section):
     """CIFAR-10-C / CIFAR-100-C corruption names; empty = no corruption evaluation."""
     severities: list[Annotated[int, Field(ge=1, le=5)]] = [1, 2, 3, 4, 5]
     cifar_c_root: str | None = None
+    corruption_source: Literal["files", "generated"] = "files"
+    """files: the official CIFAR-10-C / CIFAR-100-C .npy files under ``cifar_c_root`` (headline
+    numbers); generated: regenerated on demand from the test split by ``rift_ray.corruptions``
+    (CIFAR-10-C severity parameters, not bit-identical to the official files)."""
+    autoattack: AutoAttackConfig = AutoAttackConfig()
 
 
 class TrialResources(_Section):
@@ -210,6 +228,10 @@ class ResourcesConfig(_Section):
     finetune: TrialResources = TrialResources()
     interpolate: TrialResources = TrialResources()
     max_concurrent_trials: PosInt | None = None
+    dashboard: bool = False
+    """Start the Ray dashboard with a local instance (http://127.0.0.1:8265). Off by default:
+    with several local Ray instances on one machine, Ray Train's placement-group cleaner can
+    query the wrong instance's dashboard and tear down a healthy training run."""
 
 
 class WandbConfig(_Section):

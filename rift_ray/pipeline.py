@@ -26,7 +26,8 @@ from rift_ray import __version__
 from rift_ray import store as layout
 from rift_ray.checkpoint import CheckpointError, load_checkpoint, load_into_model, save_checkpoint
 from rift_ray.config import ConfigError, SweepConfig, expand_path, to_yaml
-from rift_ray.data import DatasetSplits, load_dataset
+from rift_ray.data import DataError, DatasetSplits, load_dataset
+from rift_ray.report import environment_info, summary_table
 from rift_ray.store import Store
 
 
@@ -89,17 +90,17 @@ def prepare(cfg: SweepConfig) -> Prepared:
     store = Store.open(cfg.storage, cfg.name)
     store.check_writable()
     if cfg.adv_train.checkpoint is not None:
-        path = expand_path(cfg.adv_train.checkpoint)
+        path = _field_call("adv_train.checkpoint", expand_path, cfg.adv_train.checkpoint)
         if not path or not os.path.isfile(path):
             raise ConfigError(f"adv_train.checkpoint: file not found: {cfg.adv_train.checkpoint}")
     if cfg.eval.corruptions:
-        root = expand_path(cfg.eval.cifar_c_root)
+        root = _field_call("eval.cifar_c_root", expand_path, cfg.eval.cifar_c_root)
         if not root:
             raise ConfigError("eval.cifar_c_root: required when eval.corruptions is set")
         for c in [*cfg.eval.corruptions, "labels"]:
             if not os.path.isfile(os.path.join(root, f"{c}.npy")):
                 raise ConfigError(f"eval.corruptions: {os.path.join(root, c + '.npy')} not found")
-    splits = load_dataset(cfg.data, seed=cfg.seed)
+    splits = _field_call("data.root", load_dataset, cfg.data, seed=cfg.seed)
     if len(splits.val) == 0:
         raise ConfigError(
             "data.val_size: must be > 0 for a sweep (MRC, checkpoint and alpha* choice use validation)"
@@ -114,8 +115,27 @@ def prepare(cfg: SweepConfig) -> Prepared:
     modules = select_modules(found, cfg.mrc.include, cfg.mrc.exclude)
     if not modules:
         raise ConfigError("mrc.exclude: every Conv2d/Linear module of the model is excluded")
-    start = _load_start_checkpoint(cfg, spec) if cfg.adv_train.checkpoint else None
+    start = (
+        _field_call("adv_train.checkpoint", _load_start_checkpoint, cfg, spec)
+        if cfg.adv_train.checkpoint
+        else None
+    )
     return Prepared(cfg, store, splits, stage_hashes(cfg), modules, start)
+
+
+def _field_call(field: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``; a bad-input error it raises is re-raised led by ``field``.
+
+    Errors that already name a field of the same section (``data.val_size: ...``) are kept.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except (ConfigError, DataError, CheckpointError) as e:
+        msg = " ".join(str(e).split())
+        if msg.startswith(field.split(".")[0] + "."):
+            raise
+        msg = msg.removesuffix(f" ({field})")
+        raise type(e)(f"{field}: {msg}") from None
 
 
 def init_ray(cfg: SweepConfig, address: str | None) -> None:
@@ -129,9 +149,12 @@ def init_ray(cfg: SweepConfig, address: str | None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     r = cfg.resources
+    # address="local": always a new instance of our own, even when other local Ray instances run
     kwargs: dict[str, Any] = {
-        "include_dashboard": False,
+        "address": "local",
         "num_cpus": r.num_cpus or os.cpu_count() or 1,
+        "include_dashboard": r.dashboard,
+        "runtime_env": {"worker_process_setup_hook": "rift_ray.stages.common.quiet_worker_logs"},
     }
     if r.num_gpus is not None:
         kwargs["num_gpus"] = r.num_gpus
@@ -266,10 +289,14 @@ def run_sweep(
         tracker.log_mrc(mrc_rows)
         if failed:
             log(
-                f"stage 2/4 mrc: {len(failed)} module(s) failed and are left out: {', '.join(failed)}"
+                f"stage 2/4 mrc: {len(failed)} module(s) failed and are left out: "
+                + "; ".join(_failures(mrc_rows, "module"))
             )
         if status == "failed":
-            raise SweepError("MRC failed for every module; see tables/mrc.parquet for the errors")
+            raise SweepError(
+                f"MRC failed for every module (first: {_failures(mrc_rows, 'module')[0]}); "
+                "see tables/mrc.parquet for the errors"
+            )
     timings["mrc"] = (store.read_stage("mrc") or {}).get("seconds", time.time() - t0)
     ranked = [r["module"] for r in mrc_rows if r["status"] == "done"]
 
@@ -304,9 +331,19 @@ def run_sweep(
         ft_rows, epoch_rows, survivors, computed = run_finetune(
             cfg, store, splits_ref, spec, at_state, groups, hashes["finetune"], run_token
         )
+        ft_failed = _failures(ft_rows, "trial")
+        if ft_failed:
+            log(
+                f"stage 3/4 finetune: {len(ft_failed)} trial(s) failed and are left out: "
+                + "; ".join(ft_failed)
+            )
         if not survivors:
+            store.put_table(layout.FINETUNE_TABLE, ft_rows, stage_hash=hashes["finetune"])
             store.write_stage("finetune", status="failed", error="no fine-tuning trial finished")
-            raise SweepError("fine-tuning produced no usable trial; see tables/finetune.parquet")
+            first = f" (first: {ft_failed[0]})" if ft_failed else ""
+            raise SweepError(
+                f"fine-tuning produced no usable trial{first}; see tables/finetune.parquet"
+            )
         for s in survivors:
             store.put(
                 layout.finetune_checkpoint(s["trial"]),
@@ -368,10 +405,15 @@ def run_sweep(
     summary = build_summary(
         cfg, mrc_rows, ft_rows, table, choice, winner, timings, time.time() - t_start
     )
+    summary["environment"] = environment_info(
+        ray.cluster_resources(), sum(bool(n["Alive"]) for n in ray.nodes())
+    )
     store.put_json(layout.SUMMARY, summary, stage_hash=hashes["interpolate"])
+    store.put_table(layout.SUMMARY_TABLE, summary_table(summary), stage_hash=hashes["interpolate"])
     store.write_stage("interpolate", status="done", seconds=timings["interpolate"])
     tracker.log_interpolation(table, summary)
     tracker.finish()
+    log(f"report: rift-ray report {store.uri}")
     return summary
 
 
@@ -420,6 +462,12 @@ def build_summary(
         ],
         "failed_modules": [r["module"] for r in mrc_rows if r["status"] != "done"],
         "finetune_trials": len(ft_rows),
+        "failures": [
+            {"stage": stage, "name": r[key], "error": r.get("error") or ""}
+            for stage, rows, key in (("mrc", mrc_rows, "module"), ("finetune", ft_rows, "trial"))
+            for r in rows
+            if r["status"] not in ("done", "finished", "stopped")
+        ],
         "choices": choice["choices"],
         "at": {s: metrics(0.0, s) for s in ("val", "test")},
         "rift": {s: metrics(best["alpha"], s) for s in ("val", "test")},
@@ -430,6 +478,11 @@ def build_summary(
             "python": platform.python_version(),
         },
     }
+
+
+def _failures(rows: list[dict[str, Any]], key: str) -> list[str]:
+    """``name (error)`` of every failed MRC module / fine-tuning trial row."""
+    return [f"{r[key]} ({r.get('error') or 'no message'})" for r in rows if r["status"] == "failed"]
 
 
 def _one_line(e: BaseException) -> str:

@@ -20,7 +20,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,9 +29,8 @@ import yaml
 from rift_ray import __version__
 from rift_ray import store as layout
 from rift_ray.progress import duration
-from rift_ray.store import STAGES, StorageError, Store
+from rift_ray.store import STAGES, SUMMARY_TABLE, StorageError, Store
 
-SUMMARY_TABLE = "tables/summary.parquet"
 TABLES = {
     "mrc": layout.MRC_TABLE,
     "finetune": layout.FINETUNE_TABLE,
@@ -53,7 +52,7 @@ SUMMARY_SCHEMA = pa.schema(
     ]
 )
 METRICS = {"clean_acc": "clean", "robust_acc": "PGD", "corruption_acc": "corruption"}
-AT_COLOR, RIFT_COLOR, LIMIT_COLOR = "#7f7f7f", "#d62728", "#1f77b4"
+AT_COLOR, RIFT_COLOR, LIMIT_COLOR = "#7f7f7f", "#d62728", "#b8860b"
 
 
 # -- reading a sweep directory -----------------------------------------------------------
@@ -195,7 +194,7 @@ def png_bytes(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _finite(v: Any) -> bool:
+def _finite(v: Any) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -258,6 +257,12 @@ def fig_mrc(rows: list[dict[str, Any]], selected: list[str] | None = None) -> An
     return fig
 
 
+def _colors(names: list[str], order: list[str] | None = None) -> dict[str, str]:
+    """A color per trial from its place in ``order`` (all trials), so that figures agree."""
+    full = list(dict.fromkeys([*(order or []), *names]))
+    return {n: f"C{full.index(n) % 10}" for n in names}
+
+
 def fig_finetune(epochs: list[dict[str, Any]], trials: list[dict[str, Any]]) -> Any | None:
     """Fine-tuning learning curves of every trial; ASHA-stopped trials dashed."""
     if not epochs:
@@ -273,10 +278,11 @@ def fig_finetune(epochs: list[dict[str, Any]], trials: list[dict[str, Any]]) -> 
         (metric, f"{metric} (ASHA metric, points)"),
     ]
     lines = []
-    for i, name in enumerate(names):
+    colors = _colors(names, [t["trial"] for t in trials])
+    for name in names:
         rows = sorted((e for e in epochs if e["trial"] == name), key=lambda e: e["epoch"])
         style = {"finished": "-", "stopped": "--", "failed": ":"}.get(status.get(name, ""), "-")
-        color = f"C{i % 10}"
+        color = colors[name]
         for ax, (key, _) in zip(axes, panels):
             (line,) = ax.plot(
                 [e["epoch"] for e in rows],
@@ -309,11 +315,13 @@ def fig_interpolation(
     choices: list[dict[str, Any]] | None = None,
     best: str | None = None,
     tolerance: float | None = None,
+    order: list[str] | None = None,
 ) -> Any | None:
     """Accuracy against alpha for each trial and split; the constraint line and alpha* marked.
 
     ``choices`` are the per-trial alpha* choices (summary.json ``choices``), ``best`` the
-    winning trial and ``tolerance`` the robust-accuracy slack of the selection rule.
+    winning trial, ``tolerance`` the robust-accuracy slack of the selection rule and
+    ``order`` every trial's name (colors as in :func:`fig_finetune` with the same order).
     """
     if not rows:
         return None
@@ -324,10 +332,11 @@ def fig_interpolation(
     fig = _figure(4.0 * len(metrics), 2.9 * len(splits) + 0.3 + 0.18 * ((len(trials) + 2) // 3))
     axes = fig.subplots(len(splits), len(metrics), squeeze=False)
     handles: dict[str, Any] = {}
+    colors = _colors(trials, order)
     for i, split in enumerate(splits):
         for j, metric in enumerate(metrics):
             ax = axes[i][j]
-            for k, trial in enumerate(trials):
+            for trial in trials:
                 pts = sorted(
                     (r["alpha"], r[metric])
                     for r in rows
@@ -338,7 +347,7 @@ def fig_interpolation(
                 win = trial == best
                 (line,) = ax.plot(
                     *zip(*pts),
-                    color=f"C{k % 10}",
+                    color=colors[trial],
                     lw=2.2 if win else 1.0,
                     alpha=1.0 if win or best is None else 0.6,
                     marker="o",
@@ -350,7 +359,13 @@ def fig_interpolation(
                 y = dict(pts).get(a) if a is not None else None
                 if y is not None:
                     star = ax.plot(
-                        a, y, marker="*", ms=12 if win else 8, color=f"C{k % 10}", mec="k", zorder=4
+                        a,
+                        y,
+                        marker="*",
+                        ms=12 if win else 8,
+                        color=colors[trial],
+                        mec="k",
+                        zorder=4,
                     )[0]
                     handles.setdefault("alpha* of a trial", star)
             at_pts = [r[metric] for r in rows if r["split"] == split and r["alpha"] == 0.0]
@@ -438,6 +453,7 @@ def report_figures(res: SweepResults) -> dict[str, tuple[str, Any]]:
                 s.get("choices"),
                 s.get("trial"),
                 res.setting("interpolate", "tolerance", 0.1),
+                [t["trial"] for t in ft_trials],
             ),
         ),
     }
@@ -449,7 +465,7 @@ def report_figures(res: SweepResults) -> dict[str, tuple[str, Any]]:
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:13px}
+table{border-collapse:collapse;margin:.6em 0;font-size:13px} .wide{overflow-x:auto}
 th,td{border:1px solid #ddd;padding:3px 8px;text-align:right} th{background:#f4f4f4}
 td.l,th.l{text-align:left} .muted{color:#777} .good{color:#2a7d2a} .bad{color:#b22}
 figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee}
@@ -495,7 +511,7 @@ def _html_table(
         + "</tr>"
         for r in rows
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f'<div class="wide"><table><tr>{head}</tr>{body}</table></div>'
 
 
 def _before_after_html(summary: dict[str, Any]) -> str:
@@ -715,84 +731,86 @@ def _live_tune(store: Store, experiment: str) -> list[dict[str, Any]]:
     return out
 
 
-def _stage_figures(
-    res: SweepResults, stage: str, rec: dict[str, Any]
-) -> tuple[str, dict[str, Any]]:
-    """(one line for a person, the same figures as data) for one stage, done or running."""
-    status, h = rec.get("status"), rec.get("hash", "")
-    if stage == "adv_train":
-        hist = rec.get("history") or []
-        if status == "running":
-            snap = f"ray/at-{h}/checkpoint_manager_snapshot.json"
-            try:
-                latest = json.loads(res.store.read_bytes(snap))["latest_checkpoint_result"]
-                hist = [latest["metrics"]]
-            except (OSError, ValueError, KeyError, TypeError):
-                hist = []
-        if not hist:
-            return "", {}
-        best = max(hist, key=lambda r: r.get("val_robust_acc", float("-inf")))
-        total = res.setting("adv_train", "epochs", "?")
-        line = f"epoch {hist[-1].get('epoch')}/{total}"
-        if "val_robust_acc" in best:
-            line += (
-                f"; best epoch {best['epoch']}: val clean {best.get('val_clean_acc', 0):.2f}, "
-                f"PGD {best['val_robust_acc']:.2f}"
-            )
-        return line, {k: best.get(k) for k in ("epoch", "val_clean_acc", "val_robust_acc")}
-    if stage == "mrc":
-        rows = res.rows("mrc") if status != "running" else _live_tune(res.store, f"mrc-{h}")
-        ok = sorted((r for r in rows if r.get("status") == "done"), key=lambda r: r["mrc"])
-        if not rows:
-            return "", {}
-        line = f"{len(ok)} module(s) done, {len(rows) - len(ok)} failed"
-        if ok:
-            line += f"; least critical {ok[0]['module']} (MRC {ok[0]['mrc']:.4g})"
-        return line, {"modules_done": len(ok), "least_critical": ok[0]["module"] if ok else None}
-    if stage == "finetune":
-        if status == "running":
-            live = _live_tune(res.store, f"finetune-{h}")
-            scored = [r for r in live if _finite(r.get("best_val_score", r.get("best_val_gain")))]
-            if not live:
-                return "", {}
-            line = f"{len(live)} trial(s) reporting"
-            if scored:
-                b = max(scored, key=lambda r: r.get("best_val_score", r.get("best_val_gain")))
-                v = b.get("best_val_score", b.get("best_val_gain"))
-                line += f"; best so far {b.get('trial')} ({v:+.2f} at epoch {b.get('best_epoch')})"
-            return line, {"trials_reporting": len(live)}
+Figures = tuple[str, dict[str, Any]]  # (one line for a person, the same figures as data)
+
+
+def _adv_train_figures(res: SweepResults, rec: dict[str, Any]) -> Figures:
+    hist = rec.get("history") or []
+    if rec.get("status") == "running":  # the last committed Ray Train checkpoint
+        snap = f"ray/at-{rec.get('hash')}/checkpoint_manager_snapshot.json"
+        try:
+            hist = [json.loads(res.store.read_bytes(snap))["latest_checkpoint_result"]["metrics"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            hist = []
+    if not hist:
+        return "", {}
+    best = max(hist, key=lambda r: r.get("val_robust_acc", float("-inf")))
+    line = f"epoch {hist[-1].get('epoch')}/{res.setting('adv_train', 'epochs', '?')}"
+    if "val_robust_acc" in best:
+        line += (
+            f"; best epoch {best['epoch']}: val clean {best.get('val_clean_acc', 0):.2f}, "
+            f"PGD {best['val_robust_acc']:.2f}"
+        )
+    return line, {k: best.get(k) for k in ("epoch", "val_clean_acc", "val_robust_acc")}
+
+
+def _mrc_figures(res: SweepResults, rec: dict[str, Any]) -> Figures:
+    running = rec.get("status") == "running"
+    rows = _live_tune(res.store, f"mrc-{rec.get('hash')}") if running else res.rows("mrc")
+    if not rows:
+        return "", {}
+    ok = sorted((r for r in rows if r.get("status") == "done"), key=lambda r: r["mrc"])
+    line = f"{len(ok)} module(s) done, {len(rows) - len(ok)} failed"
+    if ok:
+        line += f"; least critical {ok[0]['module']} (MRC {ok[0]['mrc']:.4g})"
+    return line, {"modules_done": len(ok), "least_critical": ok[0]["module"] if ok else None}
+
+
+def _finetune_figures(res: SweepResults, rec: dict[str, Any]) -> Figures:
+    if rec.get("status") == "running":
+        rows = _live_tune(res.store, f"finetune-{rec.get('hash')}")
+        line = f"{len(rows)} trial(s) reporting"
+    else:
         rows = res.rows("finetune")
-        if not rows:
-            return "", {}
-        key = (
-            "best_val_score"
-            if any(_finite(r.get("best_val_score")) for r in rows)
-            else "best_val_gain"
-        )
-        counts = {
-            s: sum(r.get("status") == s for r in rows) for s in ("finished", "stopped", "failed")
-        }
+        outcomes = ("finished", "stopped", "failed")
+        counts = {s: sum(r.get("status") == s for r in rows) for s in outcomes}
         line = f"{len(rows)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())})"
-        scored = [r for r in rows if _finite(r.get(key))]
-        best = max(scored, key=lambda r: r[key]) if scored else None
-        if best:
-            line += f"; best {best['trial']} ({key} {best[key]:+.2f})"
-        return line, {**counts, "best_trial": best["trial"] if best else None}
-    if stage == "interpolate" and res.summary and status == "done":
-        s = res.summary
-        test_at, test_rift = (
-            (s.get("at") or {}).get("test") or {},
-            (s.get("rift") or {}).get("test") or {},
+    if not rows:
+        return "", {}
+
+    def score(r: dict[str, Any]) -> float:
+        v = r.get("best_val_score", r.get("best_val_gain"))
+        return v if _finite(v) else float("-inf")
+
+    best = max(rows, key=score)
+    if score(best) > float("-inf"):
+        line += (
+            f"; best{' so far' if rec.get('status') == 'running' else ''} {best.get('trial')} "
+            f"(score {score(best):+.2f} at epoch {best.get('best_epoch')})"
         )
-        line = f"alpha* {s.get('alpha', 0):g} on {s.get('trial')}"
-        if test_at and test_rift:
-            line += (
-                f"; test clean {test_at.get('clean_acc', 0):.2f} -> "
-                f"{test_rift.get('clean_acc', 0):.2f}, PGD {test_at.get('robust_acc', 0):.2f} -> "
-                f"{test_rift.get('robust_acc', 0):.2f}"
-            )
-        return line, {"alpha": s.get("alpha"), "trial": s.get("trial"), "test": test_rift}
-    return "", {}
+    return line, {"trials": len(rows), "best_trial": best.get("trial")}
+
+
+def _interpolate_figures(res: SweepResults, rec: dict[str, Any]) -> Figures:
+    s = res.summary
+    if not s or rec.get("status") != "done":
+        return "", {}
+    at, rift = (s.get("at") or {}).get("test") or {}, (s.get("rift") or {}).get("test") or {}
+    line = f"alpha* {s.get('alpha', 0):g} on {s.get('trial')}"
+    if at and rift:
+        line += (
+            f"; test clean {at.get('clean_acc', 0):.2f} -> {rift.get('clean_acc', 0):.2f}, "
+            f"PGD {at.get('robust_acc', 0):.2f} -> {rift.get('robust_acc', 0):.2f}"
+        )
+    return line, {"alpha": s.get("alpha"), "trial": s.get("trial"), "test": rift}
+
+
+_FIGURES = {
+    "adv_train": _adv_train_figures,
+    "mrc": _mrc_figures,
+    "finetune": _finetune_figures,
+    "interpolate": _interpolate_figures,
+}
 
 
 def sweep_status(store: Store) -> dict[str, Any]:
@@ -804,7 +822,7 @@ def sweep_status(store: Store) -> dict[str, Any]:
         rec = res.stages.get(stage) or {}
         status = rec.get("status", "pending")
         started = rec.get("started")
-        line, best = _stage_figures(res, stage, rec) if rec else ("", {})
+        line, best = _FIGURES[stage](res, rec) if rec else ("", {})
         stages.append(
             {
                 "stage": stage,

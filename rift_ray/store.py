@@ -11,6 +11,7 @@ Everything a sweep produces lives under ``<storage>/<name>/`` (a local path, or
     tables/finetune.parquet     one row per fine-tuning trial (module(s), lr, epochs, metric)
     tables/finetune_epochs.parquet  per-epoch metrics of every fine-tuning trial
     tables/interpolation.parquet    one row per (trial, alpha, split)
+    tables/summary.parquet      the final summary as a table (AT vs RiFT per split)
     checkpoints/at.pt           the adversarially trained (starting) model
     checkpoints/rift.pt         the final RiFT model (interpolated at alpha*)
     checkpoints/finetune/<trial>.pt  best epoch of each surviving fine-tuning trial
@@ -44,6 +45,7 @@ MRC_TABLE = "tables/mrc.parquet"
 FINETUNE_TABLE = "tables/finetune.parquet"
 FINETUNE_EPOCHS_TABLE = "tables/finetune_epochs.parquet"
 INTERPOLATION_TABLE = "tables/interpolation.parquet"
+SUMMARY_TABLE = "tables/summary.parquet"
 AT_CHECKPOINT = "checkpoints/at.pt"
 RIFT_CHECKPOINT = "checkpoints/rift.pt"
 ADV_SET = "artifacts/adv_set.pt"
@@ -80,7 +82,7 @@ class Store:
             try:
                 fs, base = pafs.FileSystem.from_uri(storage)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-                raise StorageError(f"storage {storage!r}: {' '.join(str(e).split())}") from None
+                raise StorageError(f"storage: {storage!r}: {' '.join(str(e).split())}") from None
             base = base.rstrip("/")
             return cls(fs, f"{base}/{name}", storage.rstrip("/") + "/" + name)
         base = os.path.abspath(os.path.expanduser(os.path.expandvars(storage)))
@@ -104,14 +106,19 @@ class Store:
     def check_writable(self) -> None:
         """Write and delete a probe file; raise StorageError naming the location."""
         probe = f".probe-{uuid.uuid4().hex[:8]}"
-        created = not self.exists("")
+        created = []  # local directories the probe creates (innermost first)
+        if self.is_local:
+            d = self.root
+            while not os.path.lexists(d) and os.path.dirname(d) != d:
+                created.append(d)
+                d = os.path.dirname(d)
         try:
             self._write(probe, b"ok")
             self.fs.delete_file(self.path(probe))
-            if created and self.is_local:  # leave no trace: the sweep may still be refused
-                os.rmdir(self.root)
+            for d in created:  # leave no trace: the sweep may still be refused
+                os.rmdir(d)
         except (OSError, pa.ArrowException) as e:
-            raise StorageError(f"storage {self.uri}: not writable ({_short(e)})") from None
+            raise StorageError(f"storage: {self.uri}: not writable ({_short(e)})") from None
 
     # -- raw bytes -----------------------------------------------------------
     def _write(self, rel: str, data: bytes) -> None:
@@ -120,11 +127,16 @@ class Store:
         self.fs.create_dir(parent, recursive=True)
         if self.is_local:
             tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:  # interrupted: the target keeps its old content
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+                raise
         else:  # one PUT: the object appears whole or not at all
             with self.fs.open_output_stream(target) as f:
                 f.write(data)

@@ -275,7 +275,10 @@ def test_status_of_a_finished_sweep(sweep: Store, capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert re.search(r"adv_train\s+done\s+10s\s+epoch 3/3; best epoch 3: val clean 55.00", out)
     assert "failed: conv2" in out
-    assert "3 trials (1 finished, 1 stopped, 1 failed); best conv1_lr0.01" in out
+    assert (
+        "3 trials (1 finished, 1 stopped, 1 failed); best conv1_lr0.01 (score +1.00 at epoch 3)"
+        in out
+    )
     assert "alpha* 0.5 on conv1_lr0.01; test clean 69.00 -> 71.50" in out
     assert "AT vs RiFT" in out
     assert main(["status", sweep.root, "--json"]) == 0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from rift_ray.store import MRC_TABLE, Store, StorageError
+from rift_ray.store import MRC_TABLE, StorageError, Store
 
 
 def test_put_get_and_checksums(tmp_path: Path) -> None:

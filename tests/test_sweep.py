@@ -148,7 +148,7 @@ CLUSTER_SCRIPT = r"""
 import sys, json
 from ray.cluster_utils import Cluster
 import ray
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
 for _ in range(2):
     cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()

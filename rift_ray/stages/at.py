@@ -12,7 +12,10 @@ reuses the run name and continues the same way.
 from __future__ import annotations
 
 import os
+import sys
+import signal
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -24,7 +27,7 @@ from rift_ray.attacks import evaluate
 from rift_ray.config import SweepConfig
 from rift_ray.data import DatasetSplits, batches
 from rift_ray.rift import adversarial_train_epoch
-from rift_ray.stages.common import attack_kwargs, cpu_state, new_model, setup_worker
+from rift_ray.stages.common import attack_kwargs, cpu_state, fault, new_model, setup_worker
 from rift_ray.store import Store
 
 
@@ -71,6 +74,14 @@ def _sharded_eval(
     }
 
 
+def _with_fault(it: Iterator[Any], epoch: int) -> Iterator[Any]:
+    """Test hook ``at_worker_exit@epoch=N`` (see ``stages.common.fault``): die mid-epoch."""
+    for i, item in enumerate(it):
+        if i == 1 and fault("at_worker_exit", epoch=epoch):
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield item
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """The per-worker training function (runs inside Ray Train workers)."""
     cfg = SweepConfig.model_validate(config["cfg"])
@@ -102,6 +113,8 @@ def train_loop(config: dict[str, Any]) -> None:
         start_epoch, best_acc = int(state["epoch"]), float(state["best_acc"])
         best_state, best_epoch = state["best_state"], int(state["best_epoch"])
         history = list(state["history"])
+        if rank == 0:
+            print(f"[adv_train] resuming from the checkpoint of epoch {start_epoch}", flush=True)
 
     model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     core = model.module if hasattr(model, "module") else model
@@ -123,7 +136,7 @@ def train_loop(config: dict[str, Any]) -> None:
         )
         stats = adversarial_train_epoch(
             model,
-            train_batches,
+            _with_fault(train_batches, epoch + 1),
             optimizer,
             eps=cfg.attack.eps,
             step_size=cfg.attack.step_size,
@@ -150,6 +163,19 @@ def train_loop(config: dict[str, Any]) -> None:
             best_acc, best_epoch, best_state = score, epoch + 1, cpu_state(core)
         metrics["best_epoch"] = best_epoch
         history.append(metrics)
+        if rank == 0:  # one line per epoch: readable in a terminal and in CI logs
+            val_txt = (
+                f" val clean {val['val_clean_acc']:.2f} PGD {val['val_robust_acc']:.2f}"
+                if val
+                else ""
+            )
+            print(
+                f"[adv_train] epoch {epoch + 1}/{at.epochs} lr {lr:.4g} loss {stats['loss']:.4f} "
+                f"train adv acc {stats['adv_acc']:.2f}{val_txt} "
+                f"{metrics['images_per_s']:.0f} img/s (best epoch {best_epoch})",
+                file=sys.stderr,
+                flush=True,
+            )
         last = epoch + 1 == at.epochs
         if (epoch + 1) % at.checkpoint_every == 0 or last:
             if rank == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import os
 from dataclasses import dataclass
@@ -12,6 +13,47 @@ import torch
 from rift_ray.config import SweepConfig
 from rift_ray.data import DatasetSplits
 from rift_ray.models import build_model
+
+FAULTS_ENV = "RIFT_RAY_FAULTS"
+
+
+def fault(point: str, **where: Any) -> bool:
+    """Test hook for fault injection; always False unless ``$RIFT_RAY_FAULTS`` is set.
+
+    ``RIFT_RAY_FAULTS`` is a ``;``-separated list of ``point@key=pattern[,key=pattern]``
+    (fnmatch patterns against ``str(value)``, floats as ``%g``), plus optionally
+    ``once=DIR``: each listed fault then fires at most once over all processes (the
+    first caller creates a marker file in DIR). The call sites (tests/test_faults.py)::
+
+        at_worker_exit@epoch=N     a Ray Train worker SIGKILLs itself after one batch of epoch N
+        mrc_raise@module=M         the MRC trial of M raises
+        mrc_nan@module=M           the MRC of M comes out NaN
+        finetune_raise@lr=X        the fine-tuning trial with lr X raises
+        finetune_nan@lr=X          its training loss comes out NaN
+    """
+    spec = os.environ.get(FAULTS_ENV)
+    if not spec:
+        return False
+    items = [i.strip() for i in spec.split(";") if i.strip()]
+    once = next((i[len("once=") :] for i in items if i.startswith("once=")), None)
+    got = {k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in where.items()}
+    for item in items:
+        name, _, conds = item.partition("@")
+        want = dict(c.split("=", 1) for c in conds.split(",") if "=" in c)
+        if name != point or not all(
+            k in got and fnmatch.fnmatchcase(got[k], v) for k, v in want.items()
+        ):
+            continue
+        if once:
+            os.makedirs(once, exist_ok=True)
+            safe = "".join(c if c.isalnum() or c in "._=@-" else "_" for c in item)
+            marker = os.path.join(once, safe)
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return False
+        return True
+    return False
 
 
 def setup_worker(cfg: SweepConfig, cpus: float, seed: int) -> torch.device:
@@ -81,3 +123,14 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     m = model.module if hasattr(model, "module") else model
     return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+
+
+def quiet_worker_logs() -> None:
+    """Ray worker setup hook: silence a warning Ray Train repeats every few seconds when the
+    local instance runs without a dashboard (its placement-group cleaner cannot use the
+    state API and says so on every poll; nothing is wrong)."""
+    import logging
+
+    logging.getLogger(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    ).setLevel(logging.ERROR)

@@ -28,7 +28,7 @@ from rift_ray.attacks import evaluate
 from rift_ray.config import SweepConfig
 from rift_ray.data import DatasetSplits, ImageData
 from rift_ray.rift import finetune, interpolate, select_alpha
-from rift_ray.stages.common import attack_kwargs, cpu_state, new_model, setup_worker
+from rift_ray.stages.common import attack_kwargs, cpu_state, fault, new_model, setup_worker
 from rift_ray.stages.tuning import run_tune
 
 
@@ -156,6 +156,8 @@ def finetune_trial(
 
     t0 = time.time()
     try:
+        if fault("finetune_raise", lr=lr):
+            raise RuntimeError(f"injected fault (RIFT_RAY_FAULTS) in fine-tuning trial {trial}")
         rows = finetune(
             model,
             modules,
@@ -177,6 +179,8 @@ def finetune_trial(
         )
         for row in rows:
             opt_state = row.pop("optimizer_state", None)
+            if fault("finetune_nan", lr=lr):
+                row["train_loss"] = float("nan")
             if not torch.isfinite(torch.tensor(row["train_loss"])):
                 raise FloatingPointError(
                     f"fine-tuning loss is {row['train_loss']} at epoch {row['epoch']}"

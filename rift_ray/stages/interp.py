@@ -9,7 +9,6 @@ the paper's rule; the trial with the largest feasible clean gain is the final mo
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from rift_ray.attacks import corruption_accuracy, evaluate
 from rift_ray.config import SweepConfig, expand_path
 from rift_ray.data import DatasetSplits, ImageData, load_cifar_c
+from rift_ray.progress import Progress
 from rift_ray.rift import interpolate, select_alpha
 from rift_ray.stages.common import attack_kwargs, new_model, setup_worker
 
@@ -126,17 +126,13 @@ def run_interpolation(
             ] = t
     results: dict[Any, list[dict[str, Any]]] = {}
     pending = list(jobs)
-    done_points, total_points = 0, 1 + len(alphas) * len(trials)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        for ref in ready:
-            results[ref] = ray.get(ref)
-            done_points += len({row["alpha"] for row in results[ref]})
-        print(
-            f"[interpolate] {done_points}/{total_points} alpha points evaluated",
-            file=sys.stderr,
-            flush=True,
-        )
+    total_points = 1 + len(alphas) * len(trials)
+    with Progress("interpolate", total_points, unit="alpha points") as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                results[ref] = ray.get(ref)
+                bar.advance(len({row["alpha"] for row in results[ref]}))
 
     baseline = next(rows for ref, rows in results.items() if jobs[ref] is None)
     table: list[dict[str, Any]] = []

@@ -8,6 +8,7 @@ through the object store. Each trial is a plain Tune function trial computing
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import io
 import time
@@ -20,7 +21,7 @@ from ray import tune
 
 from rift_ray.config import SweepConfig
 from rift_ray.rift import adversarial_set, module_robust_criticality
-from rift_ray.stages.common import attack_kwargs, new_model, setup_worker, trial_device
+from rift_ray.stages.common import attack_kwargs, fault, new_model, setup_worker, trial_device
 from rift_ray.stages.tuning import run_tune
 from rift_ray.store import Store
 
@@ -97,6 +98,8 @@ def mrc_trial(
     name = config["module"]
     t0 = time.time()
     try:
+        if fault("mrc_raise", module=name):
+            raise RuntimeError(f"injected fault (RIFT_RAY_FAULTS) in the MRC trial of {name}")
         model = new_model(cfg, model_spec)
         model.load_state_dict(at_state)
         m = cfg.mrc
@@ -114,6 +117,8 @@ def mrc_trial(
             seed=cfg.seed,
             device=device,
         )
+        if fault("mrc_nan", module=name):
+            res = dataclasses.replace(res, mrc=float("nan"))
         if not torch.isfinite(torch.tensor(res.mrc)):
             raise FloatingPointError(f"MRC of {name} is not finite ({res.mrc})")
         row = {

@@ -1,0 +1,110 @@
+"""AutoAttack (torchattacks) on a tiny adversarially trained CNN, and its sharded Ray runner.
+
+The attack budget is shrunk (``steps``, ``n_queries``) to keep this file fast; the
+official budget only changes how long the same code runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from rift_ray.attacks import evaluate
+from rift_ray.data import ImageData, batches, synthetic_dataset
+from rift_ray.models import build_model
+from rift_ray.rift import adversarial_train_epoch
+
+EPS = 8 / 255
+FAST = {"steps": 5, "n_queries": 100}
+MEAN = STD = (0.5, 0.5, 0.5)
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[torch.nn.Module, ImageData]:
+    """small_cnn after one PGD-AT epoch on 1000 synthetic images, and 64 test images."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, mean=MEAN, std=STD)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train = synthetic_dataset(10, 1000, seed=0)
+    data = batches(train, 64, shuffle=True, augment=False, seed=0)
+    adversarial_train_epoch(model, data, opt, eps=EPS, step_size=4 / 255, steps=2)
+    return model.eval(), synthetic_dataset(10, 64, seed=1)
+
+
+def test_missing_torchattacks_names_the_extra(monkeypatch, trained) -> None:
+    from rift_ray.autoattack import autoattack_accuracy
+
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # makes `import torchattacks` fail
+    with pytest.raises(ImportError, match=r"rift-ray\[autoattack\]"):
+        autoattack_accuracy(trained[0], trained[1])
+
+
+def test_autoattack_below_pgd_and_clean(trained) -> None:
+    pytest.importorskip("torchattacks")
+    from rift_ray.autoattack import autoattack_accuracy
+
+    model, data = trained
+    pgd = evaluate(model, data, attack={"eps": EPS, "step_size": 2 / 255, "steps": 10})
+    aa = autoattack_accuracy(model, data, eps=EPS, batch_size=32, return_adv=True, **FAST)
+    assert aa["n"] == 64 and aa["clean_acc"] == pytest.approx(pgd["clean_acc"])
+    assert 0 < aa["robust_acc"] <= aa["clean_acc"]
+    assert aa["robust_acc"] <= pgd["robust_acc"] + 100 * 2 / 64  # tolerance: two images
+    assert not (aa["correct_mask"] & ~aa["clean_mask"]).any()  # only clean-correct images survive
+    after = list(aa["after"].values())
+    assert after == sorted(after, reverse=True) and after[-1] == aa["robust_acc"]
+
+    x = data.images.float() / 255
+    x_adv = aa["x_adv"]
+    assert (x_adv - x).abs().max() <= EPS + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        still_right = model(x_adv).argmax(1) == data.labels
+    assert torch.equal(still_right & aa["clean_mask"], aa["correct_mask"])
+    # deterministic given the seed; the global RNG state is left as it was
+    state = torch.random.get_rng_state()
+    again = autoattack_accuracy(model, data, eps=EPS, batch_size=32, **FAST)
+    assert torch.equal(again["correct_mask"], aa["correct_mask"])
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.ray
+def test_sharded_runner_matches_and_resumes(ray_session, trained, tmp_path) -> None:
+    pytest.importorskip("torchattacks")
+    from rift_ray.autoattack import autoattack_accuracy
+    from rift_ray.config import SweepConfig
+    from rift_ray.stages.autoattack import run_autoattack, shard_path
+    from rift_ray.stages.common import ModelSpec
+    from rift_ray.store import Store
+
+    model, data = trained
+    cfg = SweepConfig.model_validate(
+        {
+            "model": {"arch": "small_cnn"},
+            "eval": {"batch_size": 32, "autoattack": {"enabled": True, "subset": 48}},
+            "resources": {"torch_threads": 1},
+        }
+    )
+    spec = ModelSpec(10, MEAN, STD, (3, 32, 32))
+    store = Store.open(str(tmp_path), "aa")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    res = run_autoattack(cfg, store, spec, data, state, "at", shard_size=16, **FAST)
+    assert (res["shards"], res["computed"], res["n"]) == (3, 3, 48)
+    ref = autoattack_accuracy(model, data.subset(torch.arange(48)), eps=EPS, batch_size=16, **FAST)
+    assert res["correct_mask"] == ref["correct_mask"].int().tolist()
+    assert res["robust_acc"] == pytest.approx(ref["robust_acc"])
+    assert res["clean_acc"] == pytest.approx(ref["clean_acc"])
+
+    files = [store.path(shard_path("at", i)) for i in range(3)]
+    mtimes = [os.stat(f).st_mtime_ns for f in files]
+    os.remove(files[1])  # an interrupted run: one shard missing
+    again = run_autoattack(cfg, store, spec, data, state, "at", shard_size=16, **FAST)
+    assert (again["computed"], again["reused"]) == (1, 2)
+    assert again["correct_mask"] == res["correct_mask"]
+    assert [os.stat(f).st_mtime_ns for f in (files[0], files[2])] == [mtimes[0], mtimes[2]]
+    assert (
+        run_autoattack(cfg, store, spec, data, state, "at", shard_size=16, **FAST)["computed"] == 0
+    )
