@@ -12,8 +12,8 @@ reuses the run name and continues the same way.
 from __future__ import annotations
 
 import os
-import sys
 import signal
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
