@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from benchmarks.common import cifar10, machine, seeded_model
+from benchmarks.common import cifar10, machine, random_subset, seeded_model
 from rift_ray.attacks import evaluate
 from rift_ray.data import batches
 from rift_ray.rift import adversarial_train_epoch, finetune, interpolate, select_alpha
@@ -59,8 +59,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     splits = cifar10()
-    train = splits.train.subset(torch.arange(args.train))
-    val = splits.val.subset(torch.arange(args.val))
+    train = random_subset(splits.train, args.train)
+    val = random_subset(splits.val, args.val)
     model = seeded_model("small_resnet", splits).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     for epoch in range(args.at_epochs):

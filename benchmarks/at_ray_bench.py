@@ -4,9 +4,9 @@
 
 Both run the same epoch (``rift_ray.data.batches`` + ``adversarial_train_epoch``, PGD-10,
 batch 128) from the same weights and seeds, with the same torch threads, each in a fresh
-process (the plain loop in a ``multiprocessing`` spawn child, no Ray in it: a long-lived
-driver process measured 20-30% slower than any fresh process here, which is not Ray's
-doing); the two alternate for ``--rounds`` rounds, who goes first alternating too. Reported: the median images/s
+process (the plain loop in a ``multiprocessing`` spawn child, no Ray in it: run inside
+this long-lived driver it measured 20-30% slower than the Ray worker, a gap that vanishes
+in a fresh process, so it is process state, not Ray); the two alternate for ``--rounds`` rounds, who goes first alternating too. Reported: the median images/s
 each side measures around its epoch (Ray: reported from inside the worker), their ratio,
 and the wall time of ``trainer.fit()`` (worker start-up included) for scale.
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import cifar10, machine, seeded_model
+from benchmarks.common import cifar10, machine, random_subset, seeded_model
 from rift_ray.data import batches
 from rift_ray.rift import adversarial_train_epoch
 
@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     import ray.train
@@ -70,7 +71,7 @@ def main() -> None:
     config = {
         "model": model,
         "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "data": splits.train.subset(torch.arange(args.n)),
+        "data": random_subset(splits.train, args.n),
         "threads": args.threads,
     }
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

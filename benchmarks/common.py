@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from rift_ray.config import DataConfig
-from rift_ray.data import DatasetSplits, load_dataset
+from rift_ray.data import DatasetSplits, ImageData, load_dataset
 from rift_ray.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +51,15 @@ def seeded_model(arch: str, splits: DatasetSplits, seed: int = 0) -> torch.nn.Mo
     """A freshly initialised model whose BatchNorm statistics come from a few training batches."""
     torch.manual_seed(seed)
     model = build_model(arch, splits.num_classes, mean=splits.mean, std=splits.std)
+    images = random_subset(splits.train, 1024, seed).images
     model.train()
     with torch.no_grad():
         for i in range(4):
-            model(splits.train.images[i * 256 : (i + 1) * 256].float() / 255)
+            model(images[i * 256 : (i + 1) * 256].float() / 255)
     return model.eval()
+
+
+def random_subset(data: ImageData, n: int, seed: int = 0) -> ImageData:
+    """``n`` images drawn at random (seeded): splits are stored class by class."""
+    g = torch.Generator().manual_seed(seed)
+    return data.subset(torch.randperm(len(data), generator=g)[:n].sort().values)

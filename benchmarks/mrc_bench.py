@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks.common import cifar10, machine, seeded_model
+from benchmarks.common import cifar10, machine, random_subset, seeded_model
 from rift_ray.models import mrc_candidates
 from rift_ray.rift.mrc import MRCResult, adversarial_set, module_robust_criticality
 
@@ -73,7 +73,7 @@ def main() -> None:
     splits = cifar10()
     model = seeded_model(args.arch, splits)
     t0 = time.perf_counter()
-    x, y = adversarial_set(model, splits.val.subset(torch.arange(args.n)), batch_size=256)
+    x, y = adversarial_set(model, random_subset(splits.val, args.n), batch_size=256)
     adv_s = time.perf_counter() - t0
     modules = mrc_candidates(model)
     kw = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": 0}

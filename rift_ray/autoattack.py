@@ -35,7 +35,8 @@ ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
 INSTALL_HINT = "pip install 'rift-ray[autoattack]'"
 
 
-def _torchattacks() -> Any:
+def require_torchattacks() -> Any:
+    """The torchattacks module, or an ImportError naming the extra (call it before any compute)."""
     try:
         import torchattacks
     except ImportError as e:
@@ -70,7 +71,7 @@ def build_attacks(
     else:
         raise ValueError(f"unknown AutoAttack version {version!r}")
     steps = steps or default_steps
-    ta = _torchattacks()
+    ta = require_torchattacks()
     common = {"norm": "Linf", "eps": eps, "seed": seed}
     apgd = ta.APGD(model, steps=steps, n_restarts=1, loss="ce", rho=0.75, **common)
     apgdt = ta.APGDT(model, steps=steps, n_restarts=1, n_classes=n_classes, rho=0.75, **common)

@@ -87,6 +87,11 @@ def print_summary(summary: dict[str, Any]) -> None:
                 *(_pct(m.get(k)) for k in ("clean_acc", "robust_acc", "corruption_acc")),
             )
     console.print(table)
+    for who, aa in (summary.get("autoattack") or {}).items():
+        console.print(
+            f"AutoAttack ({aa['settings'].get('version')}, test, n={aa['n']}): "
+            f"{'AT' if who == 'at' else 'RiFT'} {aa['robust_acc']:.2f}"
+        )
     failures = summary.get("failures")
     if failures:  # what is missing from the result, and why
         for f in failures:

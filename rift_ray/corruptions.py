@@ -327,7 +327,9 @@ def pixelate(u: Tensor, s: int, g: torch.Generator) -> Tensor:
 
     def pix(im: Image.Image) -> Image.Image:
         w, h = im.size
-        return im.resize((int(w * c), int(h * c)), Image.BOX).resize((w, h), Image.BOX)
+        return im.resize((int(w * c), int(h * c)), Image.Resampling.BOX).resize(
+            (w, h), Image.Resampling.BOX
+        )
 
     return _pil_map(u, pix)
 

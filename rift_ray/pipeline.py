@@ -93,13 +93,28 @@ def prepare(cfg: SweepConfig) -> Prepared:
         path = _field_call("adv_train.checkpoint", expand_path, cfg.adv_train.checkpoint)
         if not path or not os.path.isfile(path):
             raise ConfigError(f"adv_train.checkpoint: file not found: {cfg.adv_train.checkpoint}")
-    if cfg.eval.corruptions:
+    if cfg.eval.corruptions and cfg.eval.corruption_source == "generated":
+        from rift_ray.corruptions import AVAILABLE
+
+        for c in cfg.eval.corruptions:
+            if c not in AVAILABLE:
+                raise ConfigError(
+                    f"eval.corruptions: {c!r} cannot be generated (available: {', '.join(AVAILABLE)})"
+                )
+    elif cfg.eval.corruptions:
         root = _field_call("eval.cifar_c_root", expand_path, cfg.eval.cifar_c_root)
         if not root:
             raise ConfigError("eval.cifar_c_root: required when eval.corruptions is set")
         for c in [*cfg.eval.corruptions, "labels"]:
             if not os.path.isfile(os.path.join(root, f"{c}.npy")):
                 raise ConfigError(f"eval.corruptions: {os.path.join(root, c + '.npy')} not found")
+    if cfg.eval.autoattack.enabled:
+        from rift_ray.autoattack import require_torchattacks
+
+        try:
+            require_torchattacks()
+        except ImportError as e:
+            raise ConfigError(f"eval.autoattack.enabled: {e}") from None
     splits = _field_call("data.root", load_dataset, cfg.data, seed=cfg.seed)
     if len(splits.val) == 0:
         raise ConfigError(
@@ -380,7 +395,7 @@ def run_sweep(
     store.write_stage(
         "interpolate", status="running", hash=hashes["interpolate"], started=time.time()
     )
-    table, choice = run_interpolation(cfg, spec, splits_ref, at_state, survivors)
+    table, choice = run_interpolation(cfg, spec, splits_ref, at_state, survivors, splits)
     best = choice["best"]
     if best is None:
         store.write_stage(
@@ -405,6 +420,18 @@ def run_sweep(
     summary = build_summary(
         cfg, mrc_rows, ft_rows, table, choice, winner, timings, time.time() - t_start
     )
+    if cfg.eval.autoattack.enabled:
+        from rift_ray.stages.autoattack import run_autoattack
+
+        log(
+            f"final evaluation: AutoAttack ({cfg.eval.autoattack.version}) of the AT and RiFT models"
+        )
+        summary["autoattack"] = {}
+        for who, state in (("at", at_state), ("rift", rift_state)):
+            aa = run_autoattack(cfg, store, spec, splits_ref, state, who)
+            summary["autoattack"][who] = {
+                k: aa[k] for k in ("robust_acc", "clean_acc", "n", "after", "settings")
+            }
     summary["environment"] = environment_info(
         ray.cluster_resources(), sum(bool(n["Alive"]) for n in ray.nodes())
     )

@@ -49,7 +49,7 @@ def test_distortion_grows_with_severity(images, cells) -> None:
         dist = [(cells[(name, s)].float() - images.float()).abs().mean() for s in range(1, 6)]
         if name not in NOT_MONOTONE:  # 2% slack: motion blur 3 -> 4 only lengthens a faint tail
             assert all(b >= 0.98 * a for a, b in zip(dist, dist[1:])), (name, dist)
-            assert dist[4] > 1.2 * dist[0], (name, dist)
+            assert dist[4] > 1.05 * dist[0], (name, dist)
         assert dist[4] > 0 and dist[0] > 0
 
 

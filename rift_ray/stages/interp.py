@@ -76,12 +76,12 @@ def _alpha_task(
     at_state: dict[str, torch.Tensor],
     ft_state: dict[str, torch.Tensor] | None,
     alphas: list[float],
+    cdata: dict[Any, ImageData] | None = None,
 ) -> list[dict[str, Any]]:
     cfg = SweepConfig.model_validate(cfg_dict)
     device = setup_worker(cfg, cfg.resources.interpolate.cpu, cfg.seed)
     model = new_model(cfg, spec)
     sets = eval_sets(cfg, splits)
-    cdata = _corruptions(cfg)
     rows = []
     for alpha in alphas:
         t0 = time.time()
@@ -91,12 +91,24 @@ def _alpha_task(
     return rows
 
 
-def _corruptions(cfg: SweepConfig) -> dict[Any, ImageData] | None:
+def corruption_sets(cfg: SweepConfig, splits: DatasetSplits) -> dict[Any, ImageData] | None:
+    """The corrupted test sets, built once by the driver: the official CIFAR-10-C / -100-C
+    files (``eval.corruption_source: files``) or regenerated from the test split
+    (``generated``), each cell cut to the evaluated test subset."""
     if not cfg.eval.corruptions:
         return None
+    test = eval_sets(cfg, splits).get("test")
+    if test is None:
+        return None
+    if cfg.eval.corruption_source == "generated":
+        from rift_ray.corruptions import generate_cifar_c
+
+        return generate_cifar_c(test, cfg.eval.corruptions, cfg.eval.severities, seed=cfg.seed)
     root = expand_path(cfg.eval.cifar_c_root)
     assert root is not None  # checked before any compute
-    return load_cifar_c(root, cfg.eval.corruptions, cfg.eval.severities)
+    cells = load_cifar_c(root, cfg.eval.corruptions, cfg.eval.severities)
+    n = len(test)
+    return {k: (v.subset(torch.arange(n)) if len(v) > n else v) for k, v in cells.items()}
 
 
 def run_interpolation(
@@ -105,15 +117,20 @@ def run_interpolation(
     splits_ref: Any,
     at_state: dict[str, torch.Tensor],
     trials: list[dict[str, Any]],
+    splits: DatasetSplits | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Evaluate every trial's alpha grid; return (table rows, choice of the winning trial)."""
     r = cfg.resources.interpolate
+    cdata = corruption_sets(cfg, splits) if splits is not None else None
     opts = {"num_cpus": r.cpu, "num_gpus": r.gpu}
     cfg_dict = cfg.to_dict()
     at_ref = ray.put(at_state)
+    c_ref = ray.put(cdata) if cdata else None
     alphas = [a for a in cfg.interpolate.alphas if a > 0]
     jobs: dict[Any, dict[str, Any] | None] = {
-        _alpha_task.options(**opts).remote(cfg_dict, spec, splits_ref, at_ref, None, [0.0]): None
+        _alpha_task.options(**opts).remote(
+            cfg_dict, spec, splits_ref, at_ref, None, [0.0], c_ref
+        ): None
     }
     k = cfg.interpolate.alphas_per_task
     for t in trials:
@@ -121,7 +138,7 @@ def run_interpolation(
         for i in range(0, len(alphas), k):
             jobs[
                 _alpha_task.options(**opts).remote(
-                    cfg_dict, spec, splits_ref, at_ref, ft_ref, alphas[i : i + k]
+                    cfg_dict, spec, splits_ref, at_ref, ft_ref, alphas[i : i + k], c_ref
                 )
             ] = t
     results: dict[Any, list[dict[str, Any]]] = {}

@@ -1,0 +1,511 @@
+"""Faults survived: killed workers, killed drivers, lost nodes, failing trials, bad artifacts, W&B.
+
+Drivers that must die (SIGKILL) or need ``$RIFT_RAY_FAULTS`` in their workers run as
+subprocesses connected to the session's Ray instance; the fault spec reaches the
+workers through the job's ``runtime_env``. The lost-node test builds its own simulated
+2-node cluster. Faults are injected with the test hook documented in
+``rift_ray.stages.common.fault``.
+
+Kept small (synthetic 256 images, a random-init starting checkpoint where adversarial
+training is not under test, 3-4 MRC modules, 1-2 fine-tuning epochs, W&B off except in
+the W&B test). See README "What survives what" for the table these tests back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rift_ray.checkpoint import load_checkpoint, save_checkpoint
+from rift_ray.cli import main
+from rift_ray.models import build_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "sweeps" / "smoke.yaml")
+TINY = [
+    "--set", "data.synthetic.train_size=256", "--set", "data.val_size=64",
+    "--set", "data.synthetic.test_size=64",
+    "--set", "mrc.epochs=1", "--set", "mrc.adv_set_size=64",
+    "--set", "finetune.top_k=1", "--set", "finetune.metric_subset=64",
+    "--set", "finetune.metric_alphas=[1.0]", "--set", "finetune.lr_milestones=[1]",
+    "--set", "interpolate.alphas=[0.0,0.5,1.0]",
+]  # fmt: skip
+NO_WANDB = ["--set", "wandb.enabled=false"]
+FOUR_MODULES = ["--set", "mrc.include=[conv1,layer1.0.conv1,layer2.0.conv1,linear]"]
+# three trials, no early stopping (grace period = epochs): every run trains the same trials,
+# so an interrupted sweep can be compared with an uninterrupted one
+THREE_TRIALS = [
+    "--set", "finetune.lrs=[0.001,0.005,0.02]", "--set", "finetune.epochs=2",
+    "--set", "finetune.asha.grace_period=2",
+]  # fmt: skip
+
+# a driver process on the test session's Ray instance; RIFT_RAY_FAULTS goes to its workers
+DRIVER = r"""
+import json, os, sys
+import ray
+env = {k: os.environ[k] for k in ("RIFT_RAY_FAULTS",) if k in os.environ}
+ray.init(address=sys.argv[1], runtime_env={"env_vars": env} if env else None)
+from rift_ray.cli import main
+for i, argv in enumerate(json.loads(sys.argv[2])):
+    print(f"=== sweep {i} ===", file=sys.stderr, flush=True)
+    code = main(argv)
+    print(f"=== exit {code} ===", file=sys.stderr, flush=True)
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    env.pop("RIFT_RAY_FAULTS", None)
+    env.update(extra)
+    return env
+
+
+def start_driver(
+    address: str, sweeps: list[list[str]], log: Path, **env: str
+) -> subprocess.Popen[bytes]:
+    """``rift-ray sweep`` (several, one after the other) in a driver process of its own."""
+    argvs = json.dumps([["sweep", SMOKE, *s] for s in sweeps])
+    with open(log, "wb") as f:
+        return subprocess.Popen(
+            [sys.executable, "-c", DRIVER, address, argvs],
+            stdout=f, stderr=subprocess.STDOUT, env=_env(**env), cwd=ROOT,
+        )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = 900) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return log.read_text(errors="replace")
+
+
+def exit_codes(text: str) -> list[int]:
+    return [int(c) for c in re.findall(r"=== exit (-?\d+) ===", text)]
+
+
+def tune_trials(sweep: Path, stage: str) -> list[dict[str, Any]]:
+    """The trials in the newest experiment snapshot Tune wrote for ``stage`` (what a restore sees)."""
+    files = sorted(sweep.glob(f"ray/{stage}-*/experiment_state-*.json"))
+    if not files:
+        return []
+    try:
+        data = json.loads(files[-1].read_text())
+    except (ValueError, OSError):  # being rewritten
+        return []
+    out = []
+    for state, meta in data["trial_data"]:
+        s, m = json.loads(state), json.loads(meta)
+        out.append(
+            {"status": s["status"], "config": s["config"], "num_failures": m["num_failures"]}
+        )
+    return out
+
+
+def wait_for(
+    cond: Callable[[], bool],
+    what: str,
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float = 900,
+) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"driver exited before {what}:\n{log.read_text(errors='replace')[-4000:]}")
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def wait_idle(ray: Any, cpus: float, timeout: float = 120) -> None:
+    """After a driver dies Ray ends its job's trials; wait until their CPUs are free again."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ray.available_resources().get("CPU", 0) >= cpus:
+            return
+        time.sleep(0.5)
+    pytest.fail("the killed driver's trials still hold CPUs")
+
+
+def table(sweep: Path, rel: str) -> list[dict[str, Any]]:
+    return pq.read_table(sweep / rel).to_pylist()
+
+
+def stage(sweep: Path, name: str) -> dict[str, Any]:
+    return json.loads((sweep / "stages" / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def address(ray_session: Any) -> str:
+    return ray_session.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="module")
+def start_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random-init robust-model stand-in: skips adversarial training where it is not under test."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "at.pt"
+    save_checkpoint(path, build_model("small_resnet", 10).state_dict(), arch="small_resnet",
+                    num_classes=10, dataset="synthetic", mean=[0.5] * 3, std=[0.25] * 3)  # fmt: skip
+    return str(path)
+
+
+# -- adversarial training worker killed, failing trials -------------------------------------------
+
+FAULTS = "at_worker_exit@epoch=3;mrc_raise@module=layer1.0.conv1;mrc_nan@module=layer2.0.conv1;finetune_nan@lr=0.02"
+
+
+@pytest.fixture(scope="module")
+def faulted(address: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path]:
+    """One sweep with every in-worker fault: a Train worker SIGKILLed in epoch 3 of 3, an MRC
+    trial that raises, one whose MRC is NaN, a fine-tuning trial whose loss is NaN."""
+    tmp = tmp_path_factory.mktemp("faulted")
+    args = [*TINY, *NO_WANDB, "--storage", str(tmp), "--name", "f",
+            "--set", "adv_train.epochs=3", "--set", "adv_train.checkpoint_every=1",
+            "--set", "adv_train.lr_milestones=[2]",
+            "--set", "mrc.include=[conv1,layer1.0.conv1,layer2.0.conv1]",
+            "--set", "finetune.lrs=[0.001,0.02]", "--set", "finetune.epochs=1"]  # fmt: skip
+    log = tmp / "driver.log"
+    proc = start_driver(address, [args], log, RIFT_RAY_FAULTS=f"once={tmp / 'fired'};{FAULTS}")
+    text = finish(proc, log)
+    assert exit_codes(text) == [0], text[-4000:]
+    return tmp / "f", text, tmp / "fired"
+
+
+def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(
+    faulted: tuple[Path, str, Path],
+) -> None:
+    sweep, text, fired = faulted
+    assert (fired / "at_worker_exit@epoch=3").exists(), "the worker was not killed"
+    # Ray Train restarted the worker group from the last committed checkpoint: epoch 1 or 2
+    # (a checkpoint is committed when the controller collects the report, every ~2 s)
+    resumed = [int(e) for e in re.findall(r"resuming from the checkpoint of epoch (\d+)", text)]
+    assert resumed and set(resumed) <= {1, 2}, text[-4000:]
+    history = stage(sweep, "adv_train")["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert load_checkpoint(sweep / "checkpoints/at.pt")[1]["arch"] == "small_resnet"
+
+
+def test_failed_trials_are_reported_and_the_sweep_goes_on(
+    faulted: tuple[Path, str, Path],
+) -> None:
+    sweep, text, _ = faulted
+    flat = " ".join(text.split())
+    mrc = {r["module"]: r for r in table(sweep, "tables/mrc.parquet")}
+    assert mrc["conv1"]["status"] == "done"
+    assert mrc["layer1.0.conv1"]["status"] == "failed"
+    assert mrc["layer1.0.conv1"]["error"].startswith("RuntimeError: injected fault")
+    assert mrc["layer2.0.conv1"]["status"] == "failed"
+    assert (
+        mrc["layer2.0.conv1"]["error"]
+        == "FloatingPointError: MRC of layer2.0.conv1 is not finite (nan)"
+    )
+    ft = {r["trial"]: r for r in table(sweep, "tables/finetune.parquet")}
+    assert ft["conv1_lr0.001"]["status"] == "finished"
+    assert ft["conv1_lr0.02"]["status"] == "failed"
+    assert ft["conv1_lr0.02"]["error"] == "FloatingPointError: fine-tuning loss is nan at epoch 1"
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["modules"] == ["conv1"] and summary["trial"] == "conv1_lr0.001"
+    assert {(f["stage"], f["name"]): f["error"] for f in summary["failures"]} == {
+        ("mrc", "layer1.0.conv1"): mrc["layer1.0.conv1"]["error"],
+        ("mrc", "layer2.0.conv1"): mrc["layer2.0.conv1"]["error"],
+        ("finetune", "conv1_lr0.02"): ft["conv1_lr0.02"]["error"],
+    }
+    assert stage(sweep, "mrc")["failed"] == ["layer1.0.conv1", "layer2.0.conv1"]
+    # the log and the printed summary say exactly what is missing
+    assert (
+        "stage 2/4 mrc: 2 module(s) failed and are left out: layer1.0.conv1 (RuntimeError" in flat
+    )
+    assert (
+        "stage 3/4 finetune: 1 trial(s) failed and are left out: conv1_lr0.02 (FloatingPointError"
+        in flat
+    )
+    for f in summary["failures"]:
+        assert f"{f['stage']} failed: {f['name']}: {f['error']}" in flat
+
+
+def test_stage_without_usable_result_stops_the_sweep(
+    address: str, start_ckpt: str, tmp_path: Path
+) -> None:
+    common = [
+        *TINY,
+        *NO_WANDB,
+        "--storage",
+        str(tmp_path),
+        "--set",
+        f"adv_train.checkpoint={start_ckpt}",
+    ]
+    all_mrc_fail = [*common, "--name", "m", "--set", "mrc.include=[conv1]"]
+    all_ft_fail = [*common, "--name", "t", "--set", "mrc.include=[linear]",
+                   "--set", "finetune.lrs=[0.01]", "--set", "finetune.epochs=1"]  # fmt: skip
+    log = tmp_path / "driver.log"
+    faults = "mrc_raise@module=conv1;finetune_raise@lr=*"
+    text = finish(
+        start_driver(address, [all_mrc_fail, all_ft_fail], log, RIFT_RAY_FAULTS=faults), log
+    )
+    assert exit_codes(text) == [1, 1], text[-4000:]
+    errors = [ln for ln in text.splitlines() if ln.startswith("rift-ray: error:")]
+    assert errors == [
+        "rift-ray: error: MRC failed for every module (first: conv1 (RuntimeError: injected fault "
+        "(RIFT_RAY_FAULTS) in the MRC trial of conv1)); see tables/mrc.parquet for the errors",
+        "rift-ray: error: fine-tuning produced no usable trial (first: linear_lr0.01 (RuntimeError: "
+        "injected fault (RIFT_RAY_FAULTS) in fine-tuning trial linear_lr0.01)); see tables/finetune.parquet",
+    ], text[-4000:]
+    assert stage(tmp_path / "m", "mrc")["status"] == "failed"
+    assert not (tmp_path / "m" / "stages" / "finetune.json").exists()
+    assert stage(tmp_path / "t", "finetune")["status"] == "failed"
+    assert table(tmp_path / "t", "tables/finetune.parquet")[0]["status"] == "failed"
+    for name in ("m", "t"):
+        assert not (tmp_path / name / "summary.json").exists()
+
+
+# -- the driver killed twice, compared with an uninterrupted run -----------------------------------
+
+
+def sweep_args(storage: Path, start_ckpt: str) -> list[str]:
+    return [*TINY, *FOUR_MODULES, *THREE_TRIALS, "--storage", str(storage), "--name", "k",
+            "--set", f"adv_train.checkpoint={start_ckpt}"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chain(
+    ray_session: Any, address: str, start_ckpt: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """The same command three times: SIGKILLed during MRC, SIGKILLed during fine-tuning, to the end.
+
+    Each kill comes once Tune's experiment snapshot (what a restore sees) holds some but not all
+    trials as finished. ``TUNE_GLOBAL_CHECKPOINT_S=1`` makes Tune snapshot every second instead of
+    every >= 10 s, so the kill window is not missed on a slow machine.
+    """
+    tmp = tmp_path_factory.mktemp("chain")
+    sweep, args = tmp / "k", [*sweep_args(tmp, start_ckpt), *NO_WANDB]
+    out: dict[str, Any] = {"sweep": sweep, "logs": []}
+    for stage_name, n in (("mrc", 4), ("finetune", 3)):
+        log = tmp / f"driver-{stage_name}.log"
+        proc = start_driver(address, [args], log, TUNE_GLOBAL_CHECKPOINT_S="1")
+
+        def partly_done(stage_name: str = stage_name, n: int = n) -> bool:
+            done = [t for t in tune_trials(sweep, stage_name) if t["status"] == "TERMINATED"]
+            return 1 <= len(done) < n
+
+        wait_for(partly_done, f"some {stage_name} trials to finish", proc, log)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        out["logs"].append(log.read_text(errors="replace"))
+        wait_idle(ray_session, 2)
+        out[f"{stage_name}_kept"] = sum(
+            t["status"] == "TERMINATED" for t in tune_trials(sweep, stage_name)
+        )
+    log = tmp / "driver-end.log"
+    text = finish(start_driver(address, [args], log, TUNE_GLOBAL_CHECKPOINT_S="1"), log)
+    assert exit_codes(text) == [0], text[-4000:]
+    out["logs"].append(text)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(
+    ray_session: Any, start_ckpt: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """The same sweep uninterrupted, in this process, with W&B failing all along: online with
+    a made-up key against a port where nothing listens, then ``wandb.init`` raising mid-sweep."""
+    import wandb
+
+    from rift_ray.tracking import Tracker
+
+    tmp = tmp_path_factory.mktemp("reference")
+    real_init = wandb.init
+    calls: list[str] = []
+
+    def flaky_init(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("mode", ""))
+        if calls.count("offline") > 1:  # the service dies after the first stage was logged
+            raise RuntimeError("W&B went away mid-sweep")
+        return real_init(*args, **kwargs)
+
+    err, out = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "online")
+        mp.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+        mp.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+        mp.setattr(Tracker, "init_timeout", 5.0)  # wandb's own default wait is 60 s
+        mp.setattr(wandb, "init", flaky_init)
+        t0 = time.time()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            # wandb.mode unset (smoke.yaml says offline), so $WANDB_MODE decides
+            code = main(["sweep", SMOKE, *sweep_args(tmp, start_ckpt), "--set", "wandb.mode=null"])
+    return {"sweep": tmp / "k", "code": code, "err": err.getvalue(), "out": out.getvalue(),
+            "calls": calls, "seconds": time.time() - t0}  # fmt: skip
+
+
+def _same_results(a: Path, b: Path) -> None:
+    def rows(sweep: Path, rel: str, keys: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        return sorted(tuple(r.get(k) for k in keys) for r in table(sweep, rel))
+
+    for rel, keys in (
+        (
+            "tables/mrc.parquet",
+            ("module", "mrc", "loss_before", "loss_after", "acc_after", "status"),
+        ),
+        ("tables/finetune.parquet", ("trial", "status", "epochs", "best_epoch", "best_val_score")),
+        ("tables/finetune_epochs.parquet", ("trial", "epoch", "train_loss", "val_score")),
+        ("tables/interpolation.parquet", ("trial", "alpha", "split", "clean_acc", "robust_acc")),
+    ):
+        assert rows(a, rel, keys) == rows(b, rel, keys), rel
+    sa, sb = (json.loads((s / "summary.json").read_text()) for s in (a, b))
+    for key in ("modules", "lr", "trial", "alpha", "at", "rift", "mrc_ranking", "choices"):
+        assert sa[key] == sb[key], key
+    ra, rb = (load_checkpoint(s / "checkpoints/rift.pt")[0] for s in (a, b))
+    assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
+
+
+def test_driver_killed_during_mrc_and_finetune_resumes(
+    chain: dict[str, Any], reference: dict[str, Any]
+) -> None:
+    sweep = chain["sweep"]
+    killed_mrc, killed_ft, end = chain["logs"]
+    assert "stage 2/4 mrc: 4 modules" in killed_mrc and "stage 3/4" not in killed_mrc
+    assert "stage 1/4 adv_train: done earlier" in killed_ft
+    assert "stage 2/4 mrc: done earlier" in end and "stage 3/4 finetune: done earlier" not in end
+    # only what Tune had not recorded as finished ran again
+    assert stage(sweep, "mrc")["computed"] == 4 - chain["mrc_kept"]
+    assert stage(sweep, "finetune")["computed"] == 3 - chain["finetune_kept"]
+    epochs = [(r["trial"], r["epoch"]) for r in table(sweep, "tables/finetune_epochs.parquet")]
+    assert sorted(epochs) == sorted({(t, e) for t in {t for t, _ in epochs} for e in (1, 2)})
+    assert len({t for t, _ in epochs}) == 3
+    # and the result is the uninterrupted run's, bit for bit (CPU, one thread per trial)
+    assert reference["code"] == 0, reference["err"][-4000:]
+    _same_results(sweep, reference["sweep"])
+
+
+def test_wandb_faults_do_not_stop_the_sweep(reference: dict[str, Any]) -> None:
+    err = reference["err"]
+    assert reference["code"] == 0, err[-4000:]
+    assert reference["calls"][:2] == ["online", "offline"]  # unreachable: fell back to offline
+    warnings = [ln for ln in err.splitlines() if "warning: W&B" in ln]
+    assert any("cannot reach W&B" in w and "logging offline" in w for w in warnings), err[-3000:]
+    assert any("W&B went away mid-sweep" in w for w in warnings), err[-3000:]
+    assert len(warnings) == len(set(warnings)) <= 3  # one line per kind of problem
+    assert (reference["sweep"] / "summary.json").is_file()
+    assert "0123456789abcdef0123456789abcdef01234567" not in err + reference["out"]
+
+
+# -- corrupted / half-written artifacts ----------------------------------------------------------
+
+
+def test_corrupted_artifacts_are_recomputed(
+    chain: dict[str, Any], start_ckpt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A damaged table and checkpoint fail their manifest checksum and are recomputed; the
+    leftover of an interrupted write (a temp file that was never renamed) is ignored."""
+    sweep = chain["sweep"]
+    capsys.readouterr()
+    mrc_before = table(sweep, "tables/mrc.parquet")
+    rift_before = load_checkpoint(sweep / "checkpoints/rift.pt")[0]
+    summary_before = json.loads((sweep / "summary.json").read_text())
+    blob = (sweep / "tables/mrc.parquet").read_bytes()
+    (sweep / "tables/mrc.parquet").write_bytes(blob[: len(blob) // 2])  # truncated
+    blob = bytearray((sweep / "checkpoints/rift.pt").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # one flipped byte
+    (sweep / "checkpoints/rift.pt").write_bytes(bytes(blob))
+    (sweep / "checkpoints/at.pt.tmp-0badc0de").write_bytes(b"half a checkpoint")
+
+    code = main(["sweep", SMOKE, *sweep_args(sweep.parent, start_ckpt), *NO_WANDB])
+    err = capsys.readouterr().err
+    assert code == 0, err[-4000:]
+    assert "stage 1/4 adv_train: done earlier" in err
+    assert "stage 2/4 mrc: 4 modules" in err  # recomputed: rebuilt from Tune's stored results
+    assert stage(sweep, "mrc")["computed"] == 0  # ... without running a trial again
+    assert "stage 3/4 finetune: done earlier" in err
+    assert "stage 4/4 interpolate: 3 alphas" in err
+    assert table(sweep, "tables/mrc.parquet") == mrc_before
+    rift = load_checkpoint(sweep / "checkpoints/rift.pt")[0]
+    assert all(torch.equal(rift[k], rift_before[k]) for k in rift_before)
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert (summary["trial"], summary["alpha"], summary["rift"]) == (
+        summary_before["trial"], summary_before["alpha"], summary_before["rift"])  # fmt: skip
+    from rift_ray.store import Store
+
+    store = Store.open(str(sweep.parent), sweep.name)
+    assert all(store.valid(rel) for rel in store.manifest())
+
+
+# -- a node lost during MRC ------------------------------------------------------------------------
+
+CLUSTER = r"""
+import glob, json, sys, threading, time
+import ray
+from ray.cluster_utils import Cluster
+smoke, storage, out, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+cluster.wait_for_nodes()
+ray.init(address=cluster.address)
+info = {"nodes": [w.node_id for w in workers]}
+
+def remove_a_node():  # once two MRC trials have started (one per node), drop the second node
+    while len(glob.glob(f"{storage}/n/ray/mrc-*/mrc_trial_*")) < 2:
+        time.sleep(0.2)
+    time.sleep(2)
+    cluster.remove_node(workers[1], allow_graceful=False)
+    info["removed"] = workers[1].node_id
+    info["removed_at"] = time.time()
+
+threading.Thread(target=remove_a_node, daemon=True).start()
+from rift_ray.cli import main
+info["code"] = main(["sweep", smoke, "--storage", storage, "--name", "n", *argv])
+json.dump(info, open(out, "w"))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_node_removed_during_mrc(start_ckpt: str, tmp_path: Path) -> None:
+    args = [*TINY, *FOUR_MODULES, *NO_WANDB, "--set", f"adv_train.checkpoint={start_ckpt}",
+            "--set", "finetune.lrs=[0.01]", "--set", "finetune.epochs=1",
+            "--set", "interpolate.alphas=[0.0,1.0]"]  # fmt: skip
+    info_file = tmp_path / "info.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", CLUSTER, SMOKE, str(tmp_path), str(info_file), *args],
+        env=_env(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0 and info_file.is_file(), proc.stderr[-4000:]
+    info = json.loads(info_file.read_text())
+    assert info["code"] == 0 and "removed" in info, proc.stderr[-4000:]
+    sweep = tmp_path / "n"
+    rows = table(sweep, "tables/mrc.parquet")
+    assert sorted(r["module"] for r in rows) == [
+        "conv1",
+        "layer1.0.conv1",
+        "layer2.0.conv1",
+        "linear",
+    ]
+    assert all(r["status"] == "done" for r in rows), rows
+    # the trial that ran on the lost node failed there and was rescheduled on the other one
+    trials = tune_trials(sweep, "mrc")
+    retried = [t["config"]["module"] for t in trials if t["num_failures"] >= 1]
+    assert retried, trials
+    by_module = {r["module"]: r for r in rows}
+    assert all(by_module[m]["node"] != info["removed"][:12] for m in retried)
+    assert (sweep / "summary.json").is_file()
