@@ -368,7 +368,11 @@ def fig_interpolation(
                         zorder=4,
                     )[0]
                     handles.setdefault("alpha* of a trial", star)
-            at_pts = [r[metric] for r in rows if r["split"] == split and r["alpha"] == 0.0]
+            at_pts = [
+                r[metric]
+                for r in rows
+                if r["split"] == split and r["alpha"] == 0.0 and _finite(r.get(metric))
+            ]
             if metric == "robust_acc" and split == "val" and tolerance is not None and at_pts:
                 limit = at_pts[0] - tolerance
                 handles["constraint: AT - tolerance"] = ax.axhline(

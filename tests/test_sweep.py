@@ -31,6 +31,15 @@ FAST = [
     "--set", "finetune.metric_alphas=[0.5,1.0]",
     "--set", "interpolate.alphas=[0.0,0.25,0.5,0.75,1.0]",
 ]  # fmt: skip
+# The main run also exercises regenerated corruptions and sharded AutoAttack on a few images.
+EVAL = [
+    "--set", "eval.corruptions=[gaussian_noise,contrast]",
+    "--set", "eval.severities=[1,3]",
+    "--set", "eval.corruption_source=generated",
+    "--set", "eval.autoattack.enabled=true",
+    "--set", "eval.autoattack.subset=16",
+    "--set", "eval.autoattack.shard_size=8",
+]  # fmt: skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -38,7 +47,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 @pytest.fixture(scope="module")
 def smoke_run(ray_session, tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")
-    code = main(["sweep", SMOKE, "--storage", str(storage), "--name", "t", *FAST])
+    code = main(["sweep", SMOKE, "--storage", str(storage), "--name", "t", *FAST, *EVAL])
     assert code == 0
     return storage / "t"
 
@@ -86,6 +95,21 @@ def test_summary_consistent_with_tables(smoke_run: Path) -> None:
     assert len(ft) == 2 and {r["lr"] for r in ft} == {0.001, 0.02}
 
 
+def test_corruption_and_autoattack_in_the_final_evaluation(smoke_run: Path) -> None:
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    for who in ("at", "rift"):
+        assert 0.0 <= summary[who]["test"]["corruption_acc"] <= 100.0
+        aa = summary["autoattack"][who]
+        assert aa["n"] == 16 and aa["settings"]["version"] == "standard"
+        # robust accuracy can never exceed clean accuracy on the same images
+        assert aa["robust_acc"] <= aa["clean_acc"]
+    shards = sorted(p.name for p in (smoke_run / "artifacts/autoattack/rift").iterdir())
+    assert shards == ["shard-0.json", "shard-1.json"]
+    interp = pq.read_table(smoke_run / "tables/interpolation.parquet").to_pylist()
+    assert all(r["corruption_acc"] is not None for r in interp if r["split"] == "test")
+    assert all(r["corruption_acc"] is None for r in interp if r["split"] == "val")
+
+
 def test_rift_checkpoint_is_the_interpolated_model(smoke_run: Path) -> None:
     import torch
 
@@ -107,7 +131,7 @@ def test_rerun_reuses_every_stage(smoke_run: Path, capsys: pytest.CaptureFixture
         for p in smoke_run.rglob("*")
         if p.is_file() and "ray" not in p.parts
     }
-    code = main(["sweep", SMOKE, "--storage", str(smoke_run.parent), "--name", "t", *FAST])
+    code = main(["sweep", SMOKE, "--storage", str(smoke_run.parent), "--name", "t", *FAST, *EVAL])
     assert code == 0
     err = capsys.readouterr().err
     assert err.count("done earlier") == 4, err
@@ -119,7 +143,7 @@ def test_rerun_reuses_every_stage(smoke_run: Path, capsys: pytest.CaptureFixture
 def test_changed_config_recomputes_only_later_stages(
     smoke_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["sweep", SMOKE, "--storage", str(smoke_run.parent), "--name", "t", *FAST,
+    code = main(["sweep", SMOKE, "--storage", str(smoke_run.parent), "--name", "t", *FAST, *EVAL,
                  "--set", "interpolate.alphas=[0.0,0.5,1.0]"])  # fmt: skip
     assert code == 0
     err = capsys.readouterr().err

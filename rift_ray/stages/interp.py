@@ -60,6 +60,7 @@ def evaluate_state(
             seed=cfg.seed,
         )
         row = {"clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"], "n": m["n"]}
+        row["corruption_acc"] = None  # same columns in every row (measured on test only)
         if cdata and split == "test":
             row["corruption_acc"] = corruption_accuracy(
                 model, cdata, batch_size=cfg.eval.batch_size, device=device
