@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,15 +10,6 @@ from torch import nn
 from rift_ray.attacks import corruption_accuracy, evaluate, pgd_attack, trades_attack
 
 EPS = 8 / 255
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded; OpenMP on a busy 2-core box is 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_cnn(num_classes: int = 3) -> nn.Module:

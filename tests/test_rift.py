@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,15 +23,6 @@ from rift_ray.rift import (
 )
 
 CANDIDATES = ["0", "4", "7"]  # the Conv2d, Conv2d and Linear of tiny_cnn
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded; OpenMP on a busy 2-core box is 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_cnn(num_classes: int = 3, seed: int = 0) -> nn.Sequential:

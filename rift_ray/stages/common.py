@@ -134,3 +134,21 @@ def quiet_worker_logs() -> None:
     logging.getLogger(
         "ray.train.v2._internal.execution.controller.placement_group_cleaner"
     ).setLevel(logging.ERROR)
+
+
+def evaluate_pgd(
+    cfg: SweepConfig, model: torch.nn.Module, data: Any, device: torch.device, restarts: int = 1
+) -> dict[str, float]:
+    """Clean and PGD accuracy (percent) of ``model`` on ``data`` with the sweep's attack."""
+    from rift_ray.attacks import evaluate
+
+    m = evaluate(
+        model,
+        data,
+        batch_size=cfg.eval.batch_size,
+        device=device,
+        attack=attack_kwargs(cfg),
+        restarts=restarts,
+        seed=cfg.seed,
+    )
+    return {"clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"], "n": m["n"]}

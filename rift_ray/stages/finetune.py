@@ -24,11 +24,16 @@ import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from rift_ray.attacks import evaluate
 from rift_ray.config import SweepConfig
 from rift_ray.data import DatasetSplits, ImageData
 from rift_ray.rift import finetune, interpolate, select_alpha
-from rift_ray.stages.common import attack_kwargs, cpu_state, fault, new_model, setup_worker
+from rift_ray.stages.common import (
+    cpu_state,
+    evaluate_pgd,
+    fault,
+    new_model,
+    setup_worker,
+)
 from rift_ray.stages.tuning import run_tune
 
 
@@ -40,15 +45,7 @@ def metric_subset(cfg: SweepConfig, splits: DatasetSplits) -> ImageData:
 def _eval(
     cfg: SweepConfig, model: torch.nn.Module, data: ImageData, device: torch.device
 ) -> dict[str, float]:
-    m = evaluate(
-        model,
-        data,
-        batch_size=cfg.eval.batch_size,
-        device=device,
-        attack=attack_kwargs(cfg),
-        restarts=1,
-        seed=cfg.seed,
-    )
+    m = evaluate_pgd(cfg, model, data, device)
     return {"clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"]}
 
 

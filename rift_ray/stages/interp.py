@@ -15,12 +15,12 @@ from typing import Any
 import ray
 import torch
 
-from rift_ray.attacks import corruption_accuracy, evaluate
+from rift_ray.attacks import corruption_accuracy
 from rift_ray.config import SweepConfig, expand_path
 from rift_ray.data import DatasetSplits, ImageData, load_cifar_c
 from rift_ray.progress import Progress
 from rift_ray.rift import interpolate, select_alpha
-from rift_ray.stages.common import attack_kwargs, new_model, setup_worker
+from rift_ray.stages.common import evaluate_pgd, new_model, setup_worker
 
 
 def eval_sets(cfg: SweepConfig, splits: DatasetSplits) -> dict[str, ImageData]:
@@ -50,16 +50,7 @@ def evaluate_state(
     model.to(device)
     out: dict[str, dict[str, float]] = {}
     for split, data in sets.items():
-        m = evaluate(
-            model,
-            data,
-            batch_size=cfg.eval.batch_size,
-            device=device,
-            attack=attack_kwargs(cfg),
-            restarts=cfg.eval.restarts,
-            seed=cfg.seed,
-        )
-        row = {"clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"], "n": m["n"]}
+        row: dict[str, Any] = evaluate_pgd(cfg, model, data, device, cfg.eval.restarts)
         row["corruption_acc"] = None  # same columns in every row (measured on test only)
         if cdata and split == "test":
             row["corruption_acc"] = corruption_accuracy(
