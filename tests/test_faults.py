@@ -34,7 +34,11 @@ from rift_ray.checkpoint import load_checkpoint, save_checkpoint
 from rift_ray.cli import main
 from rift_ray.models import build_model
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+def e2e(test: Callable[..., None]) -> Callable[..., None]:
+    """An end-to-end test: runs sweeps on Ray (``-m "not slow"`` skips it)."""
+    return pytest.mark.slow(pytest.mark.ray(test))
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "sweeps" / "smoke.yaml")
@@ -193,6 +197,7 @@ def faulted(address: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     return tmp / "f", text, tmp / "fired"
 
 
+@e2e
 def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(
     faulted: tuple[Path, str, Path],
 ) -> None:
@@ -207,6 +212,7 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(
     assert load_checkpoint(sweep / "checkpoints/at.pt")[1]["arch"] == "small_resnet"
 
 
+@e2e
 def test_failed_trials_are_reported_and_the_sweep_goes_on(
     faulted: tuple[Path, str, Path],
 ) -> None:
@@ -245,6 +251,7 @@ def test_failed_trials_are_reported_and_the_sweep_goes_on(
         assert f"{f['stage']} failed: {f['name']}: {f['error']}" in flat
 
 
+@e2e
 def test_stage_without_usable_result_stops_the_sweep(
     address: str, start_ckpt: str, tmp_path: Path
 ) -> None:
@@ -380,6 +387,7 @@ def _same_results(a: Path, b: Path) -> None:
     assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
 
 
+@e2e
 def test_driver_killed_during_mrc_and_finetune_resumes(
     chain: dict[str, Any], reference: dict[str, Any]
 ) -> None:
@@ -399,6 +407,7 @@ def test_driver_killed_during_mrc_and_finetune_resumes(
     _same_results(sweep, reference["sweep"])
 
 
+@e2e
 def test_wandb_faults_do_not_stop_the_sweep(reference: dict[str, Any]) -> None:
     err = reference["err"]
     assert reference["code"] == 0, err[-4000:]
@@ -414,6 +423,7 @@ def test_wandb_faults_do_not_stop_the_sweep(reference: dict[str, Any]) -> None:
 # -- corrupted / half-written artifacts ----------------------------------------------------------
 
 
+@e2e
 def test_corrupted_artifacts_are_recomputed(
     chain: dict[str, Any], start_ckpt: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -451,6 +461,31 @@ def test_corrupted_artifacts_are_recomputed(
     assert all(store.valid(rel) for rel in store.manifest())
 
 
+def test_interrupted_write_is_never_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that dies before its rename leaves the old artifact whole (and no temp file); one
+    that dies after the rename but before the manifest update is not trusted by a re-run."""
+    from rift_ray.store import AT_CHECKPOINT, Store
+
+    store = Store.open(str(tmp_path), "s")
+    store.put(AT_CHECKPOINT, b"old weights", stage_hash="h")
+    store.write_stage("adv_train", status="done", hash="h")
+
+    def die(fd: int) -> None:
+        raise KeyboardInterrupt  # the process is stopped halfway through the write
+
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "fsync", die)
+        with pytest.raises(KeyboardInterrupt):
+            store.put(AT_CHECKPOINT, b"new weights", stage_hash="h")
+    assert store.get(AT_CHECKPOINT) == b"old weights"
+    assert store.stage_done("adv_train", "h", [AT_CHECKPOINT])
+    assert sorted(p.name for p in (tmp_path / "s/checkpoints").iterdir()) == ["at.pt"]
+    (tmp_path / "s" / AT_CHECKPOINT).write_bytes(b"new weights")  # renamed, manifest not updated
+    assert not store.stage_done("adv_train", "h", [AT_CHECKPOINT])
+
+
 # -- a node lost during MRC ------------------------------------------------------------------------
 
 CLUSTER = r"""
@@ -481,6 +516,7 @@ cluster.shutdown()
 """
 
 
+@e2e
 def test_node_removed_during_mrc(start_ckpt: str, tmp_path: Path) -> None:
     args = [*TINY, *FOUR_MODULES, *NO_WANDB, "--set", f"adv_train.checkpoint={start_ckpt}",
             "--set", "finetune.lrs=[0.01]", "--set", "finetune.epochs=1",

@@ -118,9 +118,11 @@ def train_loop(config: dict[str, Any]) -> None:
 
     model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     core = model.module if hasattr(model, "module") else model
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+    gen = torch.Generator(device=device)
 
     for epoch in range(start_epoch, at.epochs):
+        # PGD random starts seeded per (seed, rank, epoch): a resumed run repeats them exactly
+        gen.manual_seed((cfg.seed * 1000 + rank) * 100003 + epoch)
         lr = optimizer.param_groups[0]["lr"]
         train_batches = batches(
             splits.train,
