@@ -122,7 +122,9 @@ def main() -> None:
         d_cl = max([d_cl] + [abs(a - b) for a, b in zip(ref.epoch_losses, cl.epoch_losses)])
         diffs["fast"] = max(diffs["fast"], d_fast)
         diffs["fast+channels_last"] = max(diffs["fast+channels_last"], d_cl)
-        mem = f"{memory[name, 'reference']:.0f} / {memory[name, 'fast']:.0f}" if memory else "-"
+        mem = "-"
+        if (name, "fast") in memory:
+            mem = f"{memory[name, 'reference']:.0f} / {memory[name, 'fast']:.0f}"
         print(
             f"| {name} | {fast.cached_block or '-'} | {fast.cache_bytes / 2**20:.1f} | "
             f"{ref.seconds:.2f} | {fast.seconds:.2f} | {cl.seconds:.2f} | "

@@ -126,6 +126,11 @@ class MRCConfig(_Section):
     lr: PosFloat = 1.0
     projection: Literal["epoch", "step"] = "epoch"
     shuffle: bool = True
+    fast: bool = True
+    """Cache the input of the perturbed module's block and run only the rest of the network
+    (identical results; benchmarks/README.md). False = the reference procedure."""
+    channels_last: bool = False
+    """channels_last memory format in the ascent (faster on CPU/GPU, MRC differs ~1e-5)."""
     adv_set_size: PosInt | None = None
     """Images of the validation split attacked once to form the fixed adversarial set (default: all)."""
     include: list[str] = []

@@ -7,7 +7,13 @@
 """
 
 from rift_ray.rift.finetune import finetune, trainable_parameters
-from rift_ray.rift.interpolate import AlphaChoice, interpolate, select_alpha
+from rift_ray.rift.interpolate import (
+    AlphaChoice,
+    AlphaSearch,
+    interpolate,
+    search_alpha,
+    select_alpha,
+)
 from rift_ray.rift.mrc import (
     MRCResult,
     adversarial_set,
@@ -19,6 +25,7 @@ from rift_ray.rift.train import adversarial_train_epoch
 
 __all__ = [
     "AlphaChoice",
+    "AlphaSearch",
     "MRCResult",
     "adversarial_set",
     "adversarial_train_epoch",
@@ -27,6 +34,7 @@ __all__ = [
     "module_robust_criticality",
     "mrc_table",
     "project_l2_ball",
+    "search_alpha",
     "select_alpha",
     "trainable_parameters",
 ]

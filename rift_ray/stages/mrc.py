@@ -116,6 +116,8 @@ def mrc_trial(
             shuffle=m.shuffle,
             seed=cfg.seed,
             device=device,
+            fast=m.fast,
+            channels_last=m.channels_last,
         )
         if fault("mrc_nan", module=name):
             res = dataclasses.replace(res, mrc=float("nan"))
@@ -131,6 +133,8 @@ def mrc_trial(
             "robust_acc_drop": res.acc_before - res.acc_after,
             "best_epoch": res.best_epoch,
             "num_params": res.num_params,
+            "cached_block": res.cached_block,
+            "cache_bytes": res.cache_bytes,
             "seconds": time.time() - t0,
             "status": "done",
             "error": "",
@@ -150,7 +154,7 @@ def mrc_trial(
 
 MRC_COLUMNS = [
     "module", "mrc", "loss_before", "loss_after", "acc_before", "acc_after", "robust_acc_drop",
-    "best_epoch", "num_params", "seconds", "status", "error", "node",
+    "best_epoch", "num_params", "cached_block", "cache_bytes", "seconds", "status", "error", "node",
 ]  # fmt: skip
 
 
