@@ -322,6 +322,7 @@ def run_finetune(
         )
         if finished and best["state"] is not None:
             survivors.append({"trial": name, "modules": modules, "lr": lr, "state": best["state"]})
+    survivors.sort(key=lambda t: t["trial"])
     trial_rows.sort(
         key=lambda t: -(t["best_val_score"] if t["best_val_score"] is not None else float("-inf"))
     )

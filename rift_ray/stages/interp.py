@@ -180,7 +180,13 @@ def run_interpolation(
             }
         )
     feasible = [c for c in choices if c["feasible"] and c["alpha"] is not None]
-    best = max(feasible, key=lambda c: c["clean_gain"] or 0.0, default=None)
+    # largest clean gain; ties to the smaller robust drop, then the trial name, so the
+    # winner does not depend on the order in which trials finished
+    best = min(
+        feasible,
+        key=lambda c: (-(c["clean_gain"] or 0.0), c["robust_drop"] or 0.0, c["trial"]),
+        default=None,
+    )
     for row in table:
         row["selected"] = (
             best is not None and row["trial"] == best["trial"] and row["alpha"] == best["alpha"]
