@@ -200,7 +200,6 @@ def finetune_trial(
                 "best_epoch": best["epoch"],
                 "run_token": run_token,
                 "status": "running",
-                "error": "",
             }
             history.append(
                 {k: v for k, v in metrics.items() if k not in ("run_token", "status", "error")}

@@ -137,7 +137,6 @@ def mrc_trial(
             "cache_bytes": res.cache_bytes,
             "seconds": time.time() - t0,
             "status": "done",
-            "error": "",
         }
     except Exception as e:  # noqa: BLE001 - a failed module is a row in the table, not a dead sweep
         row = {
@@ -202,6 +201,7 @@ def run_mrc(
         if met.get("run_token") == run_token:
             computed += 1
         by_module[module] = {c: met.get(c) for c in MRC_COLUMNS}
+        by_module[module]["error"] = by_module[module]["error"] or ""  # a string column always
     for mod in modules:
         rows.append(by_module.get(mod) or {"module": mod, "status": "failed", "error": "no result"})
     rows.sort(
