@@ -269,14 +269,6 @@ class SweepConfig(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def section_hash(self, *sections: str) -> str:
-        """Hash of the named sections (plus seed): a stage is reusable when its inputs' hash matches."""
-        d = self.to_dict()
-        payload = {s: d[s] for s in sections}
-        payload["seed"] = self.seed
-        blob = json.dumps(payload, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
     def config_hash(self) -> str:
         d = self.to_dict()
         for k in ("name", "storage", "wandb", "resources"):

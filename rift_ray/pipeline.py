@@ -249,7 +249,7 @@ def run_sweep(
 
     # -- stage 1: adversarial training (or the given checkpoint) --------------------------
     t0 = time.time()
-    if store.stage_done("adv_train", hashes["adv_train"], [layout.AT_CHECKPOINT]):
+    if store.stage_done("adv_train", hashes["adv_train"]):
         log("stage 1/4 adv_train: done earlier, reusing checkpoints/at.pt")
         at_state = _state_from_ckpt(store.get(layout.AT_CHECKPOINT))
         at_history = (store.read_stage("adv_train") or {}).get("history", [])
@@ -284,7 +284,7 @@ def run_sweep(
 
     # -- stage 2: MRC ---------------------------------------------------------------------------
     t0 = time.time()
-    if store.stage_done("mrc", hashes["mrc"], [layout.MRC_TABLE]):
+    if store.stage_done("mrc", hashes["mrc"]):
         log("stage 2/4 mrc: done earlier, reusing tables/mrc.parquet")
         mrc_rows = store.get_table(layout.MRC_TABLE).to_pylist()
     else:
@@ -317,10 +317,8 @@ def run_sweep(
 
     # -- stage 3: fine-tuning (ASHA over learning rates) ----------------------------------------
     t0 = time.time()
-    ft_rec = store.read_stage("finetune") or {}
-    survivors_prev = ft_rec.get("survivors", [])
-    ft_artifacts = [layout.FINETUNE_TABLE] + [layout.finetune_checkpoint(s) for s in survivors_prev]
-    if survivors_prev and store.stage_done("finetune", hashes["finetune"], ft_artifacts):
+    if store.stage_done("finetune", hashes["finetune"]):
+        survivors_prev = (store.read_stage("finetune") or {})["survivors"]
         log("stage 3/4 finetune: done earlier, reusing tables/finetune.parquet")
         ft_rows = store.get_table(layout.FINETUNE_TABLE).to_pylist()
         survivors = [
@@ -379,11 +377,7 @@ def run_sweep(
 
     # -- stage 4: interpolation and alpha* ------------------------------------------------------
     t0 = time.time()
-    if store.stage_done(
-        "interpolate",
-        hashes["interpolate"],
-        [layout.INTERPOLATION_TABLE, layout.RIFT_CHECKPOINT, layout.SUMMARY],
-    ):
+    if store.stage_done("interpolate", hashes["interpolate"]):
         log("stage 4/4 interpolate: done earlier, reusing summary.json")
         summary = store.get_json(layout.SUMMARY)
         summary["reused"] = True
@@ -517,4 +511,4 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
-__all__ = ["CheckpointError", "Prepared", "SweepError", "prepare", "run_sweep", "stage_hashes"]
+__all__ = ["Prepared", "SweepError", "prepare", "run_sweep", "stage_hashes"]

@@ -63,7 +63,6 @@ def estimate(
 
 def print_plan(cfg: SweepConfig) -> None:
     from rift_ray.pipeline import prepare
-    from rift_ray.store import AT_CHECKPOINT, INTERPOLATION_TABLE, MRC_TABLE, SUMMARY
 
     prep = prepare(cfg)
     from rift_ray.stages.common import ModelSpec
@@ -72,15 +71,7 @@ def print_plan(cfg: SweepConfig) -> None:
     s, r = prep.splits, cfg.resources
     t_img = time_per_image(cfg, spec)
     est = estimate(cfg, len(s.train), len(s.val), len(s.test), len(prep.modules), t_img)
-    done = {
-        "adv_train": prep.store.stage_done("adv_train", prep.hashes["adv_train"], [AT_CHECKPOINT]),
-        "mrc": prep.store.stage_done("mrc", prep.hashes["mrc"], [MRC_TABLE]),
-        "finetune": (prep.store.read_stage("finetune") or {}).get("status") == "done"
-        and (prep.store.read_stage("finetune") or {}).get("hash") == prep.hashes["finetune"],
-        "interpolate": prep.store.stage_done(
-            "interpolate", prep.hashes["interpolate"], [INTERPOLATION_TABLE, SUMMARY]
-        ),
-    }
+    done = {stage: prep.store.stage_done(stage, h) for stage, h in prep.hashes.items()}
     groups = cfg.finetune.top_k + (1 if cfg.finetune.joint and cfg.finetune.top_k > 1 else 0)
     alphas = [a for a in cfg.interpolate.alphas if a > 0]
     tasks = math.ceil(len(alphas) / cfg.interpolate.alphas_per_task)

@@ -227,12 +227,26 @@ class Store:
         self.put(rel, text.encode())
 
     # -- stage records -----------------------------------------------------------
-    def stage_done(self, stage: str, stage_hash: str, artifacts: list[str]) -> bool:
+    def stage_artifacts(self, stage: str) -> list[str]:
+        """What a finished stage must have left in storage (fine-tuning: its record names
+        the surviving trials whose checkpoints go on to interpolation)."""
+        if stage == "finetune":
+            survivors = (self.read_stage("finetune") or {}).get("survivors", [])
+            return [FINETUNE_TABLE] + [finetune_checkpoint(t) for t in survivors]
+        return {
+            "adv_train": [AT_CHECKPOINT],
+            "mrc": [MRC_TABLE],
+            "interpolate": [INTERPOLATION_TABLE, RIFT_CHECKPOINT, SUMMARY],
+        }[stage]
+
+    def stage_done(self, stage: str, stage_hash: str) -> bool:
         """A stage is reusable when its record says done for this hash and its artifacts verify."""
         rec = self.read_stage(stage)
         if not rec or rec.get("status") != "done" or rec.get("hash") != stage_hash:
             return False
-        return all(self.valid(a, stage_hash) for a in artifacts)
+        if stage == "finetune" and not rec.get("survivors"):
+            return False
+        return all(self.valid(a, stage_hash) for a in self.stage_artifacts(stage))
 
     def read_stage(self, stage: str) -> dict[str, Any] | None:
         rel = stage_record(stage)

@@ -480,10 +480,10 @@ def test_interrupted_write_is_never_trusted(
         with pytest.raises(KeyboardInterrupt):
             store.put(AT_CHECKPOINT, b"new weights", stage_hash="h")
     assert store.get(AT_CHECKPOINT) == b"old weights"
-    assert store.stage_done("adv_train", "h", [AT_CHECKPOINT])
+    assert store.stage_done("adv_train", "h")
     assert sorted(p.name for p in (tmp_path / "s/checkpoints").iterdir()) == ["at.pt"]
     (tmp_path / "s" / AT_CHECKPOINT).write_bytes(b"new weights")  # renamed, manifest not updated
-    assert not store.stage_done("adv_train", "h", [AT_CHECKPOINT])
+    assert not store.stage_done("adv_train", "h")
 
 
 # -- a node lost during MRC ------------------------------------------------------------------------

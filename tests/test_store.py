@@ -25,12 +25,12 @@ def test_put_get_and_checksums(tmp_path: Path) -> None:
 def test_stage_done_requires_hash_and_valid_artifacts(tmp_path: Path) -> None:
     store = Store.open(str(tmp_path), "s")
     store.put_table(MRC_TABLE, [{"module": "conv1", "mrc": 0.1}], stage_hash="h")
-    assert not store.stage_done("mrc", "h", [MRC_TABLE])  # no record yet
+    assert not store.stage_done("mrc", "h")  # no record yet
     store.write_stage("mrc", status="done", hash="h")
-    assert store.stage_done("mrc", "h", [MRC_TABLE])
-    assert not store.stage_done("mrc", "other", [MRC_TABLE])
+    assert store.stage_done("mrc", "h")
+    assert not store.stage_done("mrc", "other")
     (tmp_path / "s" / MRC_TABLE).write_bytes(b"truncated")
-    assert not store.stage_done("mrc", "h", [MRC_TABLE])
+    assert not store.stage_done("mrc", "h")
     assert store.read_stage("finetune") is None
 
 

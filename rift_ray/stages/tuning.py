@@ -35,11 +35,7 @@ def run_tune(
     resources = {k: v for k, v in resources.items() if v}
     trainable = tune.with_resources(trainable, resources)
     path = f"{storage_path}/{name}"
-    if store.is_local:
-        can_restore = tune.Tuner.can_restore(path)
-    else:
-        can_restore = tune.Tuner.can_restore(path, storage_filesystem=storage_fs)
-    if can_restore:
+    if tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
         tuner = tune.Tuner.restore(
             path,
             trainable,
