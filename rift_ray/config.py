@@ -206,6 +206,9 @@ class EvalConfig(_Section):
     """files: the official CIFAR-10-C / CIFAR-100-C .npy files under ``cifar_c_root`` (headline
     numbers); generated: regenerated on demand from the test split by ``rift_ray.corruptions``
     (CIFAR-10-C severity parameters, not bit-identical to the official files)."""
+    corruption_subset: PosInt | None = None
+    """Images per corruption cell: the first N of the evaluated test images (None = all of them).
+    Each alpha point costs ``len(corruptions) x len(severities) x N`` clean forward passes."""
     autoattack: AutoAttackConfig = AutoAttackConfig()
 
 

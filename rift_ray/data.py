@@ -113,13 +113,17 @@ def _random_indices(n: int, k: int, *key: object) -> torch.Tensor:
 
 
 def split_validation(data: ImageData, val_size: int, seed: int) -> tuple[ImageData, ImageData]:
-    """Hold out ``val_size`` random images (seeded): returns (train, val), both in original order."""
+    """Hold out ``val_size`` random images (seeded): returns (train, val).
+
+    train keeps the original order; val is in the seeded random order, so that "the first N
+    validation images" (``eval.val_subset``, ``mrc.adv_set_size``, ``finetune.metric_subset``)
+    is a random sample even when the files are sorted by class (ImageFolder, Tiny-ImageNet)."""
     if val_size < 0 or (val_size > 0 and val_size >= len(data)):
         raise ValueError(
             f"val_size={val_size} must be >= 0 and less than the {len(data)} images to split"
         )
     perm = torch.randperm(len(data), generator=_generator("val", seed))
-    return data.subset(perm[val_size:].sort().values), data.subset(perm[:val_size].sort().values)
+    return data.subset(perm[val_size:].sort().values), data.subset(perm[:val_size])
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -236,6 +240,9 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetSplits:
         train = train.subset(_random_indices(len(train), cfg.train_subset, "train_subset", seed))
     if cfg.test_subset is not None and cfg.test_subset < len(test):
         test = test.subset(_random_indices(len(test), cfg.test_subset, "test_subset", seed))
+    # A fixed random order of the test split (the same for every seed): evaluation subsets
+    # take its first N images, which must not be the first classes of a class-sorted listing.
+    test = test.subset(torch.randperm(len(test), generator=_generator("test_order")))
     val_size = resolved_val_size(cfg, len(train))
     if val_size > len(train) / 2:
         raise DataError(

@@ -94,3 +94,34 @@ def test_generated_cells_work_with_corruption_accuracy() -> None:
     acc = corruption_accuracy(model, cdata, batch_size=16)
     assert set(acc) == {"fog-1", "fog-5", "jpeg_compression-1", "jpeg_compression-5", "mean"}
     assert all(0 <= v <= 100 for v in acc.values())
+
+
+def test_corruption_subset_bounds_each_cell() -> None:
+    from rift_ray.config import load_config
+    from rift_ray.data import load_dataset
+    from rift_ray.stages.interp import corruption_sets
+
+    cfg = load_config(
+        None,
+        [
+            "data.synthetic.train_size=40",
+            "data.synthetic.test_size=30",
+            "data.val_size=10",
+            "eval.corruptions=[contrast,brightness]",
+            "eval.severities=[2]",
+            "eval.corruption_source=generated",
+            "eval.test_subset=20",
+            "eval.corruption_subset=7",
+        ],
+    )
+    splits = load_dataset(cfg.data, seed=0)
+    cells = corruption_sets(cfg, splits)
+    assert cells is not None and sorted(cells) == [("brightness", 2), ("contrast", 2)]
+    assert all(len(c) == 7 for c in cells.values())
+    # the cells are corrupted copies of the first evaluated test images
+    assert torch.equal(cells[("contrast", 2)].labels, splits.test.labels[:7])
+    full = corruption_sets(
+        cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"corruption_subset": None})}),
+        splits,
+    )
+    assert full is not None and len(full[("contrast", 2)]) == 20

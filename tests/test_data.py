@@ -24,6 +24,7 @@ from rift_ray.data import (
     extract_archive,
     load_cifar_c,
     load_dataset,
+    load_tinyimagenet,
     num_batches,
     split_validation,
     synthetic_dataset,
@@ -235,6 +236,20 @@ def test_imagefolder_dir(tmp_path: Path) -> None:
     assert list((tmp_path / "cache" / "decoded").glob("imagefolder-*.npz"))
 
 
+def test_first_images_of_val_and_test_mix_classes(tmp_path: Path) -> None:
+    """ImageFolder files are sorted by class; "the first N" evaluation images must not be."""
+    _write_imagefolder(tmp_path / "ds", n_per_class=20)
+    cfg = DataConfig(
+        dataset="imagefolder", root=str(tmp_path / "ds"), cache_dir=str(tmp_path / "c"), val_size=15
+    )
+    splits = load_dataset(cfg, seed=0)
+    assert set(splits.test.labels[:12].tolist()) == {0, 1, 2}
+    assert set(splits.val.labels[:8].tolist()) == {0, 1, 2}
+    # the test order is fixed across seeds (every seed is evaluated on the same images)
+    assert torch.equal(load_dataset(cfg, seed=1).test.labels, splits.test.labels)
+    assert sorted(splits.test.labels.tolist()) == sorted([0, 1, 2] * 20)
+
+
 def test_imagefolder_archive_extracts_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _write_imagefolder(tmp_path / "src" / "top")
     archive = tmp_path / "ds.tar.gz"
@@ -312,7 +327,10 @@ def test_tinyimagenet_layout(tmp_path: Path) -> None:
         dataset="tinyimagenet", root=str(tmp_path), cache_dir=str(tmp_path / "cache"), val_size=2
     )
     splits = load_dataset(cfg)
-    assert splits.train.classes == ["n01", "n02"] and splits.test.labels.tolist() == [1, 0]
+    assert splits.train.classes == ["n01", "n02"] and sorted(splits.test.labels.tolist()) == [0, 1]
+    # the listing order (before the sweep's fixed shuffle of the test split): val_0 is n02
+    _, test = load_tinyimagenet(tmp_path / "tiny-imagenet-200", tmp_path / "cache")
+    assert test.labels.tolist() == [1, 0]
     assert (len(splits.train), len(splits.val), splits.test.images.shape) == (6, 2, (2, 3, 16, 16))
     assert splits.mean == (0.4802, 0.4481, 0.3975)
 

@@ -86,12 +86,16 @@ def _alpha_task(
 def corruption_sets(cfg: SweepConfig, splits: DatasetSplits) -> dict[Any, ImageData] | None:
     """The corrupted test sets, built once by the driver: the official CIFAR-10-C / -100-C
     files (``eval.corruption_source: files``) or regenerated from the test split
-    (``generated``), each cell cut to the evaluated test subset."""
+    (``generated``), each cell cut to the evaluated test subset (and to
+    ``eval.corruption_subset``)."""
     if not cfg.eval.corruptions:
         return None
     test = eval_sets(cfg, splits).get("test")
     if test is None:
         return None
+    n_cell = cfg.eval.corruption_subset
+    if n_cell is not None and len(test) > n_cell:
+        test = test.subset(torch.arange(n_cell))
     if cfg.eval.corruption_source == "generated":
         from rift_ray.corruptions import generate_cifar_c
 
