@@ -177,6 +177,11 @@ class InterpolateConfig(_Section):
     tolerance: NonNegFloat = 0.1
     """Robust accuracy (points) the interpolated model may lose against the AT model."""
     alphas_per_task: PosInt = 4
+    search: Literal["grid", "monotone"] = "grid"
+    """grid: evaluate every alpha (the report shows whole curves). monotone: per trial, a binary
+    search for the last alpha within the tolerance (``rift_ray.rift.search_alpha``: about 5
+    evaluations instead of 10 when the curves are monotone; the whole grid when they are not),
+    one Ray task per trial. Same alpha* as the grid whenever the curves are monotone."""
 
 
 class AutoAttackConfig(_Section):

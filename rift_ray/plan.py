@@ -53,12 +53,21 @@ def estimate(
     metric = (len(cfg.finetune.metric_alphas) * min(n_val, cfg.finetune.metric_subset) * k) * t_img
     ft = trials * cfg.finetune.epochs * (n_train * t_img + metric)
     interp = (
-        (1 + trials * len([a for a in cfg.interpolate.alphas if a > 0]))
+        (1 + trials * _points_per_trial(cfg))
         * (val_eval + test_eval)
         * (k * cfg.eval.restarts + 1)
         * t_img
     )
     return {"adv_train": at, "mrc": mrc, "finetune": ft, "interpolate": interp}
+
+
+def _points_per_trial(cfg: SweepConfig) -> int:
+    """Alpha points evaluated per fine-tuning trial (besides alpha = 0): the whole grid, or a
+    monotone search's binary search plus the tie check (the grid again if not monotone)."""
+    n = len([a for a in cfg.interpolate.alphas if a > 0])
+    if cfg.interpolate.search == "monotone":
+        return min(n, math.ceil(math.log2(n + 1)) + 1)
+    return n
 
 
 def print_plan(cfg: SweepConfig) -> None:
@@ -103,8 +112,13 @@ def print_plan(cfg: SweepConfig) -> None:
         ),
         (
             "interpolate",
-            f"{len(cfg.interpolate.alphas)} alphas per surviving trial, {tasks} task(s) per trial + 1 for AT "
-            f"x {{CPU: {r.interpolate.cpu:g}, GPU: {r.interpolate.gpu:g}}}",
+            (
+                f"binary search over {len(cfg.interpolate.alphas)} alphas per surviving trial "
+                f"(~{_points_per_trial(cfg)} evaluated when monotone), 1 task per trial + 1 for AT "
+                if cfg.interpolate.search == "monotone"
+                else f"{len(cfg.interpolate.alphas)} alphas per surviving trial, {tasks} task(s) per trial + 1 for AT "
+            )
+            + f"x {{CPU: {r.interpolate.cpu:g}, GPU: {r.interpolate.gpu:g}}}",
         ),
     ]
     for i, (stage, desc) in enumerate(lines, 1):

@@ -2,7 +2,8 @@
 
 The AT model (alpha = 0, identical for every trial) is evaluated once; the other
 alpha points of every surviving fine-tuning trial are evaluated in batches of
-``interpolate.alphas_per_task`` per task, on validation and test (clean, PGD and,
+``interpolate.alphas_per_task`` per task (``interpolate.search: monotone``: one task per
+trial binary-searching the alphas instead), on validation and test (clean, PGD and,
 when configured, corruption accuracy). alpha* is chosen per trial on validation by
 the paper's rule; the trial with the largest feasible clean gain is the final model.
 """
@@ -19,7 +20,7 @@ from rift_ray.attacks import corruption_accuracy
 from rift_ray.config import SweepConfig, expand_path
 from rift_ray.data import DatasetSplits, ImageData, load_cifar_c
 from rift_ray.progress import Progress
-from rift_ray.rift import interpolate, select_alpha
+from rift_ray.rift import interpolate, search_alpha, select_alpha
 from rift_ray.stages.common import evaluate_pgd, new_model, setup_worker
 
 
@@ -83,6 +84,39 @@ def _alpha_task(
     return rows
 
 
+@ray.remote
+def _search_task(
+    cfg_dict: dict[str, Any],
+    spec: Any,
+    splits: DatasetSplits,
+    at_state: dict[str, torch.Tensor],
+    ft_state: dict[str, torch.Tensor],
+    baseline: dict[str, Any],
+    cdata: dict[Any, ImageData] | None = None,
+) -> list[dict[str, Any]]:
+    """``interpolate.search: monotone``: search_alpha on validation for one trial; every
+    evaluated alpha is measured on each set (test too), like a grid task's rows."""
+    cfg = SweepConfig.model_validate(cfg_dict)
+    device = setup_worker(cfg, cfg.resources.interpolate.cpu, cfg.seed)
+    model = new_model(cfg, spec)
+    sets = eval_sets(cfg, splits)
+    rows: list[dict[str, Any]] = []
+
+    def evaluate_val(alpha: float) -> dict[str, Any]:
+        t0 = time.time()
+        measured = evaluate_state(
+            cfg, model, interpolate(at_state, ft_state, alpha), sets, cdata, device
+        )
+        for split, m in measured.items():
+            rows.append({"alpha": alpha, "split": split, **m, "seconds": time.time() - t0})
+        return measured["val"]
+
+    alphas = [a for a in cfg.interpolate.alphas if a > 0]
+    if alphas:
+        search_alpha(evaluate_val, [0.0, *alphas], cfg.interpolate.tolerance, baseline=baseline)
+    return rows
+
+
 def corruption_sets(cfg: SweepConfig, splits: DatasetSplits) -> dict[Any, ImageData] | None:
     """The corrupted test sets, built once by the driver: the official CIFAR-10-C / -100-C
     files (``eval.corruption_source: files``) or regenerated from the test split
@@ -123,31 +157,43 @@ def run_interpolation(
     at_ref = ray.put(at_state)
     c_ref = ray.put(cdata) if cdata else None
     alphas = [a for a in cfg.interpolate.alphas if a > 0]
-    jobs: dict[Any, dict[str, Any] | None] = {
-        _alpha_task.options(**opts).remote(
-            cfg_dict, spec, splits_ref, at_ref, None, [0.0], c_ref
-        ): None
-    }
-    k = cfg.interpolate.alphas_per_task
-    for t in trials:
-        ft_ref = ray.put(t["state"])
-        for i in range(0, len(alphas), k):
-            jobs[
-                _alpha_task.options(**opts).remote(
-                    cfg_dict, spec, splits_ref, at_ref, ft_ref, alphas[i : i + k], c_ref
-                )
-            ] = t
+    search = cfg.interpolate.search == "monotone"
+    at_job = _alpha_task.options(**opts).remote(
+        cfg_dict, spec, splits_ref, at_ref, None, [0.0], c_ref
+    )
+    jobs: dict[Any, dict[str, Any] | None] = {at_job: None}
     results: dict[Any, list[dict[str, Any]]] = {}
-    pending = list(jobs)
     total_points = 1 + len(alphas) * len(trials)
     with Progress("interpolate", total_points, unit="alpha points") as bar:
+        if search:  # the search needs the AT model's validation figures first
+            results[at_job] = ray.get(at_job)
+            bar.advance(1)
+            base_val = next((r for r in results[at_job] if r["split"] == "val"), None)
+        k = cfg.interpolate.alphas_per_task
+        for t in trials:
+            ft_ref = ray.put(t["state"])
+            if search and base_val is not None:
+                jobs[
+                    _search_task.options(**opts).remote(
+                        cfg_dict, spec, splits_ref, at_ref, ft_ref, base_val, c_ref
+                    )
+                ] = t
+                continue
+            for i in range(0, len(alphas), k):
+                jobs[
+                    _alpha_task.options(**opts).remote(
+                        cfg_dict, spec, splits_ref, at_ref, ft_ref, alphas[i : i + k], c_ref
+                    )
+                ] = t
+        pending = [ref for ref in jobs if ref not in results]
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             for ref in ready:
                 results[ref] = ray.get(ref)
-                bar.advance(len({row["alpha"] for row in results[ref]}))
+                # a search skips alphas: count them as done so the bar ends at its total
+                bar.advance(len(alphas) if search else len({row["alpha"] for row in results[ref]}))
 
-    baseline = next(rows for ref, rows in results.items() if jobs[ref] is None)
+    baseline = results[at_job]
     table: list[dict[str, Any]] = []
     for t in trials:
         rows = [dict(row) for row in baseline]
