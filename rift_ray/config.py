@@ -195,6 +195,10 @@ class AutoAttackConfig(_Section):
     version: Literal["standard"] = "standard"
     subset: PosInt | None = 1000
     shard_size: PosInt = 250
+    alphas: list[Annotated[float, Field(ge=0, le=1)]] = []
+    """More points of the winning trial's interpolation curve to attack, besides the AT model
+    (alpha 0) and alpha*; each result lands in ``tables/interpolation.parquet``
+    (``autoattack_acc`` of its test row) and ``summary.json``."""
 
 
 class EvalConfig(_Section):

@@ -404,6 +404,23 @@ def run_sweep(
     from rift_ray.rift import interpolate
 
     rift_state = interpolate(at_state, winner["state"], best["alpha"])
+    aa_curve: dict[float, dict[str, Any]] = {}
+    if cfg.eval.autoattack.enabled:
+        from rift_ray.stages.autoattack import autoattack_curve
+
+        log(
+            f"AutoAttack ({cfg.eval.autoattack.version}) of the AT model, alpha* and "
+            f"{len(cfg.eval.autoattack.alphas)} more alpha(s) of {best['trial']}"
+        )
+        aa_curve = autoattack_curve(
+            cfg, store, spec, splits_ref, at_state, winner["state"], best["alpha"], best["trial"]
+        )
+    for (
+        row
+    ) in table:  # AutoAttack is measured on test: alpha 0 for every trial, the rest for the winner
+        hit = row["split"] == "test" and (row["alpha"] == 0.0 or row["trial"] == best["trial"])
+        aa = aa_curve.get(row["alpha"]) if hit else None
+        row["autoattack_acc"] = aa["robust_acc"] if aa else None
     store.put_table(layout.INTERPOLATION_TABLE, table, stage_hash=hashes["interpolate"])
     store.put(
         layout.RIFT_CHECKPOINT,
@@ -414,18 +431,20 @@ def run_sweep(
     summary = build_summary(
         cfg, mrc_rows, ft_rows, table, choice, winner, timings, time.time() - t_start
     )
-    if cfg.eval.autoattack.enabled:
-        from rift_ray.stages.autoattack import run_autoattack
-
-        log(
-            f"final evaluation: AutoAttack ({cfg.eval.autoattack.version}) of the AT and RiFT models"
-        )
-        summary["autoattack"] = {}
-        for who, state in (("at", at_state), ("rift", rift_state)):
-            aa = run_autoattack(cfg, store, spec, splits_ref, state, who)
-            summary["autoattack"][who] = {
-                k: aa[k] for k in ("robust_acc", "clean_acc", "n", "after", "settings")
-            }
+    if aa_curve:
+        keep = ("robust_acc", "clean_acc", "n", "after", "settings")
+        summary["autoattack"] = {
+            who: {k: aa_curve[a][k] for k in keep}
+            for who, a in (("at", 0.0), ("rift", float(best["alpha"])))
+        }
+        summary["autoattack_curve"] = [
+            {"alpha": a, "trial": best["trial"], **{k: r[k] for k in ("robust_acc", "n")}}
+            for a, r in sorted(aa_curve.items())
+        ]
+        for who in ("at", "rift"):
+            summary[who].setdefault("test", {})["autoattack_acc"] = summary["autoattack"][who][
+                "robust_acc"
+            ]
     summary["environment"] = environment_info(
         ray.cluster_resources(), sum(bool(n["Alive"]) for n in ray.nodes())
     )

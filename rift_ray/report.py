@@ -49,9 +49,15 @@ SUMMARY_SCHEMA = pa.schema(
         ("clean_acc", pa.float64()),
         ("robust_acc", pa.float64()),
         ("corruption_acc", pa.float64()),
+        ("autoattack_acc", pa.float64()),
     ]
 )
-METRICS = {"clean_acc": "clean", "robust_acc": "PGD", "corruption_acc": "corruption"}
+METRICS = {
+    "clean_acc": "clean",
+    "robust_acc": "PGD",
+    "corruption_acc": "corruption",
+    "autoattack_acc": "AutoAttack",
+}
 AT_COLOR, RIFT_COLOR, LIMIT_COLOR = "#7f7f7f", "#d62728", "#b8860b"
 
 

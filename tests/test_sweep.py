@@ -39,6 +39,7 @@ EVAL = [
     "--set", "eval.autoattack.enabled=true",
     "--set", "eval.autoattack.subset=16",
     "--set", "eval.autoattack.shard_size=8",
+    "--set", "eval.autoattack.alphas=[1.0]",
 ]  # fmt: skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -103,9 +104,29 @@ def test_corruption_and_autoattack_in_the_final_evaluation(smoke_run: Path) -> N
         assert aa["n"] == 16 and aa["settings"]["version"] == "standard"
         # robust accuracy can never exceed clean accuracy on the same images
         assert aa["robust_acc"] <= aa["clean_acc"]
-    shards = sorted(p.name for p in (smoke_run / "artifacts/autoattack/rift").iterdir())
-    assert shards == ["shard-0.json", "shard-1.json"]
+    assert summary["at"]["test"]["autoattack_acc"] == summary["autoattack"]["at"]["robust_acc"]
+    assert summary["rift"]["test"]["autoattack_acc"] == summary["autoattack"]["rift"]["robust_acc"]
+    # AutoAttack along the interpolation curve: alpha 0, alpha* and eval.autoattack.alphas=[1.0]
+    trial, alpha = summary["trial"], summary["alpha"]
+    names = {"at", f"{trial}-alpha1"} | ({"rift"} if alpha > 0 else set())
+    assert {p.name for p in (smoke_run / "artifacts/autoattack").iterdir()} == names
+    for name in names:
+        shards = sorted(p.name for p in (smoke_run / "artifacts/autoattack" / name).iterdir())
+        assert shards == ["shard-0.json", "shard-1.json"]
+    assert [c["alpha"] for c in summary["autoattack_curve"]] == sorted({0.0, alpha, 1.0})
     interp = pq.read_table(smoke_run / "tables/interpolation.parquet").to_pylist()
+    attacked = {
+        (r["trial"], r["alpha"]): r["autoattack_acc"]
+        for r in interp
+        if r["autoattack_acc"] is not None
+    }
+    assert all(r["split"] == "test" for r in interp if r["autoattack_acc"] is not None)
+    assert attacked[(trial, 1.0)] == summary["autoattack_curve"][-1]["robust_acc"]
+    assert attacked[(trial, 0.0)] == summary["autoattack"]["at"]["robust_acc"]
+    assert attacked[(trial, alpha)] == summary["autoattack"]["rift"]["robust_acc"]
+    assert len(attacked) == len({0.0, alpha, 1.0}) + (
+        len({r["trial"] for r in interp}) - 1
+    )  # other trials: their alpha 0 row only
     assert all(r["corruption_acc"] is not None for r in interp if r["split"] == "test")
     assert all(r["corruption_acc"] is None for r in interp if r["split"] == "val")
 

@@ -183,3 +183,28 @@ def run_autoattack(
         "reused": len(bounds) - len(todo),
         "settings": settings,
     }
+
+
+def autoattack_curve(
+    cfg: SweepConfig,
+    store: Store,
+    spec: ModelSpec,
+    splits_ref: Any,
+    at_state: dict[str, torch.Tensor],
+    ft_state: dict[str, torch.Tensor],
+    alpha_star: float,
+    trial: str,
+) -> dict[float, dict[str, Any]]:
+    """AutoAttack at alpha 0 (the AT model, shards under ``at/``), alpha* (``rift/``) and every
+    ``eval.autoattack.alphas`` point of the winning trial (``<trial>-alpha<a>/``): alpha -> result."""
+    from rift_ray.rift import interpolate
+
+    names = {0.0: "at"}
+    names.setdefault(float(alpha_star), "rift")  # alpha* = 0 is the AT model: attacked once
+    for a in cfg.eval.autoattack.alphas:
+        names.setdefault(float(a), f"{trial}-alpha{a:g}")
+    out: dict[float, dict[str, Any]] = {}
+    for alpha, name in sorted(names.items()):
+        state = at_state if alpha == 0.0 else interpolate(at_state, ft_state, alpha)
+        out[alpha] = run_autoattack(cfg, store, spec, splits_ref, state, name)
+    return out
