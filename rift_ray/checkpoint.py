@@ -180,14 +180,20 @@ def load_checkpoint(
 
 
 def load_into_model(
-    model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str = "checkpoint"
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    source: str = "checkpoint",
+    normalization: str = "dataset",
 ) -> None:
     """``model.load_state_dict(strict=True)`` after reconciling normalization and BN counters.
 
     - ``normalizer.mean/std`` or ``norm.mean/std`` (foreign names) become ``normalize.mean/std``.
-    - Without normalization keys the model keeps its own ``normalize.mean/std``: a foreign
-      network that normalized outside itself needs the dataset mean/std, which
-      ``build_model`` already set from the config.
+    - Without normalization keys, ``normalization`` says what the network was trained on:
+      ``"dataset"`` (it normalized outside itself with the dataset mean/std, as most CIFAR
+      code does): the model keeps its own ``normalize.mean/std``, which ``build_model``
+      set from the config; ``"none"`` (it took raw [0, 1] images, as the TRADES and MART
+      reference code do): mean 0, std 1. With normalization keys in the state dict they win.
     - Missing BatchNorm ``num_batches_tracked`` counters (old checkpoints) keep the model's.
     Raises :class:`CheckpointError` listing up to 5 missing, 5 unexpected and 5 mis-shaped keys.
     """
@@ -201,8 +207,12 @@ def load_into_model(
                 and f"normalize.{stat}" in own
             ):
                 sd[f"normalize.{stat}"] = sd.pop(f"{prefix}{stat}")
+    if normalization not in ("dataset", "none"):
+        raise ValueError(f"normalization must be 'dataset' or 'none', got {normalization!r}")
     for key, value in own.items():
-        if key not in sd and (
+        if key not in sd and key in ("normalize.mean", "normalize.std") and normalization == "none":
+            sd[key] = torch.zeros_like(value) if key.endswith("mean") else torch.ones_like(value)
+        elif key not in sd and (
             key in ("normalize.mean", "normalize.std") or key.endswith("num_batches_tracked")
         ):
             sd[key] = value

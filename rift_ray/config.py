@@ -106,6 +106,9 @@ class AttackConfig(_Section):
 class AdvTrainConfig(_Section):
     checkpoint: str | None = None
     """An existing robust model (our format or a plain state dict): skips training."""
+    checkpoint_normalization: Literal["dataset", "none"] = "dataset"
+    """For a checkpoint without normalization keys: the network normalized its inputs with the
+    dataset mean/std outside itself (``dataset``) or took raw [0, 1] images (``none``)."""
     method: Literal["pgd", "trades"] = "pgd"
     trades_beta: PosFloat = 6.0
     epochs: PosInt = 110

@@ -187,7 +187,7 @@ def _load_start_checkpoint(cfg: SweepConfig, spec: Any) -> dict[str, torch.Tenso
     assert path is not None
     state, _meta = load_checkpoint(path)
     model = new_model(cfg, spec)
-    load_into_model(model, state, source=path)
+    load_into_model(model, state, source=path, normalization=cfg.adv_train.checkpoint_normalization)
     return cpu_state(model)
 
 

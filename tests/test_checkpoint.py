@@ -147,6 +147,25 @@ def test_load_into_model_keeps_normalization_when_absent() -> None:
     assert torch.equal(model.conv.weight, sd["conv.weight"])
 
 
+def test_load_into_model_raw_input_network() -> None:
+    # TRADES/MART-style code feeds [0, 1] images straight into the network
+    foreign = tiny_model(seed=1, mean=0.0)
+    foreign.normalize.std.fill_(1.0)
+    sd = {k: v for k, v in foreign.state_dict().items() if not k.startswith("normalize.")}
+    model = tiny_model(seed=2, mean=0.4)
+    load_into_model(model, sd, normalization="none")
+    assert torch.equal(model.normalize.mean, torch.zeros(1, 3, 1, 1))
+    assert torch.equal(model.normalize.std, torch.ones(1, 3, 1, 1))
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(model.eval()(x), foreign.eval()(x))
+    # explicit normalization keys in the checkpoint win over the setting
+    model = tiny_model(seed=2, mean=0.4)
+    load_into_model(model, tiny_model(seed=1, mean=0.3).state_dict(), normalization="none")
+    assert torch.allclose(model.normalize.mean, torch.full((1, 3, 1, 1), 0.3))
+    with pytest.raises(ValueError, match="normalization"):
+        load_into_model(model, sd, normalization="imagenet")
+
+
 @pytest.mark.parametrize("prefix", ["normalizer.", "norm."])
 def test_load_into_model_maps_foreign_normalizer_names(prefix: str) -> None:
     sd = {
