@@ -118,7 +118,7 @@ def print_seeds_summary(summary: dict[str, Any]) -> None:
     from rift_ray.aggregate import lookup
     from rift_ray.aggregate import mean_std_text as pm
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     n, chosen = summary.get("n"), summary.get("chosen") or {}
 
     def counts(key: str) -> str:
@@ -132,7 +132,7 @@ def print_seeds_summary(summary: dict[str, Any]) -> None:
         f"validation at alpha*: clean gain {pm(summary, 'clean_gain_val')}, "
         f"robust drop {pm(summary, 'robust_drop_val')} (points)"
     )
-    table = Table(title="AT vs RiFT (accuracy, %, mean ± std over seeds)")
+    table = Table(title=f"AT vs RiFT (accuracy, %: mean ± std over n={n} seeds)")
     for col in ("model", "split", "clean", "PGD", "corruption"):
         table.add_column(col, justify="left" if col in ("model", "split") else "right")
     for who, label in (("at", "AT"), ("rift", "RiFT"), ("delta", "RiFT - AT")):
@@ -143,7 +143,7 @@ def print_seeds_summary(summary: dict[str, Any]) -> None:
                 label,
                 split,
                 *(
-                    pm(summary, who, split, k)
+                    pm(summary, who, split, k, n=False)
                     for k in ("clean_acc", "robust_acc", "corruption_acc")
                 ),
             )
