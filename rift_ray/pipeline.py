@@ -505,18 +505,21 @@ def _run_seeds(
     for i, seed in enumerate(cfg.seeds, 1):
         cfg_s, store_s, hashes_s = cfg.for_seed(seed), store.for_seed(seed), stage_hashes(cfg, seed)
         log(f"seed {seed} ({i}/{len(cfg.seeds)}): stages 2-4 in {store_s.uri}")
-        s = run_rift_stages(
-            cfg_s,
-            store_s,
-            prep,
-            splits_ref,
-            at_state,
-            hashes_s,
-            tracker.for_seed(cfg_s, store_s),
-            run_token,
-            {},
-            time.time(),
-        )
+        try:
+            s = run_rift_stages(
+                cfg_s,
+                store_s,
+                prep,
+                splits_ref,
+                at_state,
+                hashes_s,
+                tracker.for_seed(cfg_s, store_s),
+                run_token,
+                {},
+                time.time(),
+            )
+        except SweepError as e:  # the seeds before are kept; a re-run resumes from this one
+            raise SweepError(f"seed {seed}: {e}") from e
         per_seed.append(s)
         keys.append(hashes_s["interpolate"])
     key = _hash(["seeds", keys])  # the aggregate is as fresh as every seed's last stage
