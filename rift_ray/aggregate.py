@@ -23,7 +23,8 @@ import statistics
 from collections import Counter
 from typing import Any
 
-METRIC_KEYS = ("clean_acc", "robust_acc", "corruption_acc")
+METRIC_KEYS = ("clean_acc", "robust_acc", "corruption_acc", "autoattack_acc")
+"""Per-split accuracies of a summary's ``at`` / ``rift`` (those absent are skipped)."""
 SCALARS = ("alpha", "clean_gain_val", "robust_drop_val")
 Path = tuple[str, ...]
 

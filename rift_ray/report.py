@@ -56,18 +56,18 @@ SUMMARY_SCHEMA = pa.schema(
         ("corruption_acc", pa.float64()),
     ]
 )
+METRICS = {"clean_acc": "clean", "robust_acc": "PGD", "corruption_acc": "corruption"}
 SEEDS_SUMMARY_SCHEMA = pa.schema(
     [
         *SUMMARY_SCHEMA,
         ("n", pa.int64()),
         ("alpha_std", pa.float64()),
-        ("clean_acc_std", pa.float64()),
-        ("robust_acc_std", pa.float64()),
-        ("corruption_acc_std", pa.float64()),
+        *((f"{k}_std", pa.float64()) for k in METRICS),
     ]
 )
+"""``tables/summary.parquet`` of a ``seeds`` sweep: the mean over seeds, n and std columns."""
 SEEDS_SCHEMA = pa.schema([("seed", pa.int64()), *SUMMARY_SCHEMA])
-METRICS = {"clean_acc": "clean", "robust_acc": "PGD", "corruption_acc": "corruption"}
+"""``tables/seeds.parquet``: the before/after rows of every seed."""
 AT_COLOR, RIFT_COLOR, LIMIT_COLOR = "#7f7f7f", "#d62728", "#b8860b"
 
 
