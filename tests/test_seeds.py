@@ -216,11 +216,16 @@ def make_seeds_sweep(root: Path) -> Store:
         s.put_table(
             layout.INTERPOLATION_TABLE,
             [
-                {"trial": "conv1_lr0.01", "alpha": a, "split": sp, "clean_acc": 70.0 + a + seed,
-                 "robust_acc": 40.0 - a}
+                {
+                    "trial": "conv1_lr0.01",
+                    "alpha": a,
+                    "split": sp,
+                    "clean_acc": 70.0 + a + seed,
+                    "robust_acc": 40.0 - a,
+                }
                 for sp in ("val", "test")
                 for a in (0.0, 0.5, 1.0)
-            ],  # fmt: skip
+            ],
         )
         s.put_json(layout.SUMMARY, summ)
         s.write_stage("interpolate", status="done", hash=f"i{seed}", seconds=3.0)
@@ -251,7 +256,12 @@ def test_tables_and_exports_of_a_seeds_sweep(tmp_path: Path) -> None:
     res = SweepResults.load(store)
     assert sorted(res.seeds) == [0, 1]
     mrc = res.rows("mrc")
-    assert [(r["seed"], r["module"]) for r in mrc] == [(0, "conv1"), (0, "fc"), (1, "conv1"), (1, "fc")]
+    assert [(r["seed"], r["module"]) for r in mrc] == [
+        (0, "conv1"),
+        (0, "fc"),
+        (1, "conv1"),
+        (1, "fc"),
+    ]
     assert main(["report", store.root, "--format", "csv"]) == 0
     export = tmp_path / "fake" / "export"
     assert {p.name for p in export.iterdir()} >= {"mrc.csv", "interpolation.csv", "summary.csv",
