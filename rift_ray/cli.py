@@ -64,6 +64,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
+
+    from rift_ray.aggregate import is_seeds_summary
+
+    if is_seeds_summary(summary):
+        print_seeds_summary(summary)
+        return
     from rich.markup import escape
     from rich.table import Table
 
@@ -99,6 +105,66 @@ def print_summary(summary: dict[str, Any]) -> None:
             console.print(f"[yellow]{line}[/yellow]")
     elif summary.get("failed_modules"):
         console.print(f"[yellow]MRC failed for: {', '.join(summary['failed_modules'])}[/yellow]")
+    secs = summary.get("seconds", {})
+    console.print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in secs.items()))
+
+
+def print_seeds_summary(summary: dict[str, Any]) -> None:
+    """The end-of-sweep summary of a ``seeds`` sweep: every figure as ``mean ± std (n=N)``."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from rift_ray.aggregate import lookup
+    from rift_ray.aggregate import mean_std_text as pm
+
+    console = Console(highlight=False, soft_wrap=True)
+    n, chosen = summary.get("n"), summary.get("chosen") or {}
+
+    def counts(key: str) -> str:
+        return ", ".join(f"{k} ({v}/{n})" for k, v in (chosen.get(key) or {}).items())
+
+    console.print(
+        f"\n[bold]RiFT sweep {summary['name']}[/bold], seeds {', '.join(map(str, summary['seeds']))}: "
+        f"module {counts('modules')}; lr {counts('lr')}; alpha* {pm(summary, 'alpha')}"
+    )
+    console.print(
+        f"validation at alpha*: clean gain {pm(summary, 'clean_gain_val')}, "
+        f"robust drop {pm(summary, 'robust_drop_val')} (points)"
+    )
+    table = Table(title=f"AT vs RiFT (accuracy, %: mean ± std over n={n} seeds)")
+    for col in ("model", "split", "clean", "PGD", "corruption"):
+        table.add_column(col, justify="left" if col in ("model", "split") else "right")
+    for who, label in (("at", "AT"), ("rift", "RiFT"), ("delta", "RiFT - AT")):
+        for split in ("val", "test"):
+            if lookup(summary.get("mean"), who, split) is None:
+                continue
+            table.add_row(
+                label,
+                split,
+                *(
+                    pm(summary, who, split, k, n=False)
+                    for k in ("clean_acc", "robust_acc", "corruption_acc")
+                ),
+            )
+    console.print(table)
+    for who in ("at", "rift"):
+        if lookup(summary.get("mean"), "autoattack", who) is not None:
+            console.print(
+                f"AutoAttack (test): {'AT' if who == 'at' else 'RiFT'} "
+                f"{pm(summary, 'autoattack', who, 'robust_acc')}"
+            )
+    for s in summary.get("per_seed") or []:
+        rift, at = lookup(s, "rift", "test") or {}, lookup(s, "at", "test") or {}
+        console.print(
+            f"  seed {s.get('seed')}: {'+'.join(s.get('modules') or [])}, lr {s.get('lr'):g}, "
+            f"alpha* {s.get('alpha'):g}; test clean {_pct(at.get('clean_acc'))} -> "
+            f"{_pct(rift.get('clean_acc'))}, PGD {_pct(at.get('robust_acc'))} -> "
+            f"{_pct(rift.get('robust_acc'))}"
+        )
+    for f in summary.get("failures") or []:
+        line = escape(f"seed {f.get('seed')}: {f['stage']} failed: {f['name']}: {f['error']}")
+        console.print(f"[yellow]{line}[/yellow]")
     secs = summary.get("seconds", {})
     console.print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in secs.items()))
 

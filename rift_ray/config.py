@@ -269,6 +269,11 @@ class WandbConfig(_Section):
 class SweepConfig(_Section):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "rift"
     seed: NonNegInt = 0
+    """Chooses the train/val split and drives adversarial training (and, without ``seeds``,
+    every later stage's randomness)."""
+    seeds: Annotated[list[NonNegInt], Field(min_length=1)] | None = None
+    """Run the RiFT stages (MRC, fine-tuning, interpolation) once per seed, each seed driving
+    their randomness; the split and the AT model stay those of ``seed``. Unset: one run."""
     storage: str = "./results"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -281,8 +286,28 @@ class SweepConfig(_Section):
     resources: ResourcesConfig = ResourcesConfig()
     wandb: WandbConfig = WandbConfig()
 
+    @model_validator(mode="after")
+    def _distinct_seeds(self) -> SweepConfig:
+        if self.seeds is not None:
+            twice = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+            if twice:
+                raise ValueError(f"seeds: must be distinct (repeated: {twice[0]})")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        d = self.model_dump(mode="json")
+        if d.get("seeds") is None:  # unset: the same dict, YAML and hash as before seeds existed
+            d.pop("seeds", None)
+        return d
+
+    def for_seed(self, seed: int) -> SweepConfig:
+        """The config the RiFT stages of one seed of ``seeds`` run under: ``seed`` replaced.
+
+        The stages take their randomness (PGD starts, MRC batch order, fine-tuning order and
+        augmentation) from ``cfg.seed``; the data split and the AT model come from the sweep's
+        own ``seed`` and are made before this copy is used.
+        """
+        return self.model_copy(update={"seed": seed})
 
     def config_hash(self) -> str:
         d = self.to_dict()

@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from rift_ray.config import ConfigError, SweepConfig, expand_path, to_yaml
 from rift_ray.data import DataError, DatasetSplits, load_dataset
 from rift_ray.report import environment_info, summary_table
 from rift_ray.store import Store
+
+if TYPE_CHECKING:
+    from rift_ray.tracking import Tracker
 
 
 class SweepError(RuntimeError):
@@ -45,8 +48,12 @@ def _hash(payload: Any) -> str:
     ]
 
 
-def stage_hashes(cfg: SweepConfig) -> dict[str, str]:
-    """Chained hashes of what each stage's result depends on (never resources or W&B)."""
+def stage_hashes(cfg: SweepConfig, seed: int | None = None) -> dict[str, str]:
+    """Chained hashes of what each stage's result depends on (never resources or W&B).
+
+    ``seed``: one seed of ``cfg.seeds``; it enters the hashes of stages 2-4 (adversarial
+    training keeps the hash of ``cfg.seed``, so every seed starts from the same AT model).
+    """
     d = cfg.to_dict()
     ev = d["eval"]
     h1 = _hash(
@@ -61,7 +68,10 @@ def stage_hashes(cfg: SweepConfig) -> dict[str, str]:
             ev["restarts"],
         ]
     )
-    h2 = _hash(["mrc", h1, d["mrc"], ev["batch_size"]])
+    h2 = _hash(
+        ["mrc", h1, d["mrc"], ev["batch_size"]]
+        + ([] if seed is None else ["seed", seed])  # no seeds: the hashes of before
+    )
     h3 = _hash(["finetune", h2, d["finetune"], d["interpolate"]["tolerance"]])
     h4 = _hash(["interpolate", h3, d["interpolate"], ev])
     return {"adv_train": h1, "mrc": h2, "finetune": h3, "interpolate": h4}
@@ -220,8 +230,6 @@ def run_sweep(
     """Run (or resume) the whole sweep; return the summary that is also written to summary.json."""
     import ray
 
-    from rift_ray.stages.common import ModelSpec
-
     t_start = time.time()
     prep = prepare(cfg)
     store, splits, hashes = prep.store, prep.splits, prep.hashes
@@ -233,6 +241,7 @@ def run_sweep(
             "checkpoints",
             "artifacts",
             "ray",
+            layout.SEEDS_DIR,
             layout.MANIFEST,
             layout.SUMMARY,
         ):
@@ -240,7 +249,6 @@ def run_sweep(
     store.put_text(layout.CONFIG, to_yaml(cfg))
     init_ray(cfg, address)
     run_token = uuid.uuid4().hex[:8]
-    spec = ModelSpec.of(splits)
     splits_ref = ray.put(splits)
     timings: dict[str, float] = {}
     from rift_ray.tracking import Tracker
@@ -281,6 +289,44 @@ def run_sweep(
         store.write_stage("adv_train", status="done", seconds=time.time() - t0, history=at_history)
         tracker.log_adv_train(at_history)
     timings["adv_train"] = (store.read_stage("adv_train") or {}).get("seconds", time.time() - t0)
+
+    if cfg.seeds is None:
+        summary = run_rift_stages(
+            cfg, store, prep, splits_ref, at_state, hashes, tracker, run_token, timings, t_start
+        )
+    else:
+        summary = _run_seeds(cfg, prep, splits_ref, at_state, tracker, run_token, timings, t_start)
+    tracker.finish()
+    if not summary.get("reused"):
+        log(f"report: rift-ray report {store.uri}")
+    return summary
+
+
+def run_rift_stages(
+    cfg: SweepConfig,
+    store: Store,
+    prep: Prepared,
+    splits_ref: Any,
+    at_state: dict[str, torch.Tensor],
+    hashes: dict[str, str],
+    tracker: Tracker,
+    run_token: str,
+    timings: dict[str, float],
+    t_start: float,
+) -> dict[str, Any]:
+    """Stages 2-4 (MRC, fine-tuning, interpolation) from ``at_state``; their summary.
+
+    A single-seed sweep calls this once with its own config, directory and hashes; a
+    ``seeds`` sweep once per seed with ``cfg.for_seed(s)``, ``store.for_seed(s)`` and
+    ``stage_hashes(cfg, s)``. ``timings`` gains the stages' durations; ``t_start`` is
+    where the summary's total time counts from.
+    """
+    import ray
+
+    from rift_ray.stages.common import ModelSpec
+
+    splits = prep.splits
+    spec = ModelSpec.of(splits)
 
     # -- stage 2: MRC ---------------------------------------------------------------------------
     t0 = time.time()
@@ -381,7 +427,6 @@ def run_sweep(
         log("stage 4/4 interpolate: done earlier, reusing summary.json")
         summary = store.get_json(layout.SUMMARY)
         summary["reused"] = True
-        tracker.finish()
         return summary
     from rift_ray.stages.interp import run_interpolation
 
@@ -389,7 +434,9 @@ def run_sweep(
     store.write_stage(
         "interpolate", status="running", hash=hashes["interpolate"], started=time.time()
     )
-    table, choice = run_interpolation(cfg, spec, splits_ref, at_state, survivors, splits)
+    table, choice = run_interpolation(
+        cfg, spec, splits_ref, at_state, survivors, splits, data_seed=prep.cfg.seed
+    )
     best = choice["best"]
     if best is None:
         store.write_stage(
@@ -452,8 +499,80 @@ def run_sweep(
     store.put_table(layout.SUMMARY_TABLE, summary_table(summary), stage_hash=hashes["interpolate"])
     store.write_stage("interpolate", status="done", seconds=timings["interpolate"])
     tracker.log_interpolation(table, summary)
-    tracker.finish()
-    log(f"report: rift-ray report {store.uri}")
+    return summary
+
+
+def _run_seeds(
+    cfg: SweepConfig,
+    prep: Prepared,
+    splits_ref: Any,
+    at_state: dict[str, torch.Tensor],
+    tracker: Tracker,
+    run_token: str,
+    timings: dict[str, float],
+    t_start: float,
+) -> dict[str, Any]:
+    """Stages 2-4 once per seed of ``cfg.seeds`` (each in ``seeds/<s>/``), then the aggregate."""
+    import ray
+
+    from rift_ray.aggregate import seeds_summary
+    from rift_ray.report import seeds_table
+
+    assert cfg.seeds is not None
+    store = prep.store
+    per_seed, keys = [], []
+    for i, seed in enumerate(cfg.seeds, 1):
+        cfg_s, store_s, hashes_s = cfg.for_seed(seed), store.for_seed(seed), stage_hashes(cfg, seed)
+        log(f"seed {seed} ({i}/{len(cfg.seeds)}): stages 2-4 in {store_s.uri}")
+        try:
+            s = run_rift_stages(
+                cfg_s,
+                store_s,
+                prep,
+                splits_ref,
+                at_state,
+                hashes_s,
+                tracker.for_seed(cfg_s, store_s),
+                run_token,
+                {},
+                time.time(),
+            )
+        except SweepError as e:  # the seeds before are kept; a re-run resumes from this one
+            raise SweepError(f"seed {seed}: {e}") from e
+        per_seed.append(s)
+        keys.append(hashes_s["interpolate"])
+    key = _hash(["seeds", keys])  # the aggregate is as fresh as every seed's last stage
+    if all(s.get("reused") for s in per_seed) and store.valid(layout.SUMMARY, key):
+        log(f"seeds: all {len(per_seed)} done earlier, reusing summary.json")
+        summary = store.get_json(layout.SUMMARY)
+        summary["reused"] = True
+        return summary
+    seconds = {
+        "adv_train": timings["adv_train"],
+        **{f"seed {s['seed']}": (s.get("seconds") or {}).get("total", 0.0) for s in per_seed},
+        "total": time.time() - t_start,
+    }
+    base = {
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "seeds": list(cfg.seeds),
+        "config_hash": cfg.config_hash(),
+    }
+    summary = seeds_summary(
+        base, [{k: v for k, v in s.items() if k != "reused"} for s in per_seed], seconds
+    )
+    summary["versions"] = {
+        "rift_ray": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    summary["environment"] = environment_info(
+        ray.cluster_resources(), sum(bool(n["Alive"]) for n in ray.nodes())
+    )
+    store.put_json(layout.SUMMARY, summary, stage_hash=key)
+    store.put_table(layout.SUMMARY_TABLE, summary_table(summary), stage_hash=key)
+    store.put_table(layout.SEEDS_TABLE, seeds_table(summary), stage_hash=key)
+    tracker.log_seeds(summary)
     return summary
 
 
@@ -530,4 +649,4 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
-__all__ = ["Prepared", "SweepError", "prepare", "run_sweep", "stage_hashes"]
+__all__ = ["Prepared", "SweepError", "prepare", "run_rift_stages", "run_sweep", "stage_hashes"]

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from rift_ray.config import SweepConfig
 
+STAGES_2_4 = ("mrc", "finetune", "interpolate")
+
 
 def time_per_image(cfg: SweepConfig, spec: Any, batch: int = 32, repeats: int = 3) -> float:
     """Seconds for one forward+backward pass of one image, measured on a random batch."""
@@ -80,7 +82,17 @@ def print_plan(cfg: SweepConfig) -> None:
     s, r = prep.splits, cfg.resources
     t_img = time_per_image(cfg, spec)
     est = estimate(cfg, len(s.train), len(s.val), len(s.test), len(prep.modules), t_img)
+    from rift_ray.pipeline import stage_hashes
+
     done = {stage: prep.store.stage_done(stage, h) for stage, h in prep.hashes.items()}
+    # a seeds sweep: stages 2-4 once per seed, each in seeds/<s>/ with its own hashes
+    runs: list[tuple[int | None, Any, dict[str, bool]]] = [(None, prep.store, done)]
+    if cfg.seeds is not None:
+        runs = []
+        for seed in cfg.seeds:
+            st = prep.store.for_seed(seed)
+            hs = stage_hashes(cfg, seed)
+            runs.append((seed, st, {k: st.stage_done(k, hs[k]) for k in STAGES_2_4}))
     groups = cfg.finetune.top_k + (1 if cfg.finetune.joint and cfg.finetune.top_k > 1 else 0)
     alphas = [a for a in cfg.interpolate.alphas if a > 0]
     tasks = math.ceil(len(alphas) / cfg.interpolate.alphas_per_task)
@@ -121,10 +133,27 @@ def print_plan(cfg: SweepConfig) -> None:
             + f"x {{CPU: {r.interpolate.cpu:g}, GPU: {r.interpolate.gpu:g}}}",
         ),
     ]
-    for i, (stage, desc) in enumerate(lines, 1):
-        state = "done (will be reused)" if done[stage] else "to run"
-        print(f"  {i}. {stage:<11} [{state}] {desc}; est. {_fmt(est[stage])} device-time")
-    total = sum(v for k, v in est.items() if not done[k])
+
+    def show(i: int, stage: str, desc: str, is_done: bool, indent: str = "  ") -> None:
+        state = "done (will be reused)" if is_done else "to run"
+        print(f"{indent}{i}. {stage:<11} [{state}] {desc}; est. {_fmt(est[stage])} device-time")
+
+    show(1, *lines[0], done["adv_train"])
+    total = 0.0 if done["adv_train"] else est["adv_train"]
+    if cfg.seeds is not None:
+        print(
+            f"  stages 2-4 once per seed ({len(cfg.seeds)} seeds; each seed drives PGD starts, "
+            f"MRC batch order, fine-tuning order and augmentation; split and AT model of seed "
+            f"{cfg.seed}):"
+        )
+    for run_seed, st, dn in runs:
+        indent = "  "
+        if run_seed is not None:
+            print(f"    seed {run_seed} -> {st.uri}")
+            indent = "      "
+        for i, (stage, desc) in enumerate(lines[1:], 2):
+            show(i, stage, desc, dn[stage], indent)
+            total += 0.0 if dn[stage] else est[stage]
     print(
         f"measured {t_img * 1e3:.2f} ms per image forward+backward on this machine's CPU; "
         f"remaining compute ~{_fmt(total)} on one such device (ASHA usually cuts fine-tuning)"

@@ -28,6 +28,7 @@ import yaml
 
 from rift_ray import __version__
 from rift_ray import store as layout
+from rift_ray.aggregate import is_seeds_summary, lookup, mean_std_text
 from rift_ray.progress import duration
 from rift_ray.store import STAGES, SUMMARY_TABLE, StorageError, Store
 
@@ -37,8 +38,12 @@ TABLES = {
     "finetune_epochs": layout.FINETUNE_EPOCHS_TABLE,
     "interpolation": layout.INTERPOLATION_TABLE,
     "summary": SUMMARY_TABLE,
+    "seeds": layout.SEEDS_TABLE,
 }
-"""Every table of a sweep: export name -> path under the sweep directory (docs/tables.md)."""
+"""Every table of a sweep: export name -> path under the sweep directory (docs/tables.md).
+In a ``seeds`` sweep the per-seed tables (mrc ... interpolation) are those of every
+``seeds/<s>/`` directory, concatenated with a leading ``seed`` column."""
+PER_SEED_TABLES = ("mrc", "finetune", "finetune_epochs", "interpolation")
 
 SUMMARY_SCHEMA = pa.schema(
     [
@@ -58,6 +63,17 @@ METRICS = {
     "corruption_acc": "corruption",
     "autoattack_acc": "AutoAttack",
 }
+SEEDS_SUMMARY_SCHEMA = pa.schema(
+    [
+        *SUMMARY_SCHEMA,
+        ("n", pa.int64()),
+        ("alpha_std", pa.float64()),
+        *((f"{k}_std", pa.float64()) for k in METRICS),
+    ]
+)
+"""``tables/summary.parquet`` of a ``seeds`` sweep: the mean over seeds, n and std columns."""
+SEEDS_SCHEMA = pa.schema([("seed", pa.int64()), *SUMMARY_SCHEMA])
+"""``tables/seeds.parquet``: the before/after rows of every seed."""
 AT_COLOR, RIFT_COLOR, LIMIT_COLOR = "#7f7f7f", "#d62728", "#b8860b"
 
 
@@ -95,9 +111,31 @@ class SweepResults:
     summary: dict[str, Any] | None = None
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     tables: dict[str, pa.Table] = field(default_factory=dict)
+    seeds: dict[int, SweepResults] = field(default_factory=dict)
+    """A ``seeds`` sweep: each seed's own results (``seeds/<s>/``), by seed."""
 
     @classmethod
     def load(cls, store: Store) -> SweepResults:
+        res = cls._load(store)
+        seeds = res.config.get("seeds") or (
+            store.seed_dirs() if is_seeds_summary(res.summary) else []
+        )
+        for seed in seeds:
+            res.seeds[int(seed)] = cls._load(store.for_seed(int(seed)))
+        if "seeds" not in res.tables and is_seeds_summary(res.summary):
+            res.tables["seeds"] = seeds_table(res.summary or {})
+        for name in PER_SEED_TABLES if res.seeds else ():
+            parts = [
+                t.add_column(0, "seed", pa.array([seed] * t.num_rows, pa.int64()))
+                for seed, r in res.seeds.items()
+                if (t := r.tables.get(name)) is not None
+            ]
+            if parts:
+                res.tables[name] = pa.concat_tables(parts, promote_options="permissive")
+        return res
+
+    @classmethod
+    def _load(cls, store: Store) -> SweepResults:
         res = cls(store)
         if store.exists(layout.CONFIG):
             res.config_text = store.read_bytes(layout.CONFIG).decode()
@@ -125,7 +163,11 @@ class SweepResults:
 
 
 def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The before/after table: one row per (model "at" | "rift", split) from summary.json."""
+    """The before/after table: one row per (model "at" | "rift", split) from summary.json.
+
+    A ``seeds`` summary gives the mean over seeds, with ``n`` and ``<column>_std``."""
+    if is_seeds_summary(summary):
+        return _mean_std_rows(summary)
     rows = []
     for model in ("at", "rift"):
         for split in ("val", "test"):
@@ -144,9 +186,45 @@ def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _mean_std_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    mean, std, count = summary.get("mean") or {}, summary.get("std") or {}, summary["count"]
+    for model in ("at", "rift"):
+        for split in ("val", "test"):
+            m = lookup(mean, model, split)
+            if not m:
+                continue
+            rift = model == "rift"
+            rows.append(
+                {
+                    "model": model,
+                    "split": split,
+                    "trial": None,
+                    "alpha": mean.get("alpha") if rift else 0.0,
+                    **{k: m.get(k) for k in METRICS},
+                    "n": max((lookup(count, model, split, k) or 0) for k in METRICS),
+                    "alpha_std": std.get("alpha") if rift else None,
+                    **{f"{k}_std": lookup(std, model, split, k) for k in METRICS},
+                }
+            )
+    return rows
+
+
 def summary_table(summary: dict[str, Any]) -> pa.Table:
-    """:func:`summary_rows` with a fixed schema (``tables/summary.parquet``)."""
-    return pa.Table.from_pylist(summary_rows(summary), schema=SUMMARY_SCHEMA)
+    """:func:`summary_rows` with a fixed schema (``tables/summary.parquet``; a ``seeds``
+    summary: :data:`SEEDS_SUMMARY_SCHEMA`, the mean and std over seeds)."""
+    schema = SEEDS_SUMMARY_SCHEMA if is_seeds_summary(summary) else SUMMARY_SCHEMA
+    return pa.Table.from_pylist(summary_rows(summary), schema=schema)
+
+
+def seeds_table(summary: dict[str, Any]) -> pa.Table:
+    """The before/after table of every seed of a ``seeds`` summary (``tables/seeds.parquet``)."""
+    rows = [
+        {"seed": s.get("seed"), **row}
+        for s in summary.get("per_seed") or []
+        for row in summary_rows(s)
+    ]
+    return pa.Table.from_pylist(rows, schema=SEEDS_SCHEMA)
 
 
 def environment_info(
@@ -433,8 +511,138 @@ def fig_before_after(summary: dict[str, Any]) -> Any | None:
     return fig
 
 
+def fig_before_after_seeds(summary: dict[str, Any]) -> Any | None:
+    """Grouped bars of a ``seeds`` summary: mean AT vs RiFT accuracy, std error bars, one dot
+    per seed."""
+    mean, std = summary.get("mean") or {}, summary.get("std") or {}
+    groups = [
+        (split, metric)
+        for split in ("val", "test")
+        for metric in METRICS
+        if _finite(lookup(mean, "at", split, metric))
+    ]
+    if not groups:
+        return None
+    fig = _figure(1.2 + 1.3 * len(groups), 3.2)
+    ax = fig.subplots()
+    w = 0.38
+    for off, who, label, color in (
+        (-w / 2, "at", "AT", AT_COLOR),
+        (w / 2, "rift", "RiFT", RIFT_COLOR),
+    ):
+        vals = [lookup(mean, who, s, m) for s, m in groups]
+        errs = [lookup(std, who, s, m) for s, m in groups]
+        xs = [i + off for i in range(len(groups))]
+        bars = ax.bar(
+            xs,
+            [v if _finite(v) else 0 for v in vals],
+            w,
+            yerr=[e if _finite(e) else 0 for e in errs],
+            capsize=3,
+            label=label,
+            color=color,
+            alpha=0.85,
+        )
+        ax.bar_label(bars, [f"{v:.2f}" if _finite(v) else "-" for v in vals], fontsize=7)
+        for x, (split, metric) in zip(xs, groups):
+            pts = [lookup(p, who, split, metric) for p in summary.get("per_seed") or []]
+            pts = [p for p in pts if _finite(p)]
+            ax.plot([x] * len(pts), pts, "o", ms=3, color="k", zorder=3)
+    ax.set_xticks(range(len(groups)), [f"{s}\n{METRICS[m]}" for s, m in groups])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(
+        f"AT vs RiFT over {summary.get('n')} seeds: mean ± std, dots = seeds "
+        f"(alpha* {mean_std_text(summary, 'alpha', n=False)})",
+        fontsize=10,
+    )
+    return fig
+
+
+def fig_mrc_seeds(rows: list[dict[str, Any]], selected: list[str] | None = None) -> Any | None:
+    """MRC by module over the seeds of a ``seeds`` sweep: mean bars, std error bars."""
+    by_module: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("status") == "done" and _finite(r.get("mrc")):
+            by_module.setdefault(r["module"], []).append(r["mrc"])
+    if not by_module:
+        return None
+    from rift_ray.aggregate import mean_std
+
+    stats = sorted(((m, *mean_std(v)) for m, v in by_module.items()), key=lambda t: t[1])
+    chosen = set(selected or [])
+    fig = _figure(7, 1.0 + 0.24 * len(stats))
+    ax = fig.subplots()
+    y = list(range(len(stats)))[::-1]
+    ax.barh(
+        y,
+        [t[1] for t in stats],
+        xerr=[t[2] or 0.0 for t in stats],
+        capsize=2,
+        color=[RIFT_COLOR if t[0] in chosen else AT_COLOR for t in stats],
+    )
+    ax.set_yticks(y, [t[0] for t in stats], fontsize=8)
+    ax.set_xlabel("MRC, mean ± std over seeds")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(
+        "Module robust criticality" + (" (red: chosen by some seed)" if chosen else ""),
+        fontsize=10,
+    )
+    return fig
+
+
+def _seed_figures(res: SweepResults) -> dict[str, tuple[str, Any]]:
+    """The figures of a ``seeds`` sweep: error bars over seeds, or one curve per seed."""
+    s = res.summary or {}
+    per_seed = {p.get("seed"): p for p in s.get("per_seed") or []}
+
+    def tagged(rows: list[dict[str, Any]], keep: Any = None) -> list[dict[str, Any]]:
+        return [
+            {**r, "trial": f"seed {r['seed']}: {r['trial']}"}
+            for r in rows
+            if keep is None or keep(r)
+        ]
+
+    def winner(r: dict[str, Any]) -> bool:
+        return r.get("trial") == (per_seed.get(r.get("seed")) or {}).get("trial")
+
+    choices = [
+        {**c, "trial": f"seed {seed}: {c['trial']}"}
+        for seed, p in per_seed.items()
+        for c in p.get("choices") or []
+        if c.get("trial") == p.get("trial")
+    ]
+    chosen = sorted(m for p in per_seed.values() for m in p.get("modules") or [])
+    figs = {
+        "fig-before-after": (
+            "Accuracy of the AT and RiFT models: mean over seeds, std error bars, one dot per seed.",
+            fig_before_after_seeds(s) if s else None,
+        ),
+        "fig-adv-train": (
+            "Adversarial training (once, shared by every seed): per-epoch loss, accuracy, lr.",
+            fig_adv_train((res.stages.get("adv_train") or {}).get("history") or []),
+        ),
+        "fig-mrc": (
+            "Module robust criticality over seeds (mean ± std; lower = less critical).",
+            fig_mrc_seeds(res.rows("mrc"), chosen),
+        ),
+        "fig-finetune": (
+            "Fine-tuning learning curves of every trial of every seed under ASHA.",
+            fig_finetune(tagged(res.rows("finetune_epochs")), tagged(res.rows("finetune"))),
+        ),
+        "fig-interpolation": (
+            "Accuracy against alpha of each seed's winning trial; stars mark each seed's alpha*.",
+            fig_interpolation(tagged(res.rows("interpolation"), winner), choices),
+        ),
+    }
+    return {k: v for k, v in figs.items() if v[1] is not None}
+
+
 def report_figures(res: SweepResults) -> dict[str, tuple[str, Any]]:
     """id -> (caption, figure) for every figure the sweep's results allow so far."""
+    if res.seeds:
+        return _seed_figures(res)
     s = res.summary or {}
     ft_trials = res.rows("finetune")
     selected = sorted({m for t in ft_trials for m in str(t.get("modules", "")).split("+") if m})
@@ -550,14 +758,72 @@ def _pct(v: Any) -> str:
     return f"{v:.2f}" if _finite(v) else "-"
 
 
+def _before_after_seeds_html(summary: dict[str, Any]) -> str:
+    """The before/after table of a ``seeds`` summary: mean ± std over seeds in every cell."""
+    n = summary.get("n")
+    head = (
+        "<tr><th class='l'>split</th><th class='l'>metric</th><th>AT</th><th>RiFT</th>"
+        "<th>change</th></tr>"
+    )
+    body = ""
+    for split in ("val", "test"):
+        for metric, label in METRICS.items():
+            if lookup(summary.get("mean"), "at", split, metric) is None:
+                continue
+            d = lookup(summary.get("mean"), "delta", split, metric)
+            cls = "" if not _finite(d) or d == 0 else ("good" if d > 0 else "bad")
+            cells = [mean_std_text(summary, who, split, metric, n=False) for who in ("at", "rift")]
+            body += (
+                f"<tr><td class='l'>{split}</td><td class='l'>{label}</td>"
+                f"<td>{cells[0]}</td><td>{cells[1]}</td>"
+                f"<td class='{cls}'>{mean_std_text(summary, 'delta', split, metric, n=False)}</td></tr>"
+            )
+    extra = [
+        ("alpha*", ("alpha",)),
+        ("clean gain (val, points)", ("clean_gain_val",)),
+        ("robust drop (val, points)", ("robust_drop_val",)),
+        ("AutoAttack AT (test)", ("autoattack", "at", "robust_acc")),
+        ("AutoAttack RiFT (test)", ("autoattack", "rift", "robust_acc")),
+    ]
+    for label, path in extra:
+        if lookup(summary.get("mean"), *path) is not None:
+            body += (
+                f"<tr><td class='l' colspan='2'>{_e(label)}</td>"
+                f"<td colspan='3'>{mean_std_text(summary, *path, n=False)}</td></tr>"
+            )
+    return f"<p>mean ± sample std over n={_e(n)} seeds</p><table>{head}{body}</table>"
+
+
+def per_seed_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per seed of a ``seeds`` summary: the choice made and the test figures."""
+    rows = []
+    for p in summary.get("per_seed") or []:
+        row: dict[str, Any] = {
+            "seed": p.get("seed"),
+            "modules": "+".join(p.get("modules") or []),
+            "lr": p.get("lr"),
+            "alpha": p.get("alpha"),
+            "clean_gain_val": p.get("clean_gain_val"),
+            "robust_drop_val": p.get("robust_drop_val"),
+        }
+        for metric, label in METRICS.items():
+            for who in ("at", "rift"):
+                v = lookup(p, who, "test", metric)
+                if v is not None:
+                    row[f"test {label} {who.upper() if who == 'at' else 'RiFT'}"] = v
+        for who, aa in (p.get("autoattack") or {}).items():
+            row[f"AutoAttack {who.upper() if who == 'at' else 'RiFT'}"] = aa.get("robust_acc")
+        rows.append(row)
+    return rows
+
+
 def _stages_rows(res: SweepResults) -> list[dict[str, Any]]:
     out = []
-    for stage in STAGES:
-        rec = res.stages.get(stage) or {}
+    for seed, stage, rec in _stage_records(res):
         started = rec.get("started")
         out.append(
             {
-                "stage": stage,
+                "stage": stage if seed is None else f"seed {seed}: {stage}",
                 "status": rec.get("status", "pending"),
                 "duration": duration(rec.get("seconds")),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))
@@ -570,6 +836,19 @@ def _stages_rows(res: SweepResults) -> list[dict[str, Any]]:
     return out
 
 
+def _stage_records(res: SweepResults) -> list[tuple[int | None, str, dict[str, Any]]]:
+    """(seed or None, stage, record) of every stage: in a ``seeds`` sweep adversarial training
+    at the top, then stages 2-4 of each seed."""
+    if not res.seeds:
+        return [(None, st, res.stages.get(st) or {}) for st in STAGES]
+    out: list[tuple[int | None, str, dict[str, Any]]] = [
+        (None, "adv_train", res.stages.get("adv_train") or {})
+    ]
+    for seed, r in res.seeds.items():
+        out += [(seed, st, r.stages.get(st) or {}) for st in STAGES[1:]]
+    return out
+
+
 def _metadata_html(res: SweepResults) -> str:
     s = res.summary or {}
     env = s.get("environment") or {}
@@ -577,6 +856,7 @@ def _metadata_html(res: SweepResults) -> str:
         ("sweep", res.name),
         ("location", res.store.uri),
         ("seed", s.get("seed", res.config.get("seed"))),
+        *([("seeds (RiFT stages)", ", ".join(map(str, res.seeds)))] if res.seeds else []),
         ("config hash", s.get("config_hash", "")),
         ("model", f"{res.setting('model', 'arch', '')} on {res.setting('data', 'dataset', '')}"),
     ]
@@ -634,7 +914,28 @@ def render_html(res: SweepResults) -> str:
         )
 
     parts = [f"<h1>RiFT sweep {_e(res.name)}</h1>"]
-    if s:
+    if is_seeds_summary(s):
+        chosen = s.get("chosen") or {}
+        parts.append(
+            f"<p>The RiFT stages ran once per seed ({_e(', '.join(map(str, s.get('seeds', []))))}) "
+            f"from one AT model (seed {_e(s.get('seed'))}). Fine-tuned module: "
+            + _e(
+                ", ".join(
+                    f"{m} ({k} of {s.get('n')})" for m, k in chosen.get("modules", {}).items()
+                )
+            )
+            + "; lr: "
+            + _e(", ".join(f"{m} ({k} of {s.get('n')})" for m, k in chosen.get("lr", {}).items()))
+            + f"; <b>alpha* = {_e(mean_std_text(s, 'alpha'))}</b>.</p>"
+        )
+        parts += [
+            "<h2>Before / after</h2>",
+            _before_after_seeds_html(s),
+            figure("fig-before-after"),
+            "<h2>Per seed</h2>",
+            _html_table(per_seed_rows(s), left=("modules",)),
+        ]
+    elif s:
         mods = "+".join(s.get("modules") or [])
         parts.append(
             f"<p>Fine-tuned module <b>{_e(mods)}</b> at lr {_e(fmt(s.get('lr')))}, "
@@ -659,8 +960,13 @@ def render_html(res: SweepResults) -> str:
         _html_table(res.rows("finetune"), left=("trial", "modules", "status", "error")),
     ]
     parts += ["<h2>Interpolation</h2>", figure("fig-interpolation")]
-    if s.get("choices"):
-        parts.append(_html_table(s["choices"], left=("trial", "reason")))
+    choices = s.get("choices") or [
+        {"seed": p.get("seed"), **c}
+        for p in s.get("per_seed") or []
+        for c in p.get("choices") or []
+    ]
+    if choices:
+        parts.append(_html_table(choices, left=("trial", "reason")))
     parts += [
         "<h2>Run metadata</h2>",
         _metadata_html(res),
@@ -828,13 +1134,14 @@ def sweep_status(store: Store) -> dict[str, Any]:
     res = SweepResults.load(store)
     now = time.time()
     stages = []
-    for stage in STAGES:
-        rec = res.stages.get(stage) or {}
+    for seed, stage, rec in _stage_records(res):
         status = rec.get("status", "pending")
         started = rec.get("started")
-        line, best = _FIGURES[stage](res, rec) if rec else ("", {})
+        of = res if seed is None else res.seeds[seed]
+        line, best = _FIGURES[stage](of, rec) if rec else ("", {})
         stages.append(
             {
+                **({} if seed is None else {"seed": seed}),
                 "stage": stage,
                 "status": status,
                 "seconds": rec.get("seconds") if status == "done" else None,
@@ -850,7 +1157,7 @@ def sweep_status(store: Store) -> dict[str, Any]:
             }
         )
     out: dict[str, Any] = {"name": res.name, "location": store.uri, "stages": stages}
-    out["wandb"] = [run for s in STAGES for run in (res.stages.get(s) or {}).get("wandb") or []]
+    out["wandb"] = [run for _, _, rec in _stage_records(res) for run in rec.get("wandb") or []]
     if res.summary:
         out["summary"] = res.summary
     return out
@@ -859,6 +1166,7 @@ def sweep_status(store: Store) -> dict[str, Any]:
 def status_lines(status: dict[str, Any]) -> list[str]:
     """The status as plain aligned lines (one per stage)."""
     lines = [f"sweep {status['name']} at {status['location']}"]
+    width = max([12] + [len(f"s{r['seed']} {r['stage']}") for r in status["stages"] if "seed" in r])
     for r in status["stages"]:
         if r["status"] == "running":
             when = f"{duration(r['elapsed'])} so far" if r["elapsed"] is not None else ""
@@ -870,7 +1178,8 @@ def status_lines(status: dict[str, Any]) -> list[str]:
             detail += f"{'; ' if detail else ''}failed: {', '.join(r['failed'])}"
         if r["status"] == "failed" and r["error"]:
             detail += f"{'; ' if detail else ''}{r['error']}"
-        lines.append(f"  {r['stage']:<12} {state:<8} {when:>12}  {detail}".rstrip())
+        stage = r["stage"] if "seed" not in r else f"s{r['seed']} {r['stage']}"
+        lines.append(f"  {stage:<{width}} {state:<8} {when:>12}  {detail}".rstrip())
     runs = status.get("wandb") or []
     urls = [r["url"] for r in runs if r.get("url")]
     dirs = [r["dir"] for r in runs if r.get("dir")]

@@ -18,6 +18,16 @@ Everything a sweep produces lives under ``<storage>/<name>/`` (a local path, or
     artifacts/adv_set.pt        the fixed adversarial set used by MRC
     ray/<stage>-<hash>/         Ray Train / Tune run directories (resume state)
 
+With ``seeds: [s, ...]`` the AT model and its records stay at the top, each seed's RiFT
+stages (records, tables, checkpoints, adversarial set, manifest, Ray dirs) live in a
+sweep directory of their own, ``seeds/<s>/`` (:meth:`Store.for_seed`), laid out as above,
+and the top level holds the aggregate over seeds::
+
+    summary.json                per-seed summaries, mean and std of every figure
+    tables/summary.parquet      AT vs RiFT per split: mean and std over seeds
+    tables/seeds.parquet        AT vs RiFT per split, one row per seed
+    seeds/<s>/...               stages/{mrc,finetune,interpolate}.json, tables/, checkpoints/ ...
+
 Writes go to a temporary name and are renamed into place (local), or are single
 PUTs (object stores, which are atomic per object); every artifact's checksum is in
 ``manifest.json`` so an interrupted or corrupted write is never trusted.
@@ -46,6 +56,8 @@ FINETUNE_TABLE = "tables/finetune.parquet"
 FINETUNE_EPOCHS_TABLE = "tables/finetune_epochs.parquet"
 INTERPOLATION_TABLE = "tables/interpolation.parquet"
 SUMMARY_TABLE = "tables/summary.parquet"
+SEEDS_TABLE = "tables/seeds.parquet"
+SEEDS_DIR = "seeds"
 AT_CHECKPOINT = "checkpoints/at.pt"
 RIFT_CHECKPOINT = "checkpoints/rift.pt"
 ADV_SET = "artifacts/adv_set.pt"
@@ -58,6 +70,11 @@ class StorageError(RuntimeError):
 
 def finetune_checkpoint(trial: str) -> str:
     return f"checkpoints/finetune/{trial}.pt"
+
+
+def seed_dir(seed: int) -> str:
+    """Where the RiFT stages of one seed of ``seeds`` live, relative to the sweep directory."""
+    return f"{SEEDS_DIR}/{seed}"
 
 
 def stage_record(stage: str) -> str:
@@ -88,6 +105,15 @@ class Store:
         base = os.path.abspath(os.path.expanduser(os.path.expandvars(storage)))
         root = os.path.join(base, name)
         return cls(pafs.LocalFileSystem(), root, root)
+
+    def for_seed(self, seed: int) -> Store:
+        """The sweep directory of one seed of ``seeds`` (same filesystem, ``seeds/<seed>/``)."""
+        rel = seed_dir(seed)
+        return Store(self.fs, self.path(rel), f"{self.uri}/{rel}")
+
+    def seed_dirs(self) -> list[int]:
+        """The seeds that have a directory under ``seeds/`` (numeric names only), ascending."""
+        return sorted(int(n) for n in self.list(SEEDS_DIR) if n.isdigit())
 
     @property
     def is_local(self) -> bool:

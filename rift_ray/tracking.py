@@ -19,6 +19,13 @@ One W&B group per sweep with runs that mirror the stages (``job_type`` = stage):
                            a ``model`` artifact when ``wandb.log_checkpoint``
 =========================  ==================================================================
 
+With ``seeds: [...]`` the runs of stages 2-4 are per seed, ``<name>-s<seed>-mrc`` ...
+``<name>-s<seed>-summary`` (config: that seed's), and ``<name>-summary`` is the aggregate:
+``mean/<path>``, ``std/<path>`` and ``n/<path>`` for every figure (``mean/rift/test/clean_acc``,
+``std/alpha``, ``mean/autoattack/rift/robust_acc`` ...), ``chosen/modules/<module>`` and
+``chosen/lr/<lr>`` (how many seeds chose it), and the tables ``seeds/per_seed`` and
+``seeds/before_after`` (mean and std).
+
 Settings: ``wandb.<field>`` in the config when given there, else the standard W&B
 environment variables (``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_RUN_GROUP``,
 ``WANDB_TAGS``, ``WANDB_MODE``), else defaults (project ``rift-ray``, group = sweep
@@ -91,6 +98,20 @@ class Tracker:
         self.offline_runs: list[str] = []
         self.runs: list[dict[str, Any]] = []
         self._warned: set[str] = set()
+        self.prefix = ""  # "s<seed>-" in a seed's tracker
+        self._children: list[Tracker] = []
+
+    def for_seed(self, cfg: SweepConfig, store: Store) -> Tracker:
+        """The tracker of one seed of ``seeds``: runs ``<name>-s<seed>-<stage>`` in the same
+        group and W&B directory, logged with that seed's config, recorded in its stage records;
+        warnings and the final ``wandb sync`` line are shared with this tracker."""
+        import copy
+
+        child = copy.copy(self)
+        child.cfg, child.store, child.prefix = cfg, store, f"s{cfg.seed}-"
+        child.runs, child._children = [], []
+        self._children.append(child)
+        return child
 
     def _resolve_mode(self) -> tuple[str, str | None]:
         """(mode, a notice to print once when a run is first opened)."""
@@ -131,7 +152,7 @@ class Tracker:
             project=self.project,
             entity=self.entity,
             group=self.group,
-            name=f"{self.cfg.name}-{name}",
+            name=f"{self.cfg.name}-{self.prefix}{name}",
             job_type=job_type,
             tags=self.tags,
             config=config if config is not None else self.cfg.to_dict(),
@@ -360,12 +381,39 @@ class Tracker:
                 for k in ("alpha", "trial", "modules", "lr", "config_hash", "seed")
             }
             art = wandb.Artifact(
-                f"{self.cfg.name}-rift",
+                f"{self.cfg.name}-{self.prefix}rift",
                 type="model",
                 metadata={**meta, "rift": summary.get("rift")},
             )
             art.add_file(path, name="rift.pt")
             run.log_artifact(art)
+
+    def log_seeds(self, summary: dict[str, Any]) -> None:
+        """The aggregate run of a ``seeds`` sweep: mean, std and n of every figure, how often
+        each module / lr was chosen, the per-seed and mean/std before/after tables."""
+
+        def fn(run: Any, wandb: Any) -> None:
+            from rift_ray.report import fig_before_after_seeds, per_seed_rows, summary_rows
+
+            for part in ("mean", "std", "count"):
+                for key, v in _flatten(summary.get(part) or {}).items():
+                    if v is not None:
+                        run.summary[f"{'n' if part == 'count' else part}/{key}"] = v
+            for what, counts in (summary.get("chosen") or {}).items():
+                for k, v in counts.items():
+                    run.summary[f"chosen/{what}/{k}"] = v
+            run.summary["n"] = summary.get("n")
+            run.summary["seeds"] = list(summary.get("seeds") or [])
+            run.summary["seconds"] = summary.get("seconds") or {}
+            run.log(
+                {
+                    "seeds/per_seed": _table(wandb, per_seed_rows(summary)),
+                    "seeds/before_after": _table(wandb, summary_rows(summary)),
+                }
+            )
+            self._log_figure(run, wandb, "seeds/figure", fig_before_after_seeds(summary))
+
+        self._run("summary", "summary", fn, config=self.cfg.to_dict(), job_type="summary")
 
     def _record(self, stage: str) -> None:
         """Note the stage's W&B runs (name, id, url or offline dir) in its stage record."""
@@ -396,9 +444,20 @@ class Tracker:
                 file=sys.stderr,
                 flush=True,
             )
-        urls = [r["url"] for r in self.runs if r.get("url")]
+        urls = [r["url"] for t in (self, *self._children) for r in t.runs if r.get("url")]
         if urls:
             print(f"[rift-ray] W&B group {self.group}: {urls[0]}", file=sys.stderr, flush=True)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"at": {"test": {"clean_acc": 1.0}}}`` -> ``{"at/test/clean_acc": 1.0}``."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _table(wandb: Any, rows: list[dict[str, Any]]) -> Any:

@@ -213,3 +213,90 @@ def test_two_node_cluster_places_mrc_trials_on_both(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = pq.read_table(tmp_path / "c" / "tables/mrc.parquet").to_pylist()
     assert len({r["node"] for r in rows}) == 2
+
+
+# -- seeds: [0, 1] -----------------------------------------------------------------------------
+# Smaller still: one AT epoch, three MRC modules, one learning rate, three alphas.
+SEEDS = [
+    *FAST,
+    "--set", "adv_train.epochs=1",
+    "--set", "mrc.include=[layer2.0.conv1,layer2.0.conv2,linear]",
+    "--set", "finetune.lrs=[0.02]",
+    "--set", "interpolate.alphas=[0.0,0.5,1.0]",
+    "--set", "seeds=[0,1]",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def seeds_run(ray_session, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("storage")
+    assert main(["sweep", SMOKE, "--storage", str(storage), "--name", "s", *SEEDS]) == 0
+    return storage / "s"
+
+
+def test_seeds_sweep_layout_and_aggregate(seeds_run: Path) -> None:
+    import statistics
+
+    import torch
+
+    from rift_ray.aggregate import figures
+
+    assert (seeds_run / "checkpoints/at.pt").is_file()
+    assert sorted(p.name for p in (seeds_run / "stages").iterdir()) == ["adv_train.json"]
+    for rel in ("summary.json", "tables/summary.parquet", "tables/seeds.parquet"):
+        assert (seeds_run / rel).is_file(), rel
+    per_seed = {}
+    for seed in (0, 1):
+        d = seeds_run / "seeds" / str(seed)
+        for rel in ("stages/mrc.json", "stages/finetune.json", "stages/interpolate.json",
+                    "tables/mrc.parquet", "tables/interpolation.parquet", "checkpoints/rift.pt",
+                    "artifacts/adv_set.pt", "manifest.json", "summary.json"):  # fmt: skip
+            assert (d / rel).is_file(), (seed, rel)
+        assert (d / "ray").is_dir()
+        per_seed[seed] = json.loads((d / "summary.json").read_text())
+        assert per_seed[seed]["seed"] == seed
+        assert (d / f"checkpoints/finetune/{per_seed[seed]['trial']}.pt").is_file()
+    # one validation split: the same images (labels) attacked with other PGD starts per seed
+    adv = [torch.load(seeds_run / f"seeds/{s}/artifacts/adv_set.pt") for s in (0, 1)]
+    assert torch.equal(adv[0]["targets"], adv[1]["targets"])
+    assert not torch.equal(adv[0]["inputs"], adv[1]["inputs"])
+    summary = json.loads((seeds_run / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["n"] == 2
+    assert [s["seed"] for s in summary["per_seed"]] == [0, 1]
+    f0, f1 = figures(per_seed[0]), figures(per_seed[1])
+    assert set(f0) == set(f1) and ("rift", "test", "clean_acc") in f0
+    for path in f0:
+        node_mean, node_std = summary["mean"], summary["std"]
+        for k in path:
+            node_mean, node_std = node_mean[k], node_std[k]
+        assert node_mean == pytest.approx(statistics.fmean([f0[path], f1[path]])), path
+        assert node_std == pytest.approx(statistics.stdev([f0[path], f1[path]])), path
+    assert sum(summary["chosen"]["modules"].values()) == 2
+
+
+def test_seeds_rerun_reuses_everything(
+    seeds_run: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    before = {
+        p: p.stat().st_mtime_ns
+        for p in seeds_run.rglob("*")
+        if p.is_file() and "ray" not in p.parts
+    }
+    assert main(["sweep", SMOKE, "--storage", str(seeds_run.parent), "--name", "s", *SEEDS]) == 0
+    cap = capsys.readouterr()
+    assert cap.err.count("done earlier") == 1 + 2 * 3 + 1, cap.err
+    assert "± " in cap.out and "(n=2)" in cap.out
+    changed = [str(p.relative_to(seeds_run)) for p in before if before[p] != p.stat().st_mtime_ns]
+    assert set(changed) <= {"config.yaml", "manifest.json"}, changed
+    # adding a seed: the plan reuses seeds 0 and 1 and runs only seed 2
+    more = [*SEEDS, "--set", "seeds=[0,1,2]"]
+    assert (
+        main(
+            ["sweep", SMOKE, "--storage", str(seeds_run.parent), "--name", "s", "--dry-run", *more]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.count("[done (will be reused)]") == 1 + 2 * 3 and out.count("[to run]") == 3, out
+    assert "seed 2 -> " in out
+    assert not (seeds_run / "seeds" / "2").exists()

@@ -117,11 +117,14 @@ def _search_task(
     return rows
 
 
-def corruption_sets(cfg: SweepConfig, splits: DatasetSplits) -> dict[Any, ImageData] | None:
+def corruption_sets(
+    cfg: SweepConfig, splits: DatasetSplits, data_seed: int | None = None
+) -> dict[Any, ImageData] | None:
     """The corrupted test sets, built once by the driver: the official CIFAR-10-C / -100-C
     files (``eval.corruption_source: files``) or regenerated from the test split
-    (``generated``), each cell cut to the evaluated test subset (and to
-    ``eval.corruption_subset``)."""
+    (``generated``, noise seeded by ``data_seed``, default ``cfg.seed``: data, like the
+    split, so every seed of a ``seeds`` sweep is measured on the same images), each cell
+    cut to the evaluated test subset (and to ``eval.corruption_subset``)."""
     if not cfg.eval.corruptions:
         return None
     test = eval_sets(cfg, splits).get("test")
@@ -133,7 +136,8 @@ def corruption_sets(cfg: SweepConfig, splits: DatasetSplits) -> dict[Any, ImageD
     if cfg.eval.corruption_source == "generated":
         from rift_ray.corruptions import generate_cifar_c
 
-        return generate_cifar_c(test, cfg.eval.corruptions, cfg.eval.severities, seed=cfg.seed)
+        seed = cfg.seed if data_seed is None else data_seed
+        return generate_cifar_c(test, cfg.eval.corruptions, cfg.eval.severities, seed=seed)
     root = expand_path(cfg.eval.cifar_c_root)
     assert root is not None  # checked before any compute
     cells = load_cifar_c(root, cfg.eval.corruptions, cfg.eval.severities)
@@ -148,10 +152,13 @@ def run_interpolation(
     at_state: dict[str, torch.Tensor],
     trials: list[dict[str, Any]],
     splits: DatasetSplits | None = None,
+    data_seed: int | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Evaluate every trial's alpha grid; return (table rows, choice of the winning trial)."""
+    """Evaluate every trial's alpha grid; return (table rows, choice of the winning trial).
+
+    ``data_seed``: the seed of the data (generated corruptions), default ``cfg.seed``."""
     r = cfg.resources.interpolate
-    cdata = corruption_sets(cfg, splits) if splits is not None else None
+    cdata = corruption_sets(cfg, splits, data_seed) if splits is not None else None
     opts = {"num_cpus": r.cpu, "num_gpus": r.gpu}
     cfg_dict = cfg.to_dict()
     at_ref = ray.put(at_state)
