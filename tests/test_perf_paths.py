@@ -55,16 +55,22 @@ def test_blocks_compose_to_the_forward_pass(arch: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "arch, module, cached",
+    "arch, module, cached, inside",
     [
-        ("small_resnet", "conv1", ""),  # the stem: nothing before it to cache
-        ("small_resnet", "layer1.0.conv2", "layer1.0"),
-        ("small_resnet", "layer2.0.shortcut.0", "layer2.0"),
-        ("small_resnet", "linear", "linear"),  # pooled features cached
-        ("small_cnn", "conv3", "conv3"),
-        ("wrn", "block2.layer.0.convShortcut", "block2.layer.0"),
-        ("wrn", "fc", "fc"),
-        ("preact_resnet18", "layer3.0.shortcut.0", "layer3.0"),
+        ("small_resnet", "conv1", "", False),  # the stem: nothing before it to cache
+        ("small_resnet", "layer1.0.conv1", "layer1.0", False),  # identity shortcut: no split
+        ("small_resnet", "layer1.0.conv2", "layer1.0", True),  # conv1 branch + shortcut cached
+        ("small_resnet", "layer2.0.conv1", "layer2.0", True),  # projection shortcut cached
+        ("small_resnet", "layer2.0.shortcut.0", "layer2.0", True),  # residual branch cached
+        ("small_resnet", "linear", "linear", False),  # pooled features cached
+        ("small_cnn", "conv3", "conv3", False),
+        ("wrn", "block1.layer.0.conv1", "block1.layer.0", True),
+        ("wrn", "block2.layer.0.convShortcut", "block2.layer.0", True),
+        ("wrn", "block3.layer.0.conv2", "block3.layer.0", True),
+        ("wrn", "fc", "fc", False),
+        ("preact_resnet18", "layer1.1.conv1", "layer1.1", True),
+        ("preact_resnet18", "layer3.0.shortcut.0", "layer3.0", True),
+        ("preact_resnet18", "layer4.0.conv2", "layer4.0", True),
     ],
 )
 @pytest.mark.parametrize("projection", ["epoch", "step"])
@@ -72,6 +78,7 @@ def test_fast_mrc_matches_reference(
     arch: str,
     module: str,
     cached: str,
+    inside: bool,
     projection: str,
     fixed_set: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
@@ -79,9 +86,29 @@ def test_fast_mrc_matches_reference(
     ref = _mrc(model, module, fixed_set, projection=projection, fast=False)
     fast = _mrc(model, module, fixed_set, projection=projection, fast=True)
     assert ref.cached_block == "" and fast.cached_block == cached
+    assert fast.cached_inside == inside and not ref.cached_inside
     assert (fast.cache_bytes > 0) == bool(cached)
     _assert_same(ref, fast)
     assert ref.mrc > 0  # the ascent did move the loss, so the comparison means something
+    if inside:  # block-input caching alone gives the same answer too
+        _assert_same(ref, _mrc(model, module, fixed_set, projection=projection, split_blocks=False))
+
+
+@pytest.mark.parametrize("arch", ["small_resnet", "wrn", "preact_resnet18"])
+def test_block_splits_compose_to_the_block(arch: str) -> None:
+    model = _model(arch)
+    x = torch.rand(2, 3, 32, 32)
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    blocks, splits = model_blocks(model), 0
+    with torch.no_grad():
+        for block in blocks:
+            for name in names:
+                cut = block.split_at(name)
+                if cut is not None:
+                    splits += 1
+                    assert torch.equal(cut[1](*cut[0](x.clone())), block.fn(x.clone())), name
+            x = block.fn(x)
+    assert splits >= 3
 
 
 def test_fast_mrc_with_uint8_inputs_and_cache_limit(
@@ -91,10 +118,15 @@ def test_fast_mrc_with_uint8_inputs_and_cache_limit(
     data = ((fixed_set[0] * 255).round().to(torch.uint8), fixed_set[1])
     ref = _mrc(model, "layer3.0.conv1", data, fast=False)
     _assert_same(ref, _mrc(model, "layer3.0.conv1", data))
-    # layer3.0's input is 32x8x8 floats (8 KiB) per image: 320 KiB for 40 images; every
-    # earlier block input is larger, so a smaller budget caches nothing
+    # layer3.0's input is 32x8x8 floats (8 KiB) per image: 320 KiB for 40 images (with the
+    # projection shortcut's output, 480 KiB: that does not fit, so the block input is
+    # cached); every earlier block input is larger, so a smaller budget caches nothing
+    split = _mrc(model, "layer3.0.conv1", data, max_cache_bytes=480 * 1024)
+    assert split.cached_inside and split.cache_bytes == 480 * 1024
+    _assert_same(ref, split)
     fits = _mrc(model, "layer3.0.conv1", data, max_cache_bytes=320 * 1024)
     assert fits.cached_block == "layer3.0" and fits.cache_bytes == 320 * 1024
+    assert not fits.cached_inside
     none = _mrc(model, "layer3.0.conv1", data, max_cache_bytes=320 * 1024 - 1)
     assert none.cached_block == "" and none.cache_bytes == 0
     _assert_same(ref, none)
