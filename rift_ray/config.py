@@ -130,7 +130,8 @@ class MRCConfig(_Section):
     """Cache the input of the perturbed module's block and run only the rest of the network
     (identical results; benchmarks/README.md). False = the reference procedure."""
     channels_last: bool = False
-    """channels_last memory format in the ascent (faster on CPU/GPU, MRC differs ~1e-5)."""
+    """channels_last memory format in the ascent (faster on CPU/GPU, MRC differs ~1e-5).
+    ``compute.channels_last`` turns it on for every stage, MRC included."""
     adv_set_size: PosInt | None = None
     """Images of the validation split attacked once to form the fixed adversarial set (default: all)."""
     include: list[str] = []
@@ -254,6 +255,21 @@ class WandbConfig(_Section):
     log_checkpoint: bool = True
 
 
+class ComputeConfig(_Section):
+    """Switches for the hot loops (rift_ray/compute.py), meant for GPU sweeps.
+
+    The defaults keep today's exact (CPU bit-reproducible) results; changing any of them
+    changes the stage hashes, so finished stages are recomputed with the new settings.
+    """
+
+    amp: Literal["none", "bf16"] = "none"
+    """bf16 autocast in adversarial training, PGD evaluation, fine-tuning and the MRC ascent."""
+    channels_last: bool = False
+    """channels_last memory format for every stage's model (and ``mrc.channels_last``)."""
+    compile: bool = False
+    """torch.compile the model (``nn.Module.compile``; MRC compiles its ascent forward)."""
+
+
 class SweepConfig(_Section):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "rift"
     seed: NonNegInt = 0
@@ -268,6 +284,7 @@ class SweepConfig(_Section):
     eval: EvalConfig = EvalConfig()
     resources: ResourcesConfig = ResourcesConfig()
     wandb: WandbConfig = WandbConfig()
+    compute: ComputeConfig = ComputeConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -276,6 +293,8 @@ class SweepConfig(_Section):
         d = self.to_dict()
         for k in ("name", "storage", "wandb", "resources"):
             d.pop(k, None)
+        if d.get("compute") == ComputeConfig().model_dump(mode="json"):
+            d.pop("compute")  # the defaults: hashes as before the section existed
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -25,7 +25,7 @@ import torch
 from rift_ray import __version__
 from rift_ray import store as layout
 from rift_ray.checkpoint import CheckpointError, load_checkpoint, load_into_model, save_checkpoint
-from rift_ray.config import ConfigError, SweepConfig, expand_path, to_yaml
+from rift_ray.config import ComputeConfig, ConfigError, SweepConfig, expand_path, to_yaml
 from rift_ray.data import DataError, DatasetSplits, load_dataset
 from rift_ray.report import environment_info, summary_table
 from rift_ray.store import Store
@@ -49,6 +49,8 @@ def stage_hashes(cfg: SweepConfig) -> dict[str, str]:
     """Chained hashes of what each stage's result depends on (never resources or W&B)."""
     d = cfg.to_dict()
     ev = d["eval"]
+    # compute switches change results except at their defaults, which keep the old hashes
+    compute = [] if d["compute"] == ComputeConfig().model_dump(mode="json") else [d["compute"]]
     h1 = _hash(
         [
             "adv_train",
@@ -59,9 +61,10 @@ def stage_hashes(cfg: SweepConfig) -> dict[str, str]:
             d["adv_train"],
             ev["val_subset"],
             ev["restarts"],
+            *compute,
         ]
     )
-    h2 = _hash(["mrc", h1, d["mrc"], ev["batch_size"]])
+    h2 = _hash(["mrc", h1, d["mrc"], ev["batch_size"], *compute])
     h3 = _hash(["finetune", h2, d["finetune"], d["interpolate"]["tolerance"]])
     h4 = _hash(["interpolate", h3, d["interpolate"], ev])
     return {"adv_train": h1, "mrc": h2, "finetune": h3, "interpolate": h4}

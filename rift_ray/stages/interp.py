@@ -20,7 +20,7 @@ from rift_ray.config import SweepConfig, expand_path
 from rift_ray.data import DatasetSplits, ImageData, load_cifar_c
 from rift_ray.progress import Progress
 from rift_ray.rift import interpolate, select_alpha
-from rift_ray.stages.common import evaluate_pgd, new_model, setup_worker
+from rift_ray.stages.common import evaluate_pgd, setup_worker, worker_model
 
 
 def eval_sets(cfg: SweepConfig, splits: DatasetSplits) -> dict[str, ImageData]:
@@ -54,7 +54,7 @@ def evaluate_state(
         row["corruption_acc"] = None  # same columns in every row (measured on test only)
         if cdata and split == "test":
             row["corruption_acc"] = corruption_accuracy(
-                model, cdata, batch_size=cfg.eval.batch_size, device=device
+                model, cdata, batch_size=cfg.eval.batch_size, device=device, amp=cfg.compute.amp
             )["mean"]
         out[split] = row
     return out
@@ -72,7 +72,7 @@ def _alpha_task(
 ) -> list[dict[str, Any]]:
     cfg = SweepConfig.model_validate(cfg_dict)
     device = setup_worker(cfg, cfg.resources.interpolate.cpu, cfg.seed)
-    model = new_model(cfg, spec)
+    model = worker_model(cfg, spec)
     sets = eval_sets(cfg, splits)
     rows = []
     for alpha in alphas:

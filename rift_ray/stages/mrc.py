@@ -117,7 +117,9 @@ def mrc_trial(
             seed=cfg.seed,
             device=device,
             fast=m.fast,
-            channels_last=m.channels_last,
+            channels_last=m.channels_last or cfg.compute.channels_last,
+            amp=cfg.compute.amp,
+            compile=cfg.compute.compile,
         )
         if fault("mrc_nan", module=name):
             res = dataclasses.replace(res, mrc=float("nan"))
