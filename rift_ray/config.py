@@ -237,6 +237,10 @@ class ResourcesConfig(_Section):
     finetune: TrialResources = TrialResources()
     interpolate: TrialResources = TrialResources()
     max_concurrent_trials: PosInt | None = None
+    track_memory: bool = True
+    """Record the peak memory of every MRC trial and interpolation point (``peak_mem_bytes``;
+    rift_ray/memory.py). On CPU it runs a dispatch mode costing a few microseconds per op;
+    off when ``compute.compile`` is on."""
     dashboard: bool = False
     """Start the Ray dashboard with a local instance (http://127.0.0.1:8265). Off by default:
     with several local Ray instances on one machine, Ray Train's placement-group cleaner can

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 
@@ -299,3 +300,78 @@ def test_compiled_model_matches_eager(fixed_set: tuple[torch.Tensor, torch.Tenso
         torch.testing.assert_close(
             compiled(fixed_set[0]), model(fixed_set[0]), rtol=1e-5, atol=1e-5
         )
+
+
+# ---------------------------------------------------------------- memory
+
+
+def test_peak_memory_counts_live_tensor_bytes() -> None:
+    from rift_ray.memory import PeakMemory
+
+    keep = torch.zeros(1000)  # allocated before: not counted
+    with PeakMemory("cpu") as mem:
+        a = torch.empty(256, 1024)  # 1 MiB
+        b = a.view(-1)[:10]  # a view: no new storage
+        keep.add_(1)  # in place on an old tensor: nothing new
+        del a, b
+        c = torch.empty(128, 1024)  # 0.5 MiB, after the 1 MiB was freed
+        del c
+    assert mem.method == "cpu_tensor_bytes" and mem.peak_bytes == 1024 * 1024
+    lin = nn.Linear(512, 512, bias=False)
+    x = torch.rand(64, 512)
+    with PeakMemory("cpu") as mem:  # backward ops are seen too (the 1 MiB weight gradient)
+        lin(x).sum().backward()
+    assert mem.peak_bytes >= 512 * 512 * 4
+
+
+def test_mrc_peak_memory_is_measured_and_unchanged_results(
+    fixed_set: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    from rift_ray.memory import PeakMemory
+
+    model = _model("small_resnet")
+    peaks = {}
+    for fast in (False, True):
+        with PeakMemory("cpu") as mem:
+            res = _mrc(model, "layer2.0.conv2", fixed_set, fast=fast)
+        assert res == dataclasses.replace(
+            _mrc(model, "layer2.0.conv2", fixed_set, fast=fast), seconds=res.seconds
+        )  # measuring does not change a single number
+        peaks[fast] = mem.peak_bytes
+    # both hold the model copy and activations; the fast path also holds its cache
+    assert peaks[False] > 0 and peaks[True] > 0
+    fast = _mrc(model, "layer2.0.conv2", fixed_set)
+    assert peaks[True] >= fast.cache_bytes
+
+
+def test_stage_rows_record_peak_memory() -> None:
+    """The MRC and interpolation rows carry peak_mem_bytes (functions called without Ray)."""
+    from rift_ray.config import SweepConfig
+    from rift_ray.data import load_dataset
+    from rift_ray.stages import interp
+    from rift_ray.stages.common import ModelSpec, new_model
+
+    cfg = SweepConfig.model_validate(
+        {
+            "data": {
+                "dataset": "synthetic",
+                "val_size": 16,
+                "synthetic": {"train_size": 48, "test_size": 16},
+            },
+            "model": {"arch": "small_cnn"},
+            "attack": {"steps": 2},
+            "resources": {"torch_threads": 1},
+        }
+    )
+    splits = load_dataset(cfg.data)
+    spec = ModelSpec.of(splits)
+    at = new_model(cfg, spec).state_dict()
+    ft = {k: v + 0.01 if v.is_floating_point() else v for k, v in at.items()}
+    rows = interp._alpha_task._function(cfg.to_dict(), spec, splits, at, ft, [0.5])
+    assert {r["split"] for r in rows} == {"val", "test"}
+    assert all(r["peak_mem_bytes"] > 0 and r["mem_method"] == "cpu_tensor_bytes" for r in rows)
+    off = cfg.model_copy(
+        update={"resources": cfg.resources.model_copy(update={"track_memory": False})}
+    )
+    rows = interp._alpha_task._function(off.to_dict(), spec, splits, at, ft, [0.5])
+    assert all(r["peak_mem_bytes"] is None for r in rows)

@@ -108,6 +108,16 @@ def worker_model(cfg: SweepConfig, splits: DatasetSplits | ModelSpec) -> torch.n
     return prepare_model(new_model(cfg, splits), channels_last=c.channels_last, compile=c.compile)
 
 
+def peak_memory(cfg: SweepConfig, device: torch.device) -> Any:
+    """A ``PeakMemory`` for ``device``, or None when ``resources.track_memory`` is off (or the
+    CPU measurement would sit under torch.compile)."""
+    from rift_ray.memory import PeakMemory
+
+    if not cfg.resources.track_memory or (cfg.compute.compile and device.type != "cuda"):
+        return None
+    return PeakMemory(device)
+
+
 def attack_kwargs(cfg: SweepConfig) -> dict[str, Any]:
     a = cfg.attack
     return {

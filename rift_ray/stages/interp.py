@@ -9,6 +9,7 @@ the paper's rule; the trial with the largest feasible clean gain is the final mo
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -20,7 +21,7 @@ from rift_ray.config import SweepConfig, expand_path
 from rift_ray.data import DatasetSplits, ImageData, load_cifar_c
 from rift_ray.progress import Progress
 from rift_ray.rift import interpolate, select_alpha
-from rift_ray.stages.common import evaluate_pgd, setup_worker, worker_model
+from rift_ray.stages.common import evaluate_pgd, peak_memory, setup_worker, worker_model
 
 
 def eval_sets(cfg: SweepConfig, splits: DatasetSplits) -> dict[str, ImageData]:
@@ -77,9 +78,21 @@ def _alpha_task(
     rows = []
     for alpha in alphas:
         t0 = time.time()
-        state = at_state if ft_state is None else interpolate(at_state, ft_state, alpha)
-        for split, m in evaluate_state(cfg, model, state, sets, cdata, device).items():
-            rows.append({"alpha": alpha, "split": split, **m, "seconds": time.time() - t0})
+        mem = peak_memory(cfg, device)
+        with mem or contextlib.nullcontext():  # the interpolated state and every evaluation
+            state = at_state if ft_state is None else interpolate(at_state, ft_state, alpha)
+            metrics = evaluate_state(cfg, model, state, sets, cdata, device)
+        for split, m in metrics.items():
+            rows.append(
+                {
+                    "alpha": alpha,
+                    "split": split,
+                    **m,
+                    "seconds": time.time() - t0,
+                    "peak_mem_bytes": mem.peak_bytes if mem else None,
+                    "mem_method": mem.method if mem else "",
+                }
+            )
     return rows
 
 
