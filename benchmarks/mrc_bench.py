@@ -10,8 +10,9 @@ batches for every mode; the modes run interleaved module by module, ``--repeats`
 in rotating order, and each mode's fastest run counts (the box is shared). Times are
 this process's CPU seconds by default (``--clock cpu``; with 1 torch thread that is the
 work done, nearly independent of other jobs on the machine), ``--clock wall`` for wall time. Peak memory: for
-three modules, a 1-epoch trial per mode in a fresh process; its peak RSS above the RSS
-before the trial is reported.
+every module, one more trial per mode (reference, fast) under ``rift_ray.memory.PeakMemory``:
+the peak bytes of the tensors the trial allocates (deterministic; the process RSS could not
+resolve it).
 """
 
 from __future__ import annotations
@@ -19,46 +20,33 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import resource
-import subprocess
-import sys
-import tempfile
 import time
+from typing import Any
 
 import torch
 
 from benchmarks.common import cifar10, machine, random_subset, seeded_model
+from rift_ray.memory import PeakMemory
 from rift_ray.models import mrc_candidates
 from rift_ray.rift.mrc import MRCResult, adversarial_set, module_robust_criticality
 
 MODES = {
     "reference": {"fast": False},
-    "block": {"fast": True, "split_blocks": False},  # block-input caching only (the old fast path)
-    "fast": {"fast": True},  # + caching inside blocks (the default)
+    # block-input caching only, no evaluation reuse (the fast path before this change)
+    "block": {"fast": True, "split_blocks": False, "reuse_eval": False},
+    "fast": {"fast": True},  # + caching inside blocks + evaluation reuse (the default)
     "fast+CL": {"fast": True, "channels_last": True},
 }
 SHORT = {"reference": "ref", "block": "block", "fast": "fast", "fast+CL": "fast+CL"}
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
-def child(path: str, module: str, mode: str, batch_size: int) -> None:
-    """In a fresh process: one 1-epoch trial; prints its peak RSS above the RSS before it."""
-    blob = torch.load(path, weights_only=False)
-    before = _rss_mib()
-    module_robust_criticality(
-        blob["model"], module, blob["x"], blob["y"], epochs=1, batch_size=batch_size, **MODES[mode]
-    )
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
-
-
-def peak_extra_mib(path: str, module: str, mode: str, batch_size: int) -> float:
-    cmd = [sys.executable, "-m", "benchmarks.mrc_bench", "--child", path, module, mode]
-    out = subprocess.run(cmd + ["--batch-size", str(batch_size)], capture_output=True, text=True)
-    return float(out.stdout.split()[-1])
+def peak_mib(
+    model: torch.nn.Module, name: str, x: torch.Tensor, y: torch.Tensor, **kw: Any
+) -> float:
+    """Peak MiB of tensors allocated by one trial (rift_ray.memory.PeakMemory, CPU method)."""
+    with PeakMemory("cpu") as mem:
+        module_robust_criticality(model, name, x, y, **kw)
+    return mem.peak_bytes / 2**20
 
 
 def main() -> None:
@@ -76,11 +64,8 @@ def main() -> None:
         default="cpu",
         help="time trials by this process's CPU seconds (default; 1 thread) or wall seconds",
     )
-    p.add_argument("--child", nargs=3, metavar=("PATH", "MODULE", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.child:
-        return child(*args.child, batch_size=args.batch_size)
 
     splits = cifar10()
     model = seeded_model(args.arch, splits)
@@ -108,13 +93,10 @@ def main() -> None:
         print(name, {m: round(r.seconds, 2) for m, r in res.items()}, flush=True)
 
     memory: dict[tuple[str, str], float] = {}
-    if not args.no_memory:  # a fresh process per trial, so freed memory is not reused
-        with tempfile.TemporaryDirectory() as d:
-            path = f"{d}/set.pt"
-            torch.save({"model": model, "x": x, "y": y}, path)
-            for name in (modules[0], modules[len(modules) // 2], modules[-1]):
-                for m in ("reference", "fast"):
-                    memory[name, m] = peak_extra_mib(path, name, m, args.batch_size)
+    if not args.no_memory:  # deterministic: the same computation allocates the same tensors
+        for name in modules:
+            for m in ("reference", "fast"):
+                memory[name, m] = peak_mib(model, name, x, y, **kw, **MODES[m])
 
     print(f"\nmachine: {machine()}; load average {os.getloadavg()}")
     print(
@@ -130,9 +112,9 @@ def main() -> None:
         + " | ".join(f"{SHORT[m]} x" for m in others)
         + " | "
         + " | ".join(f"abs dMRC {SHORT[m]}" for m in others)
-        + " |"
+        + " | peak MiB ref / fast |"
     )
-    print("|---" * (3 + len(modes) + 2 * len(others)) + "|")
+    print("|---" * (4 + len(modes) + 2 * len(others)) + "|")
     tot = dict.fromkeys(modes, 0.0)
     diffs = dict.fromkeys(others, 0.0)
 
@@ -156,7 +138,11 @@ def main() -> None:
             + " | ".join(f"{ref.seconds / res[m].seconds:.2f}" for m in others)
             + " | "
             + " | ".join(f"{d[m]:.1e}" for m in others)
-            + " |"
+            + (
+                f" | {memory[name, 'reference']:.1f} / {memory[name, 'fast']:.1f} |"
+                if memory
+                else " | - |"
+            )
         )
     ref_t = tot["reference"]
     print(
@@ -166,12 +152,8 @@ def main() -> None:
         + " | ".join(f"**{ref_t / tot[m]:.2f}**" for m in others)
         + " | "
         + " | ".join(f"{diffs[m]:.1e}" for m in others)
-        + " |"
+        + " | |"
     )
-    if memory:
-        print("\npeak RSS above the RSS before a 1-epoch trial, fresh process (MiB):")
-        for (name, m), v in memory.items():
-            print(f"  {name} {m}: {v:.0f}")
     print(
         f"\nadversarial set: {x.numel() * 4 / 2**20:.1f} MiB float32, "
         f"{x.numel() / 2**20:.1f} MiB as uint8 (adversarial_set(dtype=torch.uint8))"

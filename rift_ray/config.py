@@ -132,6 +132,10 @@ class MRCConfig(_Section):
     channels_last: bool = False
     """channels_last memory format in the ascent (faster on CPU/GPU, MRC differs ~1e-5).
     ``compute.channels_last`` turns it on for every stage, MRC included."""
+    adv_set_format: Literal["float32", "uint16", "uint8"] = "float32"
+    """How the fixed adversarial set is stored and shipped to trials: float32 (exact),
+    uint16 (16-bit fixed point, half the size, values within 7.6e-6) or uint8 (a quarter,
+    the perturbation rounded to the 1/255 grid). rift_ray.rift.encode_adversarial_set."""
     adv_set_size: PosInt | None = None
     """Images of the validation split attacked once to form the fixed adversarial set (default: all)."""
     include: list[str] = []
@@ -299,6 +303,8 @@ class SweepConfig(_Section):
             d.pop(k, None)
         if d.get("compute") == ComputeConfig().model_dump(mode="json"):
             d.pop("compute")  # the defaults: hashes as before the section existed
+        if d["mrc"].get("adv_set_format") == "float32":
+            del d["mrc"]["adv_set_format"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

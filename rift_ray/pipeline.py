@@ -64,7 +64,10 @@ def stage_hashes(cfg: SweepConfig) -> dict[str, str]:
             *compute,
         ]
     )
-    h2 = _hash(["mrc", h1, d["mrc"], ev["batch_size"], *compute])
+    mrc = dict(d["mrc"])
+    if mrc["adv_set_format"] == "float32":  # the default: hashes as before the field existed
+        del mrc["adv_set_format"]
+    h2 = _hash(["mrc", h1, mrc, ev["batch_size"], *compute])
     h3 = _hash(["finetune", h2, d["finetune"], d["interpolate"]["tolerance"]])
     h4 = _hash(["interpolate", h3, d["interpolate"], ev])
     return {"adv_train": h1, "mrc": h2, "finetune": h3, "interpolate": h4}

@@ -94,6 +94,10 @@ def test_fast_mrc_matches_reference(
     assert ref.mrc > 0  # the ascent did move the loss, so the comparison means something
     if inside:  # block-input caching alone gives the same answer too
         _assert_same(ref, _mrc(model, module, fixed_set, projection=projection, split_blocks=False))
+    # without reusing the evaluation's first batch for the next ascent step: the same again
+    _assert_same(ref, _mrc(model, module, fixed_set, projection=projection, reuse_eval=False))
+    unshuffled = _mrc(model, module, fixed_set, projection=projection, shuffle=False)
+    _assert_same(_mrc(model, module, fixed_set, fast=False, shuffle=False), unshuffled)
 
 
 @pytest.mark.parametrize("arch", ["small_resnet", "wrn", "preact_resnet18"])
@@ -375,3 +379,29 @@ def test_stage_rows_record_peak_memory() -> None:
     )
     rows = interp._alpha_task._function(off.to_dict(), spec, splits, at, ft, [0.5])
     assert all(r["peak_mem_bytes"] is None for r in rows)
+
+
+def test_compact_adversarial_set_formats(fixed_set: tuple[torch.Tensor, torch.Tensor]) -> None:
+    from rift_ray.rift.mrc import decode_adversarial_set, encode_adversarial_set
+
+    x = fixed_set[0]
+    sizes, errors = {}, {}
+    for fmt in ("float32", "uint16", "uint8"):
+        blob = encode_adversarial_set(x, fmt)  # type: ignore[arg-type]
+        sizes[fmt] = blob["inputs"].numel() * blob["inputs"].element_size()
+        back = decode_adversarial_set(blob)
+        errors[fmt] = float(
+            (back.float() / (255 if back.dtype == torch.uint8 else 1) - x).abs().max()
+        )
+    assert sizes["float32"] == 2 * sizes["uint16"] == 4 * sizes["uint8"]
+    assert errors["float32"] == 0
+    assert errors["uint16"] <= 1 / 131070 + 1e-7  # fixed point: half a 1/65535 step
+    assert errors["uint8"] <= 1 / 510 + 1e-7
+    # MRC on the uint16 set: within 1e-4 of the float32 set's (benchmarks/README.md measures it)
+    model = _model("small_resnet")
+    full = _mrc(model, "layer2.0.conv2", fixed_set)
+    half = _mrc(
+        model, "layer2.0.conv2", (decode_adversarial_set(encode_adversarial_set(x)), fixed_set[1])
+    )
+    assert half.epoch_losses == pytest.approx(full.epoch_losses, abs=1e-4)
+    assert half.mrc == pytest.approx(full.mrc, abs=1e-4)

@@ -21,7 +21,12 @@ import torch
 from ray import tune
 
 from rift_ray.config import SweepConfig
-from rift_ray.rift import adversarial_set, module_robust_criticality
+from rift_ray.rift import (
+    adversarial_set,
+    decode_adversarial_set,
+    encode_adversarial_set,
+    module_robust_criticality,
+)
 from rift_ray.stages.common import (
     attack_kwargs,
     fault,
@@ -62,7 +67,8 @@ def _adv_set_task(
         seed=cfg.seed,
     )
     buf = io.BytesIO()
-    torch.save({"inputs": x.cpu(), "targets": y.cpu()}, buf)
+    blob = encode_adversarial_set(x.cpu(), cfg.mrc.adv_set_format)
+    torch.save(blob | {"targets": y.cpu()}, buf)
     return buf.getvalue()
 
 
@@ -87,7 +93,7 @@ def build_adversarial_set(
         )
         store.put(ADV_SET, blob, stage_hash=stage_hash)
     d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    return d["inputs"], d["targets"]
+    return decode_adversarial_set(d), d["targets"]
 
 
 def mrc_trial(
