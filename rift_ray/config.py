@@ -127,8 +127,10 @@ class MRCConfig(_Section):
     projection: Literal["epoch", "step"] = "epoch"
     shuffle: bool = True
     fast: bool = True
-    """Cache the input of the perturbed module's block and run only the rest of the network
-    (identical results; benchmarks/README.md). False = the reference procedure."""
+    """Cache what is frozen before the perturbed module (its block's input, inside residual
+    blocks the frozen branch and shortcut) and run only the module onward; reuse each
+    evaluation's first batch for the next ascent step (identical results;
+    benchmarks/README.md). False = the reference procedure."""
     channels_last: bool = False
     """channels_last memory format in the ascent (faster on CPU/GPU, MRC differs ~1e-5).
     ``compute.channels_last`` turns it on for every stage, MRC included."""

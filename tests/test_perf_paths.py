@@ -97,7 +97,10 @@ def test_fast_mrc_matches_reference(
     # without reusing the evaluation's first batch for the next ascent step: the same again
     _assert_same(ref, _mrc(model, module, fixed_set, projection=projection, reuse_eval=False))
     unshuffled = _mrc(model, module, fixed_set, projection=projection, shuffle=False)
-    _assert_same(_mrc(model, module, fixed_set, fast=False, shuffle=False), unshuffled)
+    ref_unshuffled = _mrc(
+        model, module, fixed_set, projection=projection, fast=False, shuffle=False
+    )
+    _assert_same(ref_unshuffled, unshuffled)
 
 
 @pytest.mark.parametrize("arch", ["small_resnet", "wrn", "preact_resnet18"])
@@ -405,3 +408,14 @@ def test_compact_adversarial_set_formats(fixed_set: tuple[torch.Tensor, torch.Te
     )
     assert half.epoch_losses == pytest.approx(full.epoch_losses, abs=1e-4)
     assert half.mrc == pytest.approx(full.mrc, abs=1e-4)
+
+
+def test_stage_models_follow_the_compute_section() -> None:
+    from rift_ray.config import SweepConfig
+    from rift_ray.stages.common import ModelSpec, worker_model
+
+    spec = ModelSpec(10, (0.5,) * 3, (0.5,) * 3, (3, 32, 32))
+    plain = worker_model(SweepConfig(), spec)
+    assert not plain.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    cfg = SweepConfig.model_validate({"compute": {"channels_last": True, "amp": "bf16"}})
+    assert worker_model(cfg, spec).conv1.weight.is_contiguous(memory_format=torch.channels_last)

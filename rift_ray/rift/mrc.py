@@ -11,12 +11,20 @@ the adversarially trained model. The max is approximated by gradient ascent:
     res.mrc, res.acc_before - res.acc_after            # loss rise, robust-acc drop (points)
 
 Fast path (``fast=True``, the default): the model is in eval mode and only one weight
-moves, so the input of the block that runs the module (:mod:`rift_ray.models.blocks`)
-never changes. It is computed once for the whole set, and every ascent step and every
-end-of-epoch evaluation runs only the rest of the network (for the classifier: the
-pooled features are cached). Same batches, same order, same seed as the reference
-path (``fast=False``, a full forward and backward per step); the results agree to
-float rounding (benchmarks/README.md gives the measured difference).
+moves, so everything computed before that weight is used never changes:
+
+1. The input of the block that runs the module (:mod:`rift_ray.models.blocks`) is
+   computed once for the whole set; inside a residual block also its frozen part (for
+   ``conv2``: the output of conv1/bn1/relu and the shortcut; for the shortcut conv: the
+   residual branch), so every ascent step and every evaluation runs only the module
+   onward (for the classifier: the pooled features are cached).
+2. The evaluation before each epoch (the unperturbed loss, then each end-of-epoch loss)
+   runs in that epoch's batch order and hands the first batch's forward pass, graph and
+   all, to the first ascent step, which would compute exactly that again.
+3. Evaluations run under ``torch.inference_mode``.
+
+Same batches, same order, same seed as the reference path (``fast=False``, a full
+forward and backward per step); on CPU the results are bit-identical (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -193,10 +201,11 @@ def _set_loss_and_first_step(
     n = len(targets)
     logits_all: Tensor | None = None
     first = torch.empty(0)
-    for j, i in enumerate(range(0, n, batch_size)):
+    starts = list(range(0, n, batch_size))
+    for i in starts[1:] + starts[:1]:  # the first batch last: its graph then overlaps nothing
         idx = order[i : i + batch_size]
         xs, _ = _batch(inputs, targets, idx, device)
-        if j == 0:
+        if i == 0:
             first = model(*xs)
             out = first.detach()
         else:
