@@ -7,52 +7,46 @@ Reference = ``module_robust_criticality(..., fast=False)``: the procedure of RIF
 process (a full forward and backward per step, a full evaluation pass per epoch). Same
 model, fixed adversarial set (PGD-10 on validation images of real CIFAR-10), seed and
 batches for every mode; the modes run interleaved module by module, ``--repeats`` times
-in rotating order, and each mode's fastest run counts (the box is shared). Peak memory: for
-three modules, a 1-epoch trial per mode in a fresh process; its peak RSS above the RSS
-before the trial is reported.
+in rotating order, and each mode's fastest run counts (the box is shared). Times are
+this process's CPU seconds by default (``--clock cpu``; with 1 torch thread that is the
+work done, nearly independent of other jobs on the machine), ``--clock wall`` for wall time. Peak memory: for
+every module, one more trial per mode (reference, fast) under ``rift_ray.memory.PeakMemory``:
+the peak bytes of the tensors the trial allocates (deterministic; the process RSS could not
+resolve it).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
-import subprocess
-import sys
-import tempfile
+import dataclasses
+import os
 import time
+from typing import Any
 
 import torch
 
 from benchmarks.common import cifar10, machine, random_subset, seeded_model
+from rift_ray.memory import PeakMemory
 from rift_ray.models import mrc_candidates
 from rift_ray.rift.mrc import MRCResult, adversarial_set, module_robust_criticality
 
 MODES = {
     "reference": {"fast": False},
-    "fast": {"fast": True},
-    "fast+channels_last": {"fast": True, "channels_last": True},
+    # block-input caching only, no evaluation reuse (the fast path before this change)
+    "block": {"fast": True, "split_blocks": False, "reuse_eval": False},
+    "fast": {"fast": True},  # + caching inside blocks + evaluation reuse (the default)
+    "fast+CL": {"fast": True, "channels_last": True},
 }
+SHORT = {"reference": "ref", "block": "block", "fast": "fast", "fast+CL": "fast+CL"}
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
-def child(path: str, module: str, mode: str, batch_size: int) -> None:
-    """In a fresh process: one 1-epoch trial; prints its peak RSS above the RSS before it."""
-    blob = torch.load(path, weights_only=False)
-    before = _rss_mib()
-    module_robust_criticality(
-        blob["model"], module, blob["x"], blob["y"], epochs=1, batch_size=batch_size, **MODES[mode]
-    )
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
-
-
-def peak_extra_mib(path: str, module: str, mode: str, batch_size: int) -> float:
-    cmd = [sys.executable, "-m", "benchmarks.mrc_bench", "--child", path, module, mode]
-    out = subprocess.run(cmd + ["--batch-size", str(batch_size)], capture_output=True, text=True)
-    return float(out.stdout.split()[-1])
+def peak_mib(
+    model: torch.nn.Module, name: str, x: torch.Tensor, y: torch.Tensor, **kw: Any
+) -> float:
+    """Peak MiB of tensors allocated by one trial (rift_ray.memory.PeakMemory, CPU method)."""
+    with PeakMemory("cpu") as mem:
+        module_robust_criticality(model, name, x, y, **kw)
+    return mem.peak_bytes / 2**20
 
 
 def main() -> None:
@@ -64,11 +58,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="runs per mode; the fastest counts")
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--child", nargs=3, metavar=("PATH", "MODULE", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="time trials by this process's CPU seconds (default; 1 thread) or wall seconds",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.child:
-        return child(*args.child, batch_size=args.batch_size)
 
     splits = cifar10()
     model = seeded_model(args.arch, splits)
@@ -80,69 +77,86 @@ def main() -> None:
     module_robust_criticality(model, modules[-1], x, y, **kw | {"epochs": 1})  # warm-up
 
     rows = []
+    modes = list(MODES)
     for i, name in enumerate(modules):
         res: dict[str, MRCResult] = {}
         for r in range(args.repeats):  # rotate who runs first; keep each mode's fastest run
-            order = list(MODES)[(i + r) % 3 :] + list(MODES)[: (i + r) % 3]
-            for m in order:
+            k = (i + r) % len(modes)
+            for m in modes[k:] + modes[:k]:
+                cpu0 = time.process_time()
                 out = module_robust_criticality(model, name, x, y, **kw, **MODES[m])
+                if args.clock == "cpu":  # CPU seconds of this process: robust to other jobs' load
+                    out = dataclasses.replace(out, seconds=time.process_time() - cpu0)
                 if m not in res or out.seconds < res[m].seconds:
                     res[m] = out
         rows.append((name, res))
         print(name, {m: round(r.seconds, 2) for m, r in res.items()}, flush=True)
 
     memory: dict[tuple[str, str], float] = {}
-    if not args.no_memory:  # a fresh process per trial, so freed memory is not reused
-        with tempfile.TemporaryDirectory() as d:
-            path = f"{d}/set.pt"
-            torch.save({"model": model, "x": x, "y": y}, path)
-            for name in (modules[0], modules[len(modules) // 2], modules[-1]):
-                for m in ("reference", "fast"):
-                    memory[name, m] = peak_extra_mib(path, name, m, args.batch_size)
+    if not args.no_memory:  # deterministic: the same computation allocates the same tensors
+        for name in modules:
+            for m in ("reference", "fast"):
+                memory[name, m] = peak_mib(model, name, x, y, **kw, **MODES[m])
 
-    print(f"\nmachine: {machine()}")
+    print(f"\nmachine: {machine()}; load average {os.getloadavg()}")
     print(
         f"{args.arch}, {len(modules)} modules, {args.n} adversarial images (PGD-10 took "
-        f"{adv_s:.1f}s), {args.epochs} epochs, batch {args.batch_size}\n"
+        f"{adv_s:.1f}s), {args.epochs} epochs, batch {args.batch_size}, "
+        f"times in {args.clock} seconds (best of {args.repeats})\n"
     )
+    others = modes[1:]
     print(
-        "| module | cached block | cache MiB | reference s | fast s | fast+CL s | fast x | "
-        "fast+CL x | abs MRC diff fast | abs MRC diff CL | peak MiB ref / fast |"
+        "| module | cached | cache MiB | "
+        + " | ".join(f"{SHORT[m]} s" for m in modes)
+        + " | "
+        + " | ".join(f"{SHORT[m]} x" for m in others)
+        + " | "
+        + " | ".join(f"abs dMRC {SHORT[m]}" for m in others)
+        + " | peak MiB ref / fast |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    tot = dict.fromkeys(MODES, 0.0)
-    diffs = {"fast": 0.0, "fast+channels_last": 0.0}
+    print("|---" * (4 + len(modes) + 2 * len(others)) + "|")
+    tot = dict.fromkeys(modes, 0.0)
+    diffs = dict.fromkeys(others, 0.0)
+
+    def diff(a: MRCResult, b: MRCResult) -> float:  # the MRC and every end-of-epoch loss
+        return max(
+            [abs(a.mrc - b.mrc)] + [abs(u - v) for u, v in zip(a.epoch_losses, b.epoch_losses)]
+        )
+
     for name, res in rows:
-        ref, fast, cl = res["reference"], res["fast"], res["fast+channels_last"]
-        for m in MODES:
+        ref, fast = res["reference"], res["fast"]
+        for m in modes:
             tot[m] += res[m].seconds
-        d_fast, d_cl = abs(fast.mrc - ref.mrc), abs(cl.mrc - ref.mrc)
-        # every end-of-epoch loss, not just the max, must agree
-        d_fast = max([d_fast] + [abs(a - b) for a, b in zip(ref.epoch_losses, fast.epoch_losses)])
-        d_cl = max([d_cl] + [abs(a - b) for a, b in zip(ref.epoch_losses, cl.epoch_losses)])
-        diffs["fast"] = max(diffs["fast"], d_fast)
-        diffs["fast+channels_last"] = max(diffs["fast+channels_last"], d_cl)
-        mem = "-"
-        if (name, "fast") in memory:
-            mem = f"{memory[name, 'reference']:.0f} / {memory[name, 'fast']:.0f}"
+        d = {m: diff(ref, res[m]) for m in others}
+        for m in others:
+            diffs[m] = max(diffs[m], d[m])
+        where = (fast.cached_block + (" (inside)" if fast.cached_inside else "")) or "-"
         print(
-            f"| {name} | {fast.cached_block or '-'} | {fast.cache_bytes / 2**20:.1f} | "
-            f"{ref.seconds:.2f} | {fast.seconds:.2f} | {cl.seconds:.2f} | "
-            f"{ref.seconds / fast.seconds:.2f} | {ref.seconds / cl.seconds:.2f} | "
-            f"{d_fast:.1e} | {d_cl:.1e} | {mem} |"
+            f"| {name} | {where} | {fast.cache_bytes / 2**20:.1f} | "
+            + " | ".join(f"{res[m].seconds:.2f}" for m in modes)
+            + " | "
+            + " | ".join(f"{ref.seconds / res[m].seconds:.2f}" for m in others)
+            + " | "
+            + " | ".join(f"{d[m]:.1e}" for m in others)
+            + (
+                f" | {memory[name, 'reference']:.1f} / {memory[name, 'fast']:.1f} |"
+                if memory
+                else " | - |"
+            )
         )
     ref_t = tot["reference"]
     print(
-        f"| **total** | | | {ref_t:.1f} | {tot['fast']:.1f} | {tot['fast+channels_last']:.1f} | "
-        f"**{ref_t / tot['fast']:.2f}** | **{ref_t / tot['fast+channels_last']:.2f}** | "
-        f"{diffs['fast']:.1e} | {diffs['fast+channels_last']:.1e} | |"
+        "| **total** | | | "
+        + " | ".join(f"{tot[m]:.1f}" for m in modes)
+        + " | "
+        + " | ".join(f"**{ref_t / tot[m]:.2f}**" for m in others)
+        + " | "
+        + " | ".join(f"{diffs[m]:.1e}" for m in others)
+        + " | |"
     )
     print(
         f"\nadversarial set: {x.numel() * 4 / 2**20:.1f} MiB float32, "
         f"{x.numel() / 2**20:.1f} MiB as uint8 (adversarial_set(dtype=torch.uint8))"
-    )
-    print(
-        f"max RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
     )
 
 

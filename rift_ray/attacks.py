@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rift_ray.compute import Amp, autocast
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -170,18 +172,20 @@ def evaluate(
     attack: dict[str, Any] | None = None,
     restarts: int = 1,
     seed: int = 0,
+    amp: Amp = "none",
 ) -> dict[str, float]:
     """Clean (and, with ``attack``, PGD) accuracy in percent and mean CE loss.
 
     ``data``: an ``ImageData`` or an iterable of (x, y) batches. ``attack``: keys
     ``eps``, ``step_size``, ``steps`` and optionally ``random_start`` (default True);
     the random starts are seeded by ``seed``. The model must already be on ``device``;
-    it runs in eval mode and its modes are restored afterwards.
+    it runs in eval mode and its modes are restored afterwards. ``amp="bf16"``: forwards
+    and the attack under bf16 autocast (:mod:`rift_ray.compute`).
     Returns ``clean_acc``, ``clean_loss``, ``n`` and, with an attack, ``robust_acc``, ``robust_loss``.
     """
     gen = torch.Generator(device=device).manual_seed(seed) if attack else None
     n, correct, loss_sum, rob_correct, rob_loss_sum = 0, 0, 0.0, 0, 0.0
-    with eval_mode(model):
+    with eval_mode(model), autocast(amp, device):
         for x, y in iter_batches(data, batch_size, device):
             with torch.no_grad():
                 logits = model(x)
@@ -218,6 +222,7 @@ def corruption_accuracy(
     *,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    amp: Amp = "none",
 ) -> dict[str, float]:
     """Clean accuracy (percent) on each corruption cell and their unweighted mean.
 
@@ -230,8 +235,8 @@ def corruption_accuracy(
         raise ValueError("corruption_accuracy: no corruption data given")
     out: dict[str, float] = {}
     for (name, severity), data in cdata.items():
-        out[f"{name}-{severity}"] = evaluate(model, data, batch_size=batch_size, device=device)[
-            "clean_acc"
-        ]
+        out[f"{name}-{severity}"] = evaluate(
+            model, data, batch_size=batch_size, device=device, amp=amp
+        )["clean_acc"]
     out["mean"] = sum(out.values()) / len(out)
     return out

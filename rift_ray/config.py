@@ -130,10 +130,17 @@ class MRCConfig(_Section):
     projection: Literal["epoch", "step"] = "epoch"
     shuffle: bool = True
     fast: bool = True
-    """Cache the input of the perturbed module's block and run only the rest of the network
-    (identical results; benchmarks/README.md). False = the reference procedure."""
+    """Cache what is frozen before the perturbed module (its block's input, inside residual
+    blocks the frozen branch and shortcut) and run only the module onward; reuse each
+    evaluation's first batch for the next ascent step (identical results;
+    benchmarks/README.md). False = the reference procedure."""
     channels_last: bool = False
-    """channels_last memory format in the ascent (faster on CPU/GPU, MRC differs ~1e-5)."""
+    """channels_last memory format in the ascent (faster on CPU/GPU, MRC differs ~1e-5).
+    ``compute.channels_last`` turns it on for every stage, MRC included."""
+    adv_set_format: Literal["float32", "uint16", "uint8"] = "float32"
+    """How the fixed adversarial set is stored and shipped to trials: float32 (exact),
+    uint16 (16-bit fixed point, half the size, values within 7.6e-6) or uint8 (a quarter,
+    the perturbation rounded to the 1/255 grid). rift_ray.rift.encode_adversarial_set."""
     adv_set_size: PosInt | None = None
     """Images of the validation split attacked once to form the fixed adversarial set (default: all)."""
     include: list[str] = []
@@ -248,6 +255,10 @@ class ResourcesConfig(_Section):
     finetune: TrialResources = TrialResources()
     interpolate: TrialResources = TrialResources()
     max_concurrent_trials: PosInt | None = None
+    track_memory: bool = True
+    """Record the peak memory of every MRC trial and interpolation point (``peak_mem_bytes``;
+    rift_ray/memory.py). On CPU it runs a dispatch mode costing a few microseconds per op;
+    off when ``compute.compile`` is on."""
     dashboard: bool = False
     """Start the Ray dashboard with a local instance (http://127.0.0.1:8265). Off by default:
     with several local Ray instances on one machine, Ray Train's placement-group cleaner can
@@ -264,6 +275,21 @@ class WandbConfig(_Section):
     mode: Literal["online", "offline", "disabled"] | None = None
     """Default: $WANDB_MODE, else online when an API key is set, else offline."""
     log_checkpoint: bool = True
+
+
+class ComputeConfig(_Section):
+    """Switches for the hot loops (rift_ray/compute.py), meant for GPU sweeps.
+
+    The defaults keep today's exact (CPU bit-reproducible) results; changing any of them
+    changes the stage hashes, so finished stages are recomputed with the new settings.
+    """
+
+    amp: Literal["none", "bf16"] = "none"
+    """bf16 autocast in adversarial training, PGD evaluation, fine-tuning and the MRC ascent."""
+    channels_last: bool = False
+    """channels_last memory format for every stage's model (and ``mrc.channels_last``)."""
+    compile: bool = False
+    """torch.compile the model (``nn.Module.compile``; MRC compiles its ascent forward)."""
 
 
 class SweepConfig(_Section):
@@ -285,6 +311,7 @@ class SweepConfig(_Section):
     eval: EvalConfig = EvalConfig()
     resources: ResourcesConfig = ResourcesConfig()
     wandb: WandbConfig = WandbConfig()
+    compute: ComputeConfig = ComputeConfig()
 
     @model_validator(mode="after")
     def _distinct_seeds(self) -> SweepConfig:
@@ -313,6 +340,10 @@ class SweepConfig(_Section):
         d = self.to_dict()
         for k in ("name", "storage", "wandb", "resources"):
             d.pop(k, None)
+        if d.get("compute") == ComputeConfig().model_dump(mode="json"):
+            d.pop("compute")  # the defaults: hashes as before the section existed
+        if d["mrc"].get("adv_set_format") == "float32":
+            del d["mrc"]["adv_set_format"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

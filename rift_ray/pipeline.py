@@ -25,7 +25,7 @@ import torch
 from rift_ray import __version__
 from rift_ray import store as layout
 from rift_ray.checkpoint import CheckpointError, load_checkpoint, load_into_model, save_checkpoint
-from rift_ray.config import ConfigError, SweepConfig, expand_path, to_yaml
+from rift_ray.config import ComputeConfig, ConfigError, SweepConfig, expand_path, to_yaml
 from rift_ray.data import DataError, DatasetSplits, load_dataset
 from rift_ray.report import environment_info, summary_table
 from rift_ray.store import Store
@@ -48,14 +48,38 @@ def _hash(payload: Any) -> str:
     ]
 
 
+NEW_DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("adv_train", "checkpoint_normalization"): "dataset",
+    ("interpolate", "search"): "grid",
+    ("eval", "autoattack", "alphas"): [],
+}
+"""Fields added after sweeps were first stored, with their defaults: at the default they are
+left out of the stage hashes, so results stored by an earlier version stay valid. A new
+field that changes results must be added here (or change the hashes on purpose)."""
+
+
+def _without_new_defaults(d: dict[str, Any]) -> dict[str, Any]:
+    d = json.loads(json.dumps(d))  # a deep copy
+    for path, default in NEW_DEFAULTS.items():
+        *head, key = path
+        section = d
+        for k in head:
+            section = section.get(k) or {}
+        if key in section and section[key] == default:
+            del section[key]
+    return d
+
+
 def stage_hashes(cfg: SweepConfig, seed: int | None = None) -> dict[str, str]:
     """Chained hashes of what each stage's result depends on (never resources or W&B).
 
     ``seed``: one seed of ``cfg.seeds``; it enters the hashes of stages 2-4 (adversarial
     training keeps the hash of ``cfg.seed``, so every seed starts from the same AT model).
     """
-    d = cfg.to_dict()
+    d = _without_new_defaults(cfg.to_dict())
     ev = d["eval"]
+    # compute switches change results except at their defaults, which keep the old hashes
+    compute = [] if d["compute"] == ComputeConfig().model_dump(mode="json") else [d["compute"]]
     h1 = _hash(
         [
             "adv_train",
@@ -66,10 +90,14 @@ def stage_hashes(cfg: SweepConfig, seed: int | None = None) -> dict[str, str]:
             d["adv_train"],
             ev["val_subset"],
             ev["restarts"],
+            *compute,
         ]
     )
+    mrc = dict(d["mrc"])
+    if mrc["adv_set_format"] == "float32":  # the default: hashes as before the field existed
+        del mrc["adv_set_format"]
     h2 = _hash(
-        ["mrc", h1, d["mrc"], ev["batch_size"]]
+        ["mrc", h1, mrc, ev["batch_size"], *compute]
         + ([] if seed is None else ["seed", seed])  # no seeds: the hashes of before
     )
     h3 = _hash(["finetune", h2, d["finetune"], d["interpolate"]["tolerance"]])

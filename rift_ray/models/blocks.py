@@ -7,6 +7,9 @@
 
 MRC uses this to cache the input of the perturbed module's block once and run only the
 rest of the network during the ascent (:func:`rift_ray.rift.module_robust_criticality`).
+A block may also say how to split itself at one of its modules (``Block.split_at``): the
+frozen part before that module (and a frozen shortcut) is computed once, the rest per
+step, so for ``layer2.0.conv2`` only ``conv2`` onward runs.
 Every model here has a ``blocks()`` method whose composition is exactly its forward
 pass (tests check bit-equality); a model without one is a single block.
 """
@@ -20,18 +23,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# (frozen part: block input -> cached tensors, rest: *cached tensors -> block output)
+Split = tuple[Callable[[Tensor], tuple[Tensor, ...]], Callable[..., Tensor]]
+
 
 @dataclass(frozen=True)
 class Block:
     """One step of a forward pass: ``fn`` maps the previous block's output to this block's output.
 
     ``modules``: qualified names of the submodules ``fn`` runs (a name covers its children);
-    empty for parameter-free steps such as global pooling.
+    empty for parameter-free steps such as global pooling. ``split``: given a module name
+    relative to ``modules[0]`` (``"conv2"``, ``"shortcut.0"``), a :data:`Split` of ``fn``
+    at that module whose composition ``rest(*frozen(x))`` is bit-identical to ``fn(x)``
+    while only that module's weight changes; None where splitting saves nothing.
     """
 
     name: str
     modules: tuple[str, ...]
     fn: Callable[[Tensor], Tensor]
+    split: Callable[[str], Split | None] | None = None
+
+    def split_at(self, module_name: str) -> Split | None:
+        """The block's split at ``module_name`` (a qualified name), or None."""
+        if self.split is None or len(self.modules) != 1 or not self.modules[0]:
+            return None
+        prefix = self.modules[0] + "."
+        if not module_name.startswith(prefix):
+            return None
+        return self.split(module_name[len(prefix) :])
 
     def owns(self, module_name: str) -> bool:
         """Whether ``module_name`` (or a module inside it) runs in this block."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rift_ray.models.blocks import Block, global_pool, run_blocks
+from rift_ray.models.blocks import Block, Split, global_pool, run_blocks
 from rift_ray.models.resnet import Normalize
 
 
@@ -38,6 +38,32 @@ class PreActBlock(nn.Module):
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
         return out + shortcut
+
+    def _shortcut(self, x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return x if self.shortcut is None else self.shortcut(act)
+
+    def mrc_split(self, name: str) -> Split | None:
+        """``forward`` split at ``conv1``, ``conv2`` or ``shortcut.0`` (see ``Block.split``)."""
+
+        def act(x: torch.Tensor) -> torch.Tensor:
+            return F.relu(self.bn1(x))
+
+        if name == "conv1":  # frozen: bn1/relu and the shortcut
+            return (
+                lambda x: (act(x), self._shortcut(x, act(x))),
+                lambda a, s: self.conv2(F.relu(self.bn2(self.conv1(a)))) + s,
+            )
+        if name == "conv2":  # frozen: everything up to conv2, and the shortcut
+            return (
+                lambda x: (F.relu(self.bn2(self.conv1(act(x)))), self._shortcut(x, act(x))),
+                lambda h, s: self.conv2(h) + s,
+            )
+        if name == "shortcut.0" and self.shortcut is not None:  # frozen: the residual branch
+            return (
+                lambda x: (act(x), self.conv2(F.relu(self.bn2(self.conv1(act(x)))))),
+                lambda a, r: r + self.shortcut(a),  # type: ignore[misc]
+            )
+        return None
 
 
 class PreActResNet(nn.Module):
@@ -77,7 +103,7 @@ class PreActResNet(nn.Module):
         out = [Block("stem", ("normalize", "conv1"), self._stem)]
         for i in range(1, self.num_stages + 1):
             for j, block in enumerate(getattr(self, f"layer{i}")):
-                out.append(Block(f"layer{i}.{j}", (f"layer{i}.{j}",), block))
+                out.append(Block(f"layer{i}.{j}", (f"layer{i}.{j}",), block, block.mrc_split))
         return out + [Block("head", ("bn",), self._head), Block("linear", ("linear",), self.linear)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rift_ray.models.blocks import Block, global_pool, run_blocks
+from rift_ray.models.blocks import Block, Split, global_pool, run_blocks
 
 
 class Normalize(nn.Module):
@@ -64,6 +64,25 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
 
+    def mrc_split(self, name: str) -> Split | None:
+        """``forward`` split at ``conv1``, ``conv2`` or ``shortcut.0`` (see ``Block.split``)."""
+        if name == "conv2":  # frozen: conv1 branch and shortcut
+            return (
+                lambda x: (F.relu(self.bn1(self.conv1(x))), self.shortcut(x)),
+                lambda h, s: F.relu(self.bn2(self.conv2(h)) + s),
+            )
+        if name == "shortcut.0" and len(self.shortcut):  # frozen: the residual branch
+            return (
+                lambda x: (x, self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))),
+                lambda x, r: F.relu(r + self.shortcut(x)),
+            )
+        if name == "conv1" and len(self.shortcut):  # frozen: the projection shortcut
+            return (
+                lambda x: (x, self.shortcut(x)),
+                lambda x, s: F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + s),
+            )
+        return None
+
 
 class ResNet(nn.Module):
     """A CIFAR ResNet: stem conv, one stage per entry of ``widths``, global pool, linear.
@@ -109,7 +128,7 @@ class ResNet(nn.Module):
         out = [Block("stem", ("normalize", "conv1", "bn1"), self._stem)]
         for i in range(1, self.num_stages + 1):
             for j, block in enumerate(getattr(self, f"layer{i}")):
-                out.append(Block(f"layer{i}.{j}", (f"layer{i}.{j}",), block))
+                out.append(Block(f"layer{i}.{j}", (f"layer{i}.{j}",), block, block.mrc_split))
         return out + [Block("pool", (), global_pool), Block("linear", ("linear",), self.linear)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

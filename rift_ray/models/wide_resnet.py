@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rift_ray.models.blocks import Block, global_pool, run_blocks
+from rift_ray.models.blocks import Block, Split, global_pool, run_blocks
 from rift_ray.models.resnet import Normalize
 
 
@@ -46,6 +46,39 @@ class BasicBlock(nn.Module):
         out = self.conv2(out)
         shortcut = x if self.convShortcut is None else self.convShortcut(act)
         return shortcut + out
+
+    def _shortcut(self, x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return x if self.convShortcut is None else self.convShortcut(act)
+
+    def _branch(self, act: torch.Tensor) -> torch.Tensor:
+        """conv1 -> bn2 -> relu2 (-> dropout) of ``forward``: the input of conv2."""
+        out = self.relu2(self.bn2(self.conv1(act)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return out
+
+    def mrc_split(self, name: str) -> Split | None:
+        """``forward`` split at ``conv1``, ``conv2`` or ``convShortcut`` (see ``Block.split``)."""
+
+        def act(x: torch.Tensor) -> torch.Tensor:
+            return self.relu1(self.bn1(x))
+
+        if name == "conv1":  # frozen: bn1/relu1 and the shortcut
+            return (
+                lambda x: (act(x), self._shortcut(x, act(x))),
+                lambda a, s: s + self.conv2(self._branch(a)),
+            )
+        if name == "conv2":  # frozen: everything up to conv2, and the shortcut
+            return (
+                lambda x: (self._branch(act(x)), self._shortcut(x, act(x))),
+                lambda h, s: s + self.conv2(h),
+            )
+        if name == "convShortcut" and self.convShortcut is not None:  # frozen: the residual branch
+            return (
+                lambda x: (act(x), self.conv2(self._branch(act(x)))),
+                lambda a, r: self.convShortcut(a) + r,  # type: ignore[misc]
+            )
+        return None
 
 
 class NetworkBlock(nn.Module):
@@ -120,7 +153,7 @@ class WideResNet(nn.Module):
         for k in (1, 2, 3):
             for j, block in enumerate(getattr(self, f"block{k}").layer):
                 name = f"block{k}.layer.{j}"
-                out.append(Block(name, (name,), block))
+                out.append(Block(name, (name,), block, block.mrc_split))
         head = Block("head", ("bn1", "relu"), self._head)
         return out + [head, Block("fc", ("fc",), self.fc)]
 

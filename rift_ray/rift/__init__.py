@@ -17,6 +17,8 @@ from rift_ray.rift.interpolate import (
 from rift_ray.rift.mrc import (
     MRCResult,
     adversarial_set,
+    decode_adversarial_set,
+    encode_adversarial_set,
     module_robust_criticality,
     mrc_table,
     project_l2_ball,
@@ -29,6 +31,8 @@ __all__ = [
     "MRCResult",
     "adversarial_set",
     "adversarial_train_epoch",
+    "decode_adversarial_set",
+    "encode_adversarial_set",
     "finetune",
     "interpolate",
     "module_robust_criticality",

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rift_ray.attacks import eval_mode
+from rift_ray.compute import Amp, autocast
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 
@@ -63,6 +64,7 @@ def finetune(
     start_epoch: int = 0,
     optimizer_state: dict[str, Any] | None = None,
     with_optimizer_state: bool = False,
+    amp: Amp = "none",
 ) -> Iterator[dict[str, Any]]:
     """Fine-tune ``model`` IN PLACE, training only the parameters of ``module_names``.
 
@@ -86,6 +88,8 @@ def finetune(
     weights) and ``optimizer_state`` (the SGD momentum saved then) continue the same
     schedule; ``with_optimizer_state=True`` adds the optimizer's ``state_dict()`` to each
     row under ``"optimizer_state"`` so a caller can checkpoint it.
+    ``amp="bf16"``: the training forward under bf16 autocast (:mod:`rift_ray.compute`;
+    ``evaluate_fn`` chooses its own).
     """
     params = trainable_parameters(model, module_names)  # validate before the first next()
     if callable(train_data):
@@ -119,6 +123,7 @@ def finetune(
         start_epoch,
         optimizer_state,
         with_optimizer_state,
+        amp,
     )
 
 
@@ -136,6 +141,7 @@ def _epochs(
     start_epoch: int = 0,
     optimizer_state: dict[str, Any] | None = None,
     with_optimizer_state: bool = False,
+    amp: Amp = "none",
 ) -> Iterator[dict[str, Any]]:
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     saved_modes = [(m, m.training) for m in model.modules()]
@@ -163,8 +169,9 @@ def _epochs(
             start = time.perf_counter()
             n, loss_sum, correct = 0, 0.0, 0
             for x, y in epoch_batches(epoch):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                with autocast(amp, x.device):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -11,12 +11,20 @@ the adversarially trained model. The max is approximated by gradient ascent:
     res.mrc, res.acc_before - res.acc_after            # loss rise, robust-acc drop (points)
 
 Fast path (``fast=True``, the default): the model is in eval mode and only one weight
-moves, so the input of the block that runs the module (:mod:`rift_ray.models.blocks`)
-never changes. It is computed once for the whole set, and every ascent step and every
-end-of-epoch evaluation runs only the rest of the network (for the classifier: the
-pooled features are cached). Same batches, same order, same seed as the reference
-path (``fast=False``, a full forward and backward per step); the results agree to
-float rounding (benchmarks/README.md gives the measured difference).
+moves, so everything computed before that weight is used never changes:
+
+1. The input of the block that runs the module (:mod:`rift_ray.models.blocks`) is
+   computed once for the whole set; inside a residual block also its frozen part (for
+   ``conv2``: the output of conv1/bn1/relu and the shortcut; for the shortcut conv: the
+   residual branch), so every ascent step and every evaluation runs only the module
+   onward (for the classifier: the pooled features are cached).
+2. The evaluation before each epoch (the unperturbed loss, then each end-of-epoch loss)
+   runs in that epoch's batch order and hands the first batch's forward pass, graph and
+   all, to the first ascent step, which would compute exactly that again.
+3. Evaluations run under ``torch.inference_mode``.
+
+Same batches, same order, same seed as the reference path (``fast=False``, a full
+forward and backward per step); on CPU the results are bit-identical (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -26,13 +34,14 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rift_ray.attacks import eval_mode, iter_batches, pgd_attack
+from rift_ray.compute import Amp, autocast
 from rift_ray.models.blocks import block_index, model_blocks, run_blocks
 
 
@@ -73,6 +82,38 @@ def adversarial_set(
     return images.to(dtype or torch.float32), labels
 
 
+AdvSetFormat = Literal["float32", "uint16", "uint8"]
+
+
+def encode_adversarial_set(x_adv: Tensor, fmt: AdvSetFormat = "uint16") -> dict[str, Any]:
+    """A compact form of a fixed adversarial set (float32 [N,C,H,W] in [0,1]) for storage
+    and transport; :func:`decode_adversarial_set` inverts it.
+
+    - ``float32``: as is (4 bytes per value, exact).
+    - ``uint16``: 16-bit fixed point, ``round(65535 x_adv)`` stored as int16 offset by
+      32768 (2 bytes per value); every value within 1/131070 = 7.6e-6 of the original.
+    - ``uint8``: ``round(255 x_adv)`` (1 byte per value): the perturbation rounded to the
+      1/255 grid, an error of up to 1/510 = 2e-3 per value (a quarter of a PGD step).
+    """
+    if fmt == "float32":
+        return {"format": fmt, "inputs": x_adv.float()}
+    if fmt == "uint8":
+        return {"format": fmt, "inputs": (x_adv * 255).round().to(torch.uint8)}
+    if fmt == "uint16":
+        q = (x_adv.double().clamp(0, 1) * 65535).round() - 32768
+        return {"format": fmt, "inputs": q.to(torch.int16)}
+    raise ValueError(f"format: must be float32, uint16 or uint8 (got {fmt!r})")
+
+
+def decode_adversarial_set(blob: dict[str, Any]) -> Tensor:
+    """The images of an :func:`encode_adversarial_set` blob: float32 in [0,1] (uint8 stays
+    uint8, which :func:`module_robust_criticality` takes as is)."""
+    fmt, x = blob.get("format", "float32"), blob["inputs"]
+    if fmt == "uint16":
+        return ((x.double() + 32768) / 65535).float()
+    return x
+
+
 @dataclass(frozen=True)
 class MRCResult:
     """MRC of one module. Losses are mean CE (nats) on the fixed set, accuracies in percent.
@@ -80,7 +121,9 @@ class MRCResult:
     ``loss_after`` is the largest end-of-epoch loss (epoch ``best_epoch``, 1-based) and
     ``acc_after`` the accuracy at that epoch, so ``mrc == loss_after - loss_before``.
     ``cached_block``: the block whose input the fast path cached ("" when none was, e.g.
-    the stem or ``fast=False``); ``cache_bytes``: the size of that cache.
+    the stem or ``fast=False``); ``cached_inside``: the cache holds the frozen part of
+    that block before the module (and its shortcut) instead of its input;
+    ``cache_bytes``: the size of that cache.
     """
 
     module: str
@@ -95,6 +138,7 @@ class MRCResult:
     seconds: float
     cached_block: str = ""
     cache_bytes: int = 0
+    cached_inside: bool = False
 
     @property
     def acc_drop(self) -> float:
@@ -113,25 +157,71 @@ def project_l2_ball(delta: Tensor, radius: float) -> Tensor:
     return delta * (radius / norm)
 
 
-Tail = Callable[[Tensor], Tensor]  # a forward pass (possibly of part of a network)
+Tail = Callable[..., Tensor]  # a forward pass (possibly of part of a network, several inputs)
 
 
 def _set_loss(
     model: Tail,
-    inputs: Tensor,
+    inputs: tuple[Tensor, ...],
     targets: Tensor,
     batch_size: int,
     device: torch.device,
+    inference: bool = False,
 ) -> tuple[float, float]:
-    """Mean CE and accuracy (percent) of ``model`` over the whole set, in order, under no_grad."""
+    """Mean CE and accuracy (percent) of ``model(*inputs)`` over the whole set, in order.
+
+    Under ``torch.no_grad`` (the reference) or ``torch.inference_mode`` (the fast path:
+    the same values, a little less bookkeeping per op).
+    """
     total, correct = 0.0, 0
-    with torch.no_grad():
+    with torch.inference_mode() if inference else torch.no_grad():
         for i in range(0, len(targets), batch_size):
-            x, y = _batch(inputs, targets, slice(i, i + batch_size), device)
-            logits = model(x)
+            xs, y = _batch(inputs, targets, slice(i, i + batch_size), device)
+            logits = model(*xs)
             total += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
     return total / len(targets), 100.0 * correct / len(targets)
+
+
+def _set_loss_and_first_step(
+    model: Tail,
+    inputs: tuple[Tensor, ...],
+    targets: Tensor,
+    batch_size: int,
+    device: torch.device,
+    order: Tensor,
+) -> tuple[float, float, Tensor]:
+    """``_set_loss`` computed in the batches of ``order``; also returns the logits of the first
+    batch with their graph, which are exactly the forward pass of the next ascent step.
+
+    Per-image logits are scattered back to the set's order and the loss is summed over the
+    same slices as ``_set_loss``, so the value is the same as long as an image's logits do
+    not depend on which images share its batch (the assumption of the cache as well).
+    """
+    n = len(targets)
+    logits_all: Tensor | None = None
+    first = torch.empty(0)
+    starts = list(range(0, n, batch_size))
+    for i in starts[1:] + starts[:1]:  # the first batch last: its graph then overlaps nothing
+        idx = order[i : i + batch_size]
+        xs, _ = _batch(inputs, targets, idx, device)
+        if i == 0:
+            first = model(*xs)
+            out = first.detach()
+        else:
+            with torch.inference_mode():
+                out = model(*xs)
+        if logits_all is None:
+            logits_all = torch.empty(n, *out.shape[1:], dtype=out.dtype, device=out.device)
+        logits_all[idx.to(out.device)] = out
+    assert logits_all is not None
+    total, correct = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, n, batch_size):
+            logits, y = logits_all[i : i + batch_size], targets[i : i + batch_size].to(device)
+            total += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    return total / n, 100.0 * correct / n, first
 
 
 def _images(inputs: Tensor, idx: Tensor | slice, device: torch.device) -> Tensor:
@@ -142,19 +232,38 @@ def _images(inputs: Tensor, idx: Tensor | slice, device: torch.device) -> Tensor
     return x.float()
 
 
-def _channels_last(fn: Tail) -> Tail:
+_R = TypeVar("_R")
+
+
+def _channels_last(fn: Callable[..., _R]) -> Callable[..., _R]:
     """``fn`` taking its 4-D inputs in channels_last layout (a no-op copy when they already are)."""
 
-    def call(x: Tensor) -> Tensor:
-        return fn(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
+    def call(*xs: Tensor) -> _R:
+        return fn(
+            *(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in xs)
+        )
 
     return call
 
 
 def _batch(
-    inputs: Tensor, targets: Tensor, idx: Tensor | slice, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    return _images(inputs, idx, device), targets[idx].to(device)
+    inputs: tuple[Tensor, ...], targets: Tensor, idx: Tensor | slice, device: torch.device
+) -> tuple[tuple[Tensor, ...], Tensor]:
+    return tuple(_images(t, idx, device) for t in inputs), targets[idx].to(device)
+
+
+def _nbytes(tensors: tuple[Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class _Cache:
+    """What the fast path runs per step: ``tail(*tensors[idx])``."""
+
+    tail: Tail
+    tensors: tuple[Tensor, ...]
+    block: str = ""  # the block whose input (or, ``inside``, whose frozen part) is cached
+    inside: bool = False
 
 
 def _cached_tail(
@@ -165,39 +274,53 @@ def _cached_tail(
     device: torch.device,
     max_cache_bytes: int,
     channels_last: bool = False,
-) -> tuple[Tail, Tensor, str]:
-    """(the network from block k on, the inputs of block k for the whole set, its name).
+    split: bool = True,
+) -> _Cache:
+    """The network from the perturbed module on, and what it needs for the whole set.
 
-    Block k is the latest block, up to the one running ``module_name``, whose inputs for
-    the whole set fit in ``max_cache_bytes``; k = 0 returns the net and ``inputs`` as they
-    are. The cache is computed in eval mode, without grad, in batches of ``batch_size`` in
-    order (the slices the end-of-epoch evaluation uses), and lives on ``device``.
+    With ``split`` and a block that can split itself at the module (``Block.split_at``),
+    the cache holds the block's frozen part (e.g. for ``conv2``: the output of conv1 +
+    bn1 + relu, and the shortcut) when it fits in ``max_cache_bytes``. Otherwise block k
+    is the latest block, up to the one running ``module_name``, whose inputs for the
+    whole set fit; k = 0 returns the net and ``inputs`` as they are. The cache is computed
+    in eval mode, without grad, in batches of ``batch_size`` in order (the slices the
+    end-of-epoch evaluation uses), and lives on ``device``.
     """
     blocks = model_blocks(net)
     k = block_index(blocks, module_name)
-    if k > 0:  # shapes of every block input, from one image
+    cut = blocks[k].split_at(module_name) if split else None
+    if k > 0 or cut is not None:  # shapes of every block input, from one image
         with torch.no_grad():
             x = _images(inputs, slice(0, 1), device)
             per_image = []
             for block in blocks[:k]:
                 x = block.fn(x)
                 per_image.append(x.numel() * x.element_size())
-        while k > 0 and per_image[k - 1] * len(inputs) > max_cache_bytes:
-            k -= 1
-    if k == 0:
-        return net, inputs, ""
+            if cut is not None and _nbytes(cut[0](x)) * len(inputs) > max_cache_bytes:
+                cut = None
+        if cut is None:
+            while k > 0 and per_image[k - 1] * len(inputs) > max_cache_bytes:
+                k -= 1
+    if k == 0 and cut is None:
+        return _Cache(net, (inputs,))
 
-    def prefix(x: Tensor) -> Tensor:
-        return run_blocks(blocks[:k], x)
+    prefix, rest = blocks[:k], blocks[k + 1 :] if cut is not None else blocks[k:]
 
-    run_prefix = _channels_last(prefix) if channels_last else prefix
+    def frozen(x: Tensor) -> tuple[Tensor, ...]:
+        x = run_blocks(prefix, x)
+        return cut[0](x) if cut is not None else (x,)
+
+    def tail(*xs: Tensor) -> Tensor:
+        return run_blocks(rest, cut[1](*xs) if cut is not None else xs[0])
+
+    run_frozen = _channels_last(frozen) if channels_last else frozen
     with torch.no_grad():
         parts = [
-            run_prefix(_images(inputs, slice(i, i + batch_size), device))
+            run_frozen(_images(inputs, slice(i, i + batch_size), device))
             for i in range(0, len(inputs), batch_size)
         ]
-    rest = blocks[k:]
-    return (lambda f: run_blocks(rest, f)), torch.cat(parts), rest[0].name
+    tensors = tuple(torch.cat(ts) for ts in zip(*parts))
+    return _Cache(tail, tensors, blocks[k].name, cut is not None)
 
 
 def module_robust_criticality(
@@ -217,6 +340,10 @@ def module_robust_criticality(
     fast: bool = True,
     max_cache_bytes: int = 2 * 1024**3,
     channels_last: bool = False,
+    split_blocks: bool = True,
+    reuse_eval: bool = True,
+    amp: Amp = "none",
+    compile: bool = False,
 ) -> MRCResult:
     """MRC of ``model.<module_name>.weight`` on the fixed set ``(inputs [N,C,H,W] in [0,1], targets [N])``.
 
@@ -236,8 +363,17 @@ def module_robust_criticality(
     ``device``; else an earlier block's, or none) and run only the rest of the network
     per step and per evaluation (module docstring). ``fast=False`` is the reference
     procedure: a full forward and backward per step, a full forward per evaluation.
+    ``split_blocks``: let the fast path cache inside the module's block too (for a
+    residual block's ``conv2``: conv1's branch and the shortcut), where the model's blocks
+    say how (``Block.split_at``); False caches block inputs only.
+    ``reuse_eval`` (fast path): the evaluation after an epoch (and before the first) runs
+    in the next epoch's batch order and keeps its first batch's graph, which is the first
+    ascent step's forward pass (same weights, same images): one forward per epoch saved.
     ``channels_last``: run the copy in channels_last layout (faster convolutions on CPU
     and with cuDNN; the results then differ from the default layout by float rounding).
+    ``amp="bf16"``: the cache, the ascent and the evaluations under bf16 autocast (the
+    cache is then stored in bf16; MRC values move by about 1e-2 relative, see
+    benchmarks/README.md). ``compile``: ``torch.compile`` the per-step forward.
     """
     if projection not in ("epoch", "step"):
         raise ValueError(f"projection: must be 'epoch' or 'step' (got {projection!r})")
@@ -271,33 +407,72 @@ def module_robust_criticality(
             if float(delta.norm()) > radius:  # inside the ball the weight stays bit-identical
                 weight.copy_(w0 + project_l2_ball(delta, radius))
 
-    forward: Tail = net
-    cached_block, cache_bytes = "", 0
+    cache = _Cache(net, (inputs,))
     if fast:
-        forward, inputs, cached_block = _cached_tail(
-            net, module_name, inputs, batch_size, device, max_cache_bytes, channels_last
-        )
-        if cached_block:
-            cache_bytes = inputs.numel() * inputs.element_size()
+        with autocast(amp, device):
+            cache = _cached_tail(
+                net,
+                module_name,
+                inputs,
+                batch_size,
+                device,
+                max_cache_bytes,
+                channels_last,
+                split_blocks,
+            )
+    forward, tensors = cache.tail, cache.tensors
     if channels_last:
         forward = _channels_last(forward)
+    if compile:
+        forward = torch.compile(forward)
 
-    loss_before, acc_before = _set_loss(forward, inputs, targets, batch_size, device)
+    def evaluate() -> tuple[float, float]:
+        with autocast(amp, device):
+            return _set_loss(forward, tensors, targets, batch_size, device, inference=fast)
+
+    n = len(targets)
+    reuse = fast and reuse_eval
+
+    def next_order() -> Tensor:
+        return torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+
+    def evaluate_then_order(last: bool) -> tuple[float, float, Tensor | None, Tensor | None]:
+        """(loss, acc) now; the next epoch's order and, with ``reuse``, its first logits."""
+        if last:
+            return *evaluate(), None, None
+        if not reuse:
+            return *evaluate(), next_order(), None
+        order = next_order()  # drawn where the reference draws it: no other draws in between
+        with autocast(amp, device):
+            loss, acc, first = _set_loss_and_first_step(
+                forward, tensors, targets, batch_size, device, order
+            )
+        return loss, acc, order, first
+
+    loss_before, acc_before, order, first = evaluate_then_order(last=False)
     epoch_losses: list[float] = []
     epoch_accs: list[float] = []
-    n = len(targets)
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    for epoch in range(epochs):
+        assert order is not None
         for i in range(0, n, batch_size):
-            x, y = _batch(inputs, targets, order[i : i + batch_size], device)
+            idx = order[i : i + batch_size]
+            y = targets[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
-            (-F.cross_entropy(forward(x), y)).backward()
+            with autocast(amp, device):
+                if i == 0 and first is not None:  # computed by the evaluation just before
+                    logits = first
+                else:
+                    xs, _ = _batch(tensors, targets, idx, device)
+                    logits = forward(*xs)
+                objective = -F.cross_entropy(logits, y)
+            first = None
+            objective.backward()
             optimizer.step()
             if projection == "step":
                 project()
         if projection == "epoch":
             project()
-        loss, acc = _set_loss(forward, inputs, targets, batch_size, device)
+        loss, acc, order, first = evaluate_then_order(last=epoch == epochs - 1)
         epoch_losses.append(loss)
         epoch_accs.append(acc)
     best = max(range(epochs), key=lambda e: (epoch_losses[e], -e))  # first epoch on ties
@@ -312,8 +487,9 @@ def module_robust_criticality(
         best_epoch=best + 1,
         num_params=weight.numel(),
         seconds=time.perf_counter() - start,
-        cached_block=cached_block,
-        cache_bytes=cache_bytes,
+        cached_block=cache.block,
+        cache_bytes=_nbytes(cache.tensors) if cache.block else 0,
+        cached_inside=cache.inside,
     )
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rift_ray.attacks import eval_mode, pgd_attack, trades_attack
+from rift_ray.compute import Amp, autocast
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -39,6 +40,7 @@ def adversarial_train_epoch(
     random_start: bool = True,
     generator: torch.Generator | None = None,
     scheduler: Any = None,
+    amp: Amp = "none",
 ) -> dict[str, float]:
     """Train ``model`` in place for one pass over ``batches`` ((x in [0,1], y) on the model's device).
 
@@ -50,6 +52,9 @@ def adversarial_train_epoch(
     - ``trades``: x_adv from PGD on KL starting at x + 0.001 N(0,1); loss =
       CE(model(x), y) + beta * KL(p(x) || p(x_adv)) (batch mean), as in the official
       TRADES code (which the paper writes KL(f(x) || f(x_adv))).
+
+    ``amp="bf16"``: the attack and the training forward run under bf16 autocast
+    (:mod:`rift_ray.compute`; the backward follows the forward's dtypes, no scaler).
 
     ``scheduler`` (optional) is stepped after every optimizer step, for per-iteration
     schedules; epoch-level schedules (MultiStepLR) are stepped by the caller.
@@ -65,37 +70,21 @@ def adversarial_train_epoch(
     start = time.perf_counter()
     n, loss_sum, clean_correct, adv_correct = 0, 0.0, 0, 0
     for x, y in batches:
-        if method == "pgd":
-            with eval_mode(net), torch.no_grad():
-                clean_correct += int((net(x).argmax(1) == y).sum())
-            x_adv = pgd_attack(
+        with autocast(amp, x.device):
+            loss, logits_adv, clean_hits = _forward(
+                model,
                 net,
                 x,
                 y,
-                eps=eps,
-                step_size=step_size,
-                steps=steps,
-                random_start=random_start,
-                generator=generator,
+                eps,
+                step_size,
+                steps,
+                method,
+                trades_beta,
+                random_start,
+                generator,
             )
-            model.train()
-            logits_adv = model(x_adv)
-            loss = F.cross_entropy(logits_adv, y)
-        else:
-            x_adv = trades_attack(
-                net, x, eps=eps, step_size=step_size, steps=steps, generator=generator
-            )
-            model.train()
-            logits_clean = model(x)
-            logits_adv = model(x_adv)
-            kl = F.kl_div(
-                F.log_softmax(logits_adv, dim=1),
-                F.log_softmax(logits_clean, dim=1),
-                reduction="batchmean",
-                log_target=True,
-            )
-            loss = F.cross_entropy(logits_clean, y) + trades_beta * kl
-            clean_correct += int((logits_clean.detach().argmax(1) == y).sum())
+        clean_correct += clean_hits
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -115,3 +104,52 @@ def adversarial_train_epoch(
         "seconds": seconds,
         "images_per_s": n / seconds if seconds > 0 else float("inf"),
     }
+
+
+def _forward(
+    model: nn.Module,
+    net: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    step_size: float,
+    steps: int,
+    method: str,
+    trades_beta: float,
+    random_start: bool,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, int]:
+    """One batch: (training loss, logits on x_adv, correct clean predictions)."""
+    clean_correct = 0
+    if method == "pgd":
+        with eval_mode(net), torch.no_grad():
+            clean_correct += int((net(x).argmax(1) == y).sum())
+        x_adv = pgd_attack(
+            net,
+            x,
+            y,
+            eps=eps,
+            step_size=step_size,
+            steps=steps,
+            random_start=random_start,
+            generator=generator,
+        )
+        model.train()
+        logits_adv = model(x_adv)
+        loss = F.cross_entropy(logits_adv, y)
+    else:
+        x_adv = trades_attack(
+            net, x, eps=eps, step_size=step_size, steps=steps, generator=generator
+        )
+        model.train()
+        logits_clean = model(x)
+        logits_adv = model(x_adv)
+        kl = F.kl_div(
+            F.log_softmax(logits_adv, dim=1),
+            F.log_softmax(logits_clean, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        loss = F.cross_entropy(logits_clean, y) + trades_beta * kl
+        clean_correct += int((logits_clean.detach().argmax(1) == y).sum())
+    return loss, logits_adv, clean_correct

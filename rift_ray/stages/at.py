@@ -27,7 +27,7 @@ from rift_ray.attacks import evaluate
 from rift_ray.config import SweepConfig
 from rift_ray.data import DatasetSplits, batches
 from rift_ray.rift import adversarial_train_epoch
-from rift_ray.stages.common import attack_kwargs, cpu_state, fault, new_model, setup_worker
+from rift_ray.stages.common import attack_kwargs, cpu_state, fault, setup_worker, worker_model
 from rift_ray.store import Store
 
 
@@ -54,6 +54,7 @@ def _sharded_eval(
         attack=attack_kwargs(cfg),
         restarts=cfg.eval.restarts,
         seed=cfg.seed,
+        amp=cfg.compute.amp,
     )
     sums = torch.tensor(
         [
@@ -93,7 +94,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = setup_worker(cfg, cfg.resources.adv_train.cpus_per_worker, cfg.seed + rank)
     at = cfg.adv_train
 
-    model = new_model(cfg, splits)
+    model = worker_model(cfg, splits)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=at.lr, momentum=at.momentum, weight_decay=at.weight_decay
     )
@@ -147,6 +148,7 @@ def train_loop(config: dict[str, Any]) -> None:
             trades_beta=at.trades_beta,
             random_start=cfg.attack.random_start,
             generator=gen,
+            amp=cfg.compute.amp,
         )
         scheduler.step()
         val = _sharded_eval(core, splits, cfg, rank, world, device)

@@ -100,6 +100,24 @@ def new_model(cfg: SweepConfig, splits: DatasetSplits | ModelSpec) -> torch.nn.M
     )
 
 
+def worker_model(cfg: SweepConfig, splits: DatasetSplits | ModelSpec) -> torch.nn.Module:
+    """``new_model`` with the ``compute`` section's layout and compile switches applied."""
+    from rift_ray.compute import prepare_model
+
+    c = cfg.compute
+    return prepare_model(new_model(cfg, splits), channels_last=c.channels_last, compile=c.compile)
+
+
+def peak_memory(cfg: SweepConfig, device: torch.device) -> Any:
+    """A ``PeakMemory`` for ``device``, or None when ``resources.track_memory`` is off (or the
+    CPU measurement would sit under torch.compile)."""
+    from rift_ray.memory import PeakMemory
+
+    if not cfg.resources.track_memory or (cfg.compute.compile and device.type != "cuda"):
+        return None
+    return PeakMemory(device)
+
+
 def attack_kwargs(cfg: SweepConfig) -> dict[str, Any]:
     a = cfg.attack
     return {
@@ -150,5 +168,6 @@ def evaluate_pgd(
         attack=attack_kwargs(cfg),
         restarts=restarts,
         seed=cfg.seed,
+        amp=cfg.compute.amp,
     )
     return {"clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"], "n": m["n"]}

@@ -31,8 +31,8 @@ from rift_ray.stages.common import (
     cpu_state,
     evaluate_pgd,
     fault,
-    new_model,
     setup_worker,
+    worker_model,
 )
 from rift_ray.stages.tuning import run_tune
 
@@ -56,7 +56,7 @@ def _baseline_task(
     """The AT model's clean and PGD accuracy on the metric subset (the alpha = 0 point)."""
     cfg = SweepConfig.model_validate(cfg_dict)
     device = setup_worker(cfg, cfg.resources.finetune.cpu, cfg.seed)
-    model = new_model(cfg, spec)
+    model = worker_model(cfg, spec)
     model.load_state_dict(at_state)
     return _eval(cfg, model.to(device), metric_subset(cfg, splits), device)
 
@@ -127,10 +127,10 @@ def finetune_trial(
     modules, lr = list(config["modules"]), float(config["lr"])
     trial = trial_name(modules, lr)
     device = setup_worker(cfg, cfg.resources.finetune.cpu, cfg.seed)
-    model = new_model(cfg, spec)
+    model = worker_model(cfg, spec)
     model.load_state_dict(at_state)
     model.to(device)
-    eval_model = new_model(cfg, spec).to(device)
+    eval_model = worker_model(cfg, spec).to(device)
     at_dev = {k: v.to(device) for k, v in at_state.items()}
     data = metric_subset(cfg, splits)
 
@@ -173,6 +173,7 @@ def finetune_trial(
             start_epoch=start_epoch,
             optimizer_state=opt_state,
             with_optimizer_state=True,
+            amp=cfg.compute.amp,
         )
         for row in rows:
             opt_state = row.pop("optimizer_state", None)

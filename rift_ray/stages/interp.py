@@ -10,6 +10,7 @@ the paper's rule; the trial with the largest feasible clean gain is the final mo
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -21,7 +22,7 @@ from rift_ray.config import SweepConfig, expand_path
 from rift_ray.data import DatasetSplits, ImageData, load_cifar_c
 from rift_ray.progress import Progress
 from rift_ray.rift import interpolate, search_alpha, select_alpha
-from rift_ray.stages.common import evaluate_pgd, new_model, setup_worker
+from rift_ray.stages.common import evaluate_pgd, peak_memory, setup_worker, worker_model
 
 
 def eval_sets(cfg: SweepConfig, splits: DatasetSplits) -> dict[str, ImageData]:
@@ -55,10 +56,39 @@ def evaluate_state(
         row["corruption_acc"] = None  # same columns in every row (measured on test only)
         if cdata and split == "test":
             row["corruption_acc"] = corruption_accuracy(
-                model, cdata, batch_size=cfg.eval.batch_size, device=device
+                model, cdata, batch_size=cfg.eval.batch_size, device=device, amp=cfg.compute.amp
             )["mean"]
         out[split] = row
     return out
+
+
+def _evaluate_point(
+    cfg: SweepConfig,
+    model: torch.nn.Module,
+    at_state: dict[str, torch.Tensor],
+    ft_state: dict[str, torch.Tensor] | None,
+    alpha: float,
+    sets: dict[str, ImageData],
+    cdata: dict[Any, ImageData] | None,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    """The rows (one per set) of one alpha point, with its time and peak memory."""
+    t0 = time.time()
+    mem = peak_memory(cfg, device)
+    with mem or contextlib.nullcontext():  # the interpolated state and every evaluation
+        state = at_state if ft_state is None else interpolate(at_state, ft_state, alpha)
+        metrics = evaluate_state(cfg, model, state, sets, cdata, device)
+    return [
+        {
+            "alpha": alpha,
+            "split": split,
+            **m,
+            "seconds": time.time() - t0,
+            "peak_mem_bytes": mem.peak_bytes if mem else None,
+            "mem_method": mem.method if mem else "",
+        }
+        for split, m in metrics.items()
+    ]
 
 
 @ray.remote
@@ -73,14 +103,11 @@ def _alpha_task(
 ) -> list[dict[str, Any]]:
     cfg = SweepConfig.model_validate(cfg_dict)
     device = setup_worker(cfg, cfg.resources.interpolate.cpu, cfg.seed)
-    model = new_model(cfg, spec)
+    model = worker_model(cfg, spec)
     sets = eval_sets(cfg, splits)
     rows = []
     for alpha in alphas:
-        t0 = time.time()
-        state = at_state if ft_state is None else interpolate(at_state, ft_state, alpha)
-        for split, m in evaluate_state(cfg, model, state, sets, cdata, device).items():
-            rows.append({"alpha": alpha, "split": split, **m, "seconds": time.time() - t0})
+        rows += _evaluate_point(cfg, model, at_state, ft_state, alpha, sets, cdata, device)
     return rows
 
 
@@ -98,18 +125,14 @@ def _search_task(
     evaluated alpha is measured on each set (test too), like a grid task's rows."""
     cfg = SweepConfig.model_validate(cfg_dict)
     device = setup_worker(cfg, cfg.resources.interpolate.cpu, cfg.seed)
-    model = new_model(cfg, spec)
+    model = worker_model(cfg, spec)
     sets = eval_sets(cfg, splits)
     rows: list[dict[str, Any]] = []
 
     def evaluate_val(alpha: float) -> dict[str, Any]:
-        t0 = time.time()
-        measured = evaluate_state(
-            cfg, model, interpolate(at_state, ft_state, alpha), sets, cdata, device
-        )
-        for split, m in measured.items():
-            rows.append({"alpha": alpha, "split": split, **m, "seconds": time.time() - t0})
-        return measured["val"]
+        point = _evaluate_point(cfg, model, at_state, ft_state, alpha, sets, cdata, device)
+        rows.extend(point)
+        return next(r for r in point if r["split"] == "val")
 
     alphas = [a for a in cfg.interpolate.alphas if a > 0]
     if alphas:

@@ -8,6 +8,7 @@ through the object store. Each trial is a plain Tune function trial computing
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import io
@@ -20,8 +21,20 @@ import torch
 from ray import tune
 
 from rift_ray.config import SweepConfig
-from rift_ray.rift import adversarial_set, module_robust_criticality
-from rift_ray.stages.common import attack_kwargs, fault, new_model, setup_worker, trial_device
+from rift_ray.rift import (
+    adversarial_set,
+    decode_adversarial_set,
+    encode_adversarial_set,
+    module_robust_criticality,
+)
+from rift_ray.stages.common import (
+    attack_kwargs,
+    fault,
+    new_model,
+    peak_memory,
+    setup_worker,
+    trial_device,
+)
 from rift_ray.stages.tuning import run_tune
 from rift_ray.store import Store
 
@@ -54,7 +67,8 @@ def _adv_set_task(
         seed=cfg.seed,
     )
     buf = io.BytesIO()
-    torch.save({"inputs": x.cpu(), "targets": y.cpu()}, buf)
+    blob = encode_adversarial_set(x.cpu(), cfg.mrc.adv_set_format)
+    torch.save(blob | {"targets": y.cpu()}, buf)
     return buf.getvalue()
 
 
@@ -79,7 +93,7 @@ def build_adversarial_set(
         )
         store.put(ADV_SET, blob, stage_hash=stage_hash)
     d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    return d["inputs"], d["targets"]
+    return decode_adversarial_set(d), d["targets"]
 
 
 def mrc_trial(
@@ -103,22 +117,26 @@ def mrc_trial(
         model = new_model(cfg, model_spec)
         model.load_state_dict(at_state)
         m = cfg.mrc
-        res = module_robust_criticality(
-            model.to(device),
-            name,
-            adv[0],
-            adv[1],
-            epsilon=m.epsilon,
-            epochs=m.epochs,
-            batch_size=m.batch_size,
-            lr=m.lr,
-            projection=m.projection,
-            shuffle=m.shuffle,
-            seed=cfg.seed,
-            device=device,
-            fast=m.fast,
-            channels_last=m.channels_last,
-        )
+        mem = peak_memory(cfg, device)
+        with mem or contextlib.nullcontext():
+            res = module_robust_criticality(
+                model.to(device),
+                name,
+                adv[0],
+                adv[1],
+                epsilon=m.epsilon,
+                epochs=m.epochs,
+                batch_size=m.batch_size,
+                lr=m.lr,
+                projection=m.projection,
+                shuffle=m.shuffle,
+                seed=cfg.seed,
+                device=device,
+                fast=m.fast,
+                channels_last=m.channels_last or cfg.compute.channels_last,
+                amp=cfg.compute.amp,
+                compile=cfg.compute.compile,
+            )
         if fault("mrc_nan", module=name):
             res = dataclasses.replace(res, mrc=float("nan"))
         if not torch.isfinite(torch.tensor(res.mrc)):
@@ -135,6 +153,9 @@ def mrc_trial(
             "num_params": res.num_params,
             "cached_block": res.cached_block,
             "cache_bytes": res.cache_bytes,
+            "cached_inside": res.cached_inside,
+            "peak_mem_bytes": mem.peak_bytes if mem else None,
+            "mem_method": mem.method if mem else "",
             "seconds": time.time() - t0,
             "status": "done",
         }
@@ -153,7 +174,8 @@ def mrc_trial(
 
 MRC_COLUMNS = [
     "module", "mrc", "loss_before", "loss_after", "acc_before", "acc_after", "robust_acc_drop",
-    "best_epoch", "num_params", "cached_block", "cache_bytes", "seconds", "status", "error", "node",
+    "best_epoch", "num_params", "cached_block", "cache_bytes", "cached_inside", "peak_mem_bytes",
+    "mem_method", "seconds", "status", "error", "node",
 ]  # fmt: skip
 
 
