@@ -25,7 +25,7 @@ import torch
 from rift_ray import __version__
 from rift_ray import store as layout
 from rift_ray.checkpoint import CheckpointError, load_checkpoint, load_into_model, save_checkpoint
-from rift_ray.config import ConfigError, SweepConfig, expand_path, to_yaml
+from rift_ray.config import SELECTION_FIELDS, ConfigError, SweepConfig, expand_path, to_yaml
 from rift_ray.data import DataError, DatasetSplits, load_dataset
 from rift_ray.report import environment_info, summary_table
 from rift_ray.store import Store
@@ -62,8 +62,11 @@ def stage_hashes(cfg: SweepConfig) -> dict[str, str]:
         ]
     )
     h2 = _hash(["mrc", h1, d["mrc"], ev["batch_size"]])
-    h3 = _hash(["finetune", h2, d["finetune"], d["interpolate"]["tolerance"]])
-    h4 = _hash(["interpolate", h3, d["interpolate"], ev])
+    ft = {k: v for k, v in d["finetune"].items() if k not in SELECTION_FIELDS}
+    sel = cfg.finetune.selection_settings()  # {} by default: the hashes of earlier versions
+    h3 = _hash(["finetune", h2, ft, d["interpolate"]["tolerance"], *([sel] if sel else [])])
+    primary = [] if cfg.finetune.primary == "lowest" else [cfg.finetune.primary]
+    h4 = _hash(["interpolate", h3, d["interpolate"], ev, *primary])
     return {"adv_train": h1, "mrc": h2, "finetune": h3, "interpolate": h4}
 
 
