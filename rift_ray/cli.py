@@ -87,6 +87,28 @@ def print_summary(summary: dict[str, Any]) -> None:
                 *(_pct(m.get(k)) for k in ("clean_acc", "robust_acc", "corruption_acc")),
             )
     console.print(table)
+    strategies = summary.get("strategies") or []
+    if len(strategies) > 1:  # the comparison of module selections (finetune.strategies)
+        from rift_ray.report import STRATEGY_COLUMNS
+
+        comp = Table(title="Module selection strategies (best trial each, accuracy %)")
+        for key, label in STRATEGY_COLUMNS.items():
+            comp.add_column(label, justify="left" if key in ("strategy", "modules") else "right")
+        for r in strategies:
+            cells = []
+            for key in STRATEGY_COLUMNS:
+                v = r.get(key)
+                if key == "strategy":
+                    cells.append(v + (" *" if r.get("primary") else ""))
+                elif key == "modules":
+                    cells.append(escape(v or "(no feasible trial)"))
+                elif key in ("set_mrc", "lr", "alpha"):
+                    cells.append("-" if v is None else f"{v:.4g}")
+                else:
+                    cells.append(_pct(v))
+            comp.add_row(*cells)
+        console.print(comp)
+        console.print("* primary strategy: its best trial is the final RiFT model")
     for who, aa in (summary.get("autoattack") or {}).items():
         console.print(
             f"AutoAttack ({aa['settings'].get('version')}, test, n={aa['n']}): "

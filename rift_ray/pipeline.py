@@ -316,7 +316,6 @@ def run_sweep(
                 "see tables/mrc.parquet for the errors"
             )
     timings["mrc"] = (store.read_stage("mrc") or {}).get("seconds", time.time() - t0)
-    ranked = [r["module"] for r in mrc_rows if r["status"] == "done"]
 
     # -- stage 3: fine-tuning (ASHA over learning rates) ----------------------------------------
     t0 = time.time()
@@ -333,13 +332,19 @@ def run_sweep(
             for r in ft_rows
             if r["trial"] in survivors_prev
         ]
+        by_strategy = (store.read_stage("finetune") or {}).get("strategies") or {
+            "lowest": [m.split("+") for m in dict.fromkeys(r["modules"] for r in ft_rows)]
+        }  # a record from before finetune.strategies: every set was `lowest`
     else:
         from rift_ray.stages.finetune import run_finetune
+        from rift_ray.stages.selection import module_groups
 
-        top = ranked[: cfg.finetune.top_k]
-        groups = [[m] for m in top] + ([top] if cfg.finetune.joint and len(top) > 1 else [])
+        by_strategy, groups = module_groups(
+            cfg, store, splits_ref, spec, at_state, mrc_rows, prep.modules, hashes["mrc"], log
+        )
         log(
             f"stage 3/4 finetune: {len(groups)} module set(s) x {len(cfg.finetune.lrs)} lr(s) under ASHA"
+            + (f" (strategies: {', '.join(by_strategy)})" if len(by_strategy) > 1 else "")
         )
         store.write_stage(
             "finetune", status="running", hash=hashes["finetune"], started=time.time()
@@ -374,6 +379,7 @@ def run_sweep(
             seconds=time.time() - t0,
             computed=computed,
             survivors=[s["trial"] for s in survivors],
+            strategies=by_strategy,
         )
         tracker.log_finetune(ft_rows, epoch_rows)
     timings["finetune"] = (store.read_stage("finetune") or {}).get("seconds", time.time() - t0)
@@ -392,7 +398,11 @@ def run_sweep(
     store.write_stage(
         "interpolate", status="running", hash=hashes["interpolate"], started=time.time()
     )
-    table, choice = run_interpolation(cfg, spec, splits_ref, at_state, survivors, splits)
+    primary = cfg.finetune.primary  # its best trial is the final model; others are comparisons
+    finalists = {trial_name(g, lr) for g in by_strategy.get(primary, []) for lr in cfg.finetune.lrs}
+    table, choice = run_interpolation(
+        cfg, spec, splits_ref, at_state, survivors, splits, finalists or None
+    )
     best = choice["best"]
     if best is None:
         store.write_stage(
@@ -401,7 +411,9 @@ def run_sweep(
             error="no alpha satisfies the robust-accuracy constraint",
         )
         raise SweepError(
-            "no trial has an alpha within interpolate.tolerance of the AT robust accuracy"
+            "no trial"
+            + (f" of finetune.primary ({primary})" if len(by_strategy) > 1 else "")
+            + " has an alpha within interpolate.tolerance of the AT robust accuracy"
         )
     winner = next(s for s in survivors if s["trial"] == best["trial"])
     from rift_ray.rift import interpolate
@@ -417,6 +429,10 @@ def run_sweep(
     summary = build_summary(
         cfg, mrc_rows, ft_rows, table, choice, winner, timings, time.time() - t_start
     )
+    from rift_ray.stages.selection import strategy_table
+
+    summary["primary"] = primary
+    summary["strategies"] = strategy_table(cfg, store, by_strategy, mrc_rows, choice, table, hashes)
     if cfg.eval.autoattack.enabled:
         from rift_ray.stages.autoattack import run_autoattack
 
@@ -434,6 +450,9 @@ def run_sweep(
     )
     store.put_json(layout.SUMMARY, summary, stage_hash=hashes["interpolate"])
     store.put_table(layout.SUMMARY_TABLE, summary_table(summary), stage_hash=hashes["interpolate"])
+    store.put_table(
+        layout.STRATEGIES_TABLE, summary["strategies"], stage_hash=hashes["interpolate"]
+    )
     store.write_stage("interpolate", status="done", seconds=timings["interpolate"])
     tracker.log_interpolation(table, summary)
     tracker.finish()

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_rift import CANDIDATES, blobs, snapshot, tiny_cnn
 from torch import nn
 
 from rift_ray.config import ConfigError, load_config
@@ -19,7 +20,6 @@ from rift_ray.rift import (
     module_robust_criticality,
     random_modules,
 )
-from test_rift import CANDIDATES, blobs, snapshot, tiny_cnn
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,9 @@ def test_every_perturbation_stays_in_its_own_ball(
         model, CANDIDATES, xa, ya, epochs=3, batch_size=16, lr=50.0, projection=projection
     )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
-    assert res.radii == pytest.approx([0.1 * model[int(m)].weight.norm().item() for m in CANDIDATES])
+    assert res.radii == pytest.approx(
+        [0.1 * model[int(m)].weight.norm().item() for m in CANDIDATES]
+    )
     assert len(res.delta_norms) == 3
     for norms in res.delta_norms:
         for norm, radius in zip(norms, res.radii, strict=True):
@@ -175,7 +177,10 @@ def test_greedy_adds_the_candidate_with_the_lowest_joint_mrc() -> None:
     )
     assert chosen == ("a", "c", "d")
     # one call per step, the `candidates` next-lowest modules not chosen yet
-    assert calls == [[("a", "b"), ("a", "c"), ("a", "d")], [("a", "c", "b"), ("a", "c", "d"), ("a", "c", "e")]]
+    assert calls == [
+        [("a", "b"), ("a", "c"), ("a", "d")],
+        [("a", "c", "b"), ("a", "c", "d"), ("a", "c", "e")],
+    ]
     assert [(r.step, r.modules, r.mrc, r.chosen) for r in records] == [
         (1, ("a",), 0.1, True),
         (2, ("a", "b"), 0.5, False), (2, ("a", "c"), 0.3, True), (2, ("a", "d"), 0.9, False),
@@ -228,7 +233,9 @@ def test_random_modules_are_seeded_and_distinct() -> None:
     mods = [f"m{i}" for i in range(10)]
     assert random_modules(mods, 3, 0) == random_modules(mods, 3, 0)
     assert len(set(random_modules(mods, 10, 1))) == 10
-    assert {tuple(random_modules(mods, 1, s)) for s in range(20)} != {tuple(random_modules(mods, 1, 0))}
+    assert {tuple(random_modules(mods, 1, s)) for s in range(20)} != {
+        tuple(random_modules(mods, 1, 0))
+    }
     with pytest.raises(ValueError, match="cannot draw"):
         random_modules(mods, 11, 0)
 
@@ -263,13 +270,79 @@ def test_default_selection_keeps_the_stage_hashes() -> None:
     cfg = load_config(None)
     h = stage_hashes(cfg)
     d = cfg.to_dict()
-    old_ft = {k: v for k, v in d["finetune"].items() if k not in ("strategies", "primary", "greedy", "random_draws")}
+    old_ft = {
+        k: v
+        for k, v in d["finetune"].items()
+        if k not in ("strategies", "primary", "greedy", "random_draws")
+    }
     assert h["finetune"] == _hash(["finetune", h["mrc"], old_ft, d["interpolate"]["tolerance"]])
     more = stage_hashes(load_config(None, ["finetune.strategies=[lowest,greedy]"]))
     assert more["mrc"] == h["mrc"] and more["finetune"] != h["finetune"]
-    size3 = stage_hashes(load_config(None, ["finetune.strategies=[lowest,greedy]", "finetune.greedy.size=3"]))
+    size3 = stage_hashes(
+        load_config(None, ["finetune.strategies=[lowest,greedy]", "finetune.greedy.size=3"])
+    )
     assert size3["finetune"] != more["finetune"]
     # greedy settings do not matter when greedy is not run
     assert stage_hashes(load_config(None, ["finetune.greedy.size=3"])) == h
-    prim = stage_hashes(load_config(None, ["finetune.strategies=[lowest,greedy]", "finetune.primary=greedy"]))
+    prim = stage_hashes(
+        load_config(None, ["finetune.strategies=[lowest,greedy]", "finetune.primary=greedy"])
+    )
     assert prim["finetune"] == more["finetune"] and prim["interpolate"] != more["interpolate"]
+
+
+# ---------------------------------------------------------------- strategies -> module sets
+
+
+def _mrc_rows(names: list[str]) -> list[dict[str, object]]:
+    return [{"module": m, "mrc": 0.1 * i, "status": "done"} for i, m in enumerate(names)]
+
+
+def test_module_groups_of_the_strategies_without_greedy() -> None:
+    from rift_ray.stages.selection import module_groups
+
+    forward = ["conv1", "l1", "l2", "l3", "linear"]
+    ranked = ["l2", "l1", "linear", "conv1", "l3"]  # by MRC
+    rows = _mrc_rows(ranked) + [{"module": "bad", "status": "failed"}]
+
+    def groups(*overrides: str) -> tuple[dict[str, list[list[str]]], list[list[str]]]:
+        cfg = load_config(None, list(overrides))
+        return module_groups(cfg, None, None, None, {}, rows, forward, "h")  # type: ignore[arg-type]
+
+    by, sets = groups()  # the default: the paper's single lowest-MRC module
+    assert by == {"lowest": [["l2"]]} and sets == [["l2"]]
+    by, sets = groups("finetune.top_k=2", "finetune.joint=true")  # top_k / joint as before
+    assert by == {"lowest": [["l2"], ["l1"], ["l2", "l1"]]}
+    by, sets = groups(
+        "finetune.strategies=[lowest,highest,random]", "finetune.random_draws=5", "seed=3"
+    )
+    assert by["highest"] == [["l3"]] and sorted(g[0] for g in by["random"]) == sorted(forward)
+    assert sets == [["l2"], ["l3"]] + [g for g in by["random"] if g[0] not in ("l2", "l3")]
+    assert by["random"] == [[m] for m in random_modules(forward, 5, 3)]  # seeded, forward order
+
+
+def test_compare_strategies_picks_each_strategys_best_trial() -> None:
+    from rift_ray.stages.selection import compare_strategies
+
+    by = {"lowest": [["a"]], "greedy": [["a", "b"]], "highest": [["z"]]}
+
+    def choice(trial: str, gain: float, feasible: bool = True) -> dict[str, object]:
+        return {"trial": trial, "alpha": 0.5, "clean_gain": gain, "robust_drop": 0.0,
+                "feasible": feasible, "reason": ""}  # fmt: skip
+
+    choices = [choice("a_lr0.1", 1.0), choice("a_lr0.2", 2.0), choice("a+b_lr0.1", 3.0),
+               choice("z_lr0.1", 5.0, feasible=False)]  # fmt: skip
+    table = [
+        {"trial": t, "lr": lr, "alpha": a, "split": sp, "clean_acc": 50.0 + a + lr,
+         "robust_acc": 30.0, "corruption_acc": 40.0 if sp == "test" else None}
+        for t, lr in (("a_lr0.1", 0.1), ("a_lr0.2", 0.2), ("a+b_lr0.1", 0.1), ("z_lr0.1", 0.1))
+        for a in (0.0, 0.5) for sp in ("val", "test")
+    ]  # fmt: skip
+    rows = compare_strategies(by, "lowest", [0.1, 0.2], choices, table, {"a": 0.01, "a+b": 0.03})
+    assert [r["strategy"] for r in rows] == ["lowest", "greedy", "highest"]
+    low, greedy, high = rows
+    assert low["primary"] and not greedy["primary"]
+    assert (low["trial"], low["lr"], low["alpha"], low["set_mrc"]) == ("a_lr0.2", 0.2, 0.5, 0.01)
+    assert low["val_clean_acc"] == 50.7 and low["test_corruption_acc"] == 40.0
+    assert low["val_corruption_acc"] is None and low["trials"] == 2
+    assert (greedy["modules"], greedy["set_mrc"], greedy["clean_gain_val"]) == ("a+b", 0.03, 3.0)
+    assert high["trial"] is None and high["module_sets"] == "z" and high["trials"] == 1

@@ -81,9 +81,7 @@ def greedy_joint_selection(
             raise ValueError(f"score: returned {len(scores)} values for {len(sets)} sets")
         ok = [i for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
         best = min(ok, key=lambda i: (scores[i], i), default=None)
-        records += [
-            ScoredSet(step, s, s[-1], scores[i], i == best) for i, s in enumerate(sets)
-        ]
+        records += [ScoredSet(step, s, s[-1], scores[i], i == best) for i, s in enumerate(sets)]
         if on_step is not None:
             on_step(list(records))
         if best is None:
