@@ -336,8 +336,7 @@ def run_sweep(
             "lowest": [m.split("+") for m in dict.fromkeys(r["modules"] for r in ft_rows)]
         }  # a record from before finetune.strategies: every set was `lowest`
     else:
-        from rift_ray.stages.finetune import run_finetune
-        from rift_ray.stages.selection import module_groups
+        from rift_ray.stages.selection import finetune_strategies, module_groups
 
         by_strategy, groups = module_groups(
             cfg, store, splits_ref, spec, at_state, mrc_rows, prep.modules, hashes["mrc"], log
@@ -349,8 +348,8 @@ def run_sweep(
         store.write_stage(
             "finetune", status="running", hash=hashes["finetune"], started=time.time()
         )
-        ft_rows, epoch_rows, survivors, computed = run_finetune(
-            cfg, store, splits_ref, spec, at_state, groups, hashes["finetune"], run_token
+        ft_rows, epoch_rows, survivors, computed = finetune_strategies(
+            cfg, store, splits_ref, spec, at_state, by_strategy, hashes["finetune"], run_token, log
         )
         ft_failed = _failures(ft_rows, "trial")
         if ft_failed:

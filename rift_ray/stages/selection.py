@@ -296,3 +296,57 @@ def strategy_table(
     return compare_strategies(
         by_strategy, cfg.finetune.primary, list(cfg.finetune.lrs), choice["choices"], table, set_mrc
     )
+
+
+def finetune_strategies(
+    cfg: SweepConfig,
+    store: Store,
+    splits_ref: Any,
+    spec: Any,
+    at_state: dict[str, torch.Tensor],
+    by_strategy: dict[str, list[list[str]]],
+    stage_hash: str,
+    run_token: str,
+    log: Any = print,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], int]:
+    """:func:`rift_ray.stages.finetune.run_finetune` once per strategy, each its own Tune
+    experiment under its own ASHA, the primary strategy first (experiment
+    ``finetune-<hash>``, as a sweep without other strategies names it; the others
+    ``finetune-<hash>-<strategy>``).
+
+    Why not one grid: ASHA stops a trial by comparing it with the other trials at the same
+    epoch, so in one grid the comparison strategies' trials would change which of the
+    primary's trials survive (the default result would depend on what else runs), and a
+    strategy whose trials all rank low could lose every trial (no comparison row). A set
+    two strategies share is fine-tuned once, in the experiment of the first of them.
+    Returns what ``run_finetune`` does, over all experiments.
+    """
+    from rift_ray.stages.finetune import run_finetune
+
+    primary = cfg.finetune.primary
+    order = [primary, *[s for s in by_strategy if s != primary]]
+    trial_rows: list[dict[str, Any]] = []
+    epoch_rows: list[dict[str, Any]] = []
+    survivors: list[dict[str, Any]] = []
+    computed, seen = 0, set()
+    for strategy in order:
+        groups = [g for g in by_strategy.get(strategy, []) if frozenset(g) not in seen]
+        seen |= {frozenset(g) for g in groups}
+        if not groups:
+            continue
+        if len(by_strategy) > 1:
+            log(
+                f"stage 3/4 finetune: strategy {strategy}: {len(groups)} module set(s) x "
+                f"{len(cfg.finetune.lrs)} lr(s) under its own ASHA"
+            )
+        name = stage_hash if strategy == primary else f"{stage_hash}-{strategy}"
+        t, e, s, c = run_finetune(cfg, store, splits_ref, spec, at_state, groups, name, run_token)
+        trial_rows += t
+        epoch_rows += e
+        survivors += s
+        computed += c
+    survivors.sort(key=lambda t: t["trial"])
+    trial_rows.sort(
+        key=lambda t: -(t["best_val_score"] if t["best_val_score"] is not None else float("-inf"))
+    )
+    return trial_rows, epoch_rows, survivors, computed
