@@ -89,26 +89,22 @@ def print_summary(summary: dict[str, Any]) -> None:
     console.print(table)
     strategies = summary.get("strategies") or []
     if len(strategies) > 1:  # the comparison of module selections (finetune.strategies)
-        from rift_ray.report import STRATEGY_COLUMNS
-
         comp = Table(title="Module selection strategies (best trial each, accuracy %)")
-        for key, label in STRATEGY_COLUMNS.items():
-            comp.add_column(label, justify="left" if key in ("strategy", "modules") else "right")
+        comp.add_column("strategy")
+        for col in ("lr", "alpha*", "val clean", "val PGD", "test clean", "test PGD", "test corr."):
+            comp.add_column(col, justify="right")
         for r in strategies:
-            cells = []
-            for key in STRATEGY_COLUMNS:
-                v = r.get(key)
-                if key == "strategy":
-                    cells.append(v + (" *" if r.get("primary") else ""))
-                elif key == "modules":
-                    cells.append(escape(v or "(no feasible trial)"))
-                elif key in ("set_mrc", "lr", "alpha"):
-                    cells.append("-" if v is None else f"{v:.4g}")
-                else:
-                    cells.append(_pct(v))
-            comp.add_row(*cells)
+            comp.add_row(
+                r["strategy"] + (" *" if r.get("primary") else ""),
+                *("-" if r.get(k) is None else f"{r[k]:g}" for k in ("lr", "alpha")),
+                *(_pct(r.get(f"{split}_{k}")) for split, k in STRATEGY_CELLS),
+            )
         console.print(comp)
-        console.print("* primary strategy: its best trial is the final RiFT model")
+        for r in strategies:
+            mrc = "" if r.get("set_mrc") is None else f" (MRC {r['set_mrc']:.4g})"
+            mods = escape(r.get("modules") or "no feasible trial")
+            console.print(f"  {r['strategy']}: {mods}{mrc}")
+        console.print("  * primary strategy: its best trial is the final RiFT model")
     for who, aa in (summary.get("autoattack") or {}).items():
         console.print(
             f"AutoAttack ({aa['settings'].get('version')}, test, n={aa['n']}): "
@@ -123,6 +119,10 @@ def print_summary(summary: dict[str, Any]) -> None:
         console.print(f"[yellow]MRC failed for: {', '.join(summary['failed_modules'])}[/yellow]")
     secs = summary.get("seconds", {})
     console.print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in secs.items()))
+
+
+STRATEGY_CELLS = [("val", "clean_acc"), ("val", "robust_acc"), ("test", "clean_acc"),
+                  ("test", "robust_acc"), ("test", "corruption_acc")]  # fmt: skip
 
 
 def _pct(v: float | None) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -346,3 +348,54 @@ def test_compare_strategies_picks_each_strategys_best_trial() -> None:
     assert low["val_corruption_acc"] is None and low["trials"] == 2
     assert (greedy["modules"], greedy["set_mrc"], greedy["clean_gain_val"]) == ("a+b", 0.03, 3.0)
     assert high["trial"] is None and high["module_sets"] == "z" and high["trials"] == 1
+
+
+def test_report_and_printed_summary_show_the_comparison(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_report import make_sweep
+
+    from rift_ray import store as layout
+    from rift_ray.cli import main, print_summary
+
+    store = make_sweep(tmp_path)
+    summary = store.get_json(layout.SUMMARY)
+    base = {"val_corruption_acc": None, "test_corruption_acc": 62.0, "clean_gain_val": 2.0,
+            "robust_drop_val": 0.0, "trials": 1}  # fmt: skip
+    summary["primary"] = "lowest"
+    summary["strategies"] = [
+        {**base, "strategy": "lowest", "primary": True, "module_sets": "conv1", "modules": "conv1",
+         "set_mrc": 0.05, "trial": "conv1_lr0.01", "lr": 0.01, "alpha": 0.5, "val_clean_acc": 72.0,
+         "val_robust_acc": 40.0, "test_clean_acc": 71.5, "test_robust_acc": 38.9},
+        {**base, "strategy": "greedy", "primary": False, "module_sets": "conv1+fc",
+         "modules": "conv1+fc", "set_mrc": 0.31, "trial": "conv1+fc_lr0.01", "lr": 0.01,
+         "alpha": 0.7, "val_clean_acc": 73.0, "val_robust_acc": 39.95, "test_clean_acc": 72.25,
+         "test_robust_acc": 38.5},
+        {**base, "strategy": "highest", "primary": False, "module_sets": "fc", "modules": None,
+         "set_mrc": None, "trial": None, "lr": None, "alpha": None, "val_clean_acc": None,
+         "val_robust_acc": None, "test_clean_acc": None, "test_robust_acc": None},
+    ]  # fmt: skip
+    store.put_json(layout.SUMMARY, summary)
+    store.put_table(layout.STRATEGIES_TABLE, summary["strategies"])
+    joint = [
+        {"step": 1, "modules": "conv1", "added": "conv1", "size": 1, "mrc": 0.05, "chosen": True,
+         "status": "done", "error": ""},
+        {"step": 2, "modules": "conv1+fc", "added": "fc", "size": 2, "mrc": 0.31, "chosen": True,
+         "status": "done", "error": ""},
+    ]  # fmt: skip
+    store.put_table(layout.JOINT_MRC_TABLE, joint)
+    out = tmp_path / "r.html"
+    assert main(["report", store.root, "-o", str(out)]) == 0
+    capsys.readouterr()
+    text = out.read_text()
+    assert "Module selection strategies" in text and "lowest (primary)" in text
+    assert "conv1+fc" in text and "72.25" in text and "Greedy joint selection" in text
+    assert main(["report", store.root, "--format", "json", "-o", "-"]) == 0
+    tables = json.loads(capsys.readouterr().out)
+    assert [r["strategy"] for r in tables["strategies"]] == ["lowest", "greedy", "highest"]
+    assert len(tables["joint_mrc"]) == 2
+    print_summary(summary)
+    printed = capsys.readouterr().out
+    assert "Module selection strategies" in printed and "lowest *" in printed
+    assert "highest: no feasible trial" in printed and "72.25" in printed
+    assert "greedy: conv1+fc (MRC 0.31)" in printed
