@@ -133,6 +133,9 @@ def prepare(cfg: SweepConfig) -> Prepared:
     modules = select_modules(found, cfg.mrc.include, cfg.mrc.exclude)
     if not modules:
         raise ConfigError("mrc.exclude: every Conv2d/Linear module of the model is excluded")
+    from rift_ray.stages.selection import check_selection
+
+    check_selection(cfg, modules)
     start = (
         _field_call("adv_train.checkpoint", _load_start_checkpoint, cfg, spec)
         if cfg.adv_train.checkpoint

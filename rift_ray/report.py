@@ -810,7 +810,13 @@ def _mrc_figures(res: SweepResults, rec: dict[str, Any]) -> Figures:
 
 def _finetune_figures(res: SweepResults, rec: dict[str, Any]) -> Figures:
     if rec.get("status") == "running":
-        rows = _live_tune(res.store, f"finetune-{rec.get('hash')}")
+        exp = f"finetune-{rec.get('hash')}"  # and finetune-<hash>-<strategy> (one per strategy)
+        rows = [
+            r
+            for name in res.store.list("ray")
+            if name == exp or name.startswith(exp + "-")
+            for r in _live_tune(res.store, name)
+        ]
         line = f"{len(rows)} trial(s) reporting"
     else:
         rows = res.rows("finetune")

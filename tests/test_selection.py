@@ -399,3 +399,19 @@ def test_report_and_printed_summary_show_the_comparison(
     assert "Module selection strategies" in printed and "lowest *" in printed
     assert "highest: no feasible trial" in printed and "72.25" in printed
     assert "greedy: conv1+fc (MRC 0.31)" in printed
+
+
+def test_selection_larger_than_the_model_is_refused_before_compute() -> None:
+    from rift_ray.stages.selection import check_selection
+
+    mods = ["a", "b", "c"]
+    check_selection(load_config(None, ["finetune.strategies=[lowest,greedy,random]"]), mods)
+    bad = load_config(None, ["finetune.strategies=[lowest,greedy]", "finetune.greedy.size=4"])
+    with pytest.raises(ConfigError, match=r"^finetune.greedy.size: 4 exceeds the 3 candidate"):
+        check_selection(bad, mods)
+    bad = load_config(None, ["finetune.strategies=[random]", "finetune.primary=random",
+                             "finetune.random_draws=5"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^finetune.random_draws: 5 exceeds"):
+        check_selection(bad, mods)
+    # greedy settings are not checked when greedy does not run
+    check_selection(load_config(None, ["finetune.greedy.size=9"]), mods)

@@ -123,23 +123,29 @@ def run_greedy(
         cache = {row["modules"]: row for row in store.get_table(JOINT_MRC_TABLE).to_pylist()}
     first = done[0]
     cache["+".join(ranked[:1])] = {**{c: first.get(c) for c in JOINT_COLUMNS}, "error": ""}
-    state: dict[str, Any] = {"adv": None, "at": None, "computed": 0}
+    state: dict[str, Any] = {"adv": None, "at": None, "computed": 0, "records": []}
 
     def score(sets: list[tuple[str, ...]]) -> list[float | None]:
-        todo = [s for s in sets if "+".join(s) not in cache]
+        todo = {"+".join(s): s for s in sets if "+".join(s) not in cache}
         if todo:
             if state["adv"] is None:
                 adv = build_adversarial_set(cfg, store, splits_ref, at_state, mrc_hash)
                 state["adv"], state["at"] = ray.put(adv), ray.put(at_state)
-            refs = [
+            pending = {
                 _joint_mrc_task.options(num_cpus=r.cpu, num_gpus=r.gpu).remote(
                     cfg.to_dict(), spec, state["at"], state["adv"], list(s)
-                )
-                for s in todo
-            ]
-            for s, row in zip(todo, ray.get(refs), strict=True):
-                cache["+".join(s)] = row
-            state["computed"] += len(todo)
+                ): key
+                for key, s in todo.items()
+            }
+            step = len(sets[0])
+            while pending:  # store each set as it finishes: a re-run keeps it
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                cache[pending.pop(ready[0])] = ray.get(ready[0])
+                state["computed"] += 1
+                partial = [
+                    ScoredSet(step, s, s[-1], None, False) for s in sets if "+".join(s) in cache
+                ]
+                save(state["records"] + partial)
         return [cache["+".join(s)].get("mrc") for s in sets]
 
     def rows_of(records: list[ScoredSet]) -> list[dict[str, Any]]:
@@ -157,10 +163,29 @@ def run_greedy(
     def save(records: list[ScoredSet]) -> None:
         store.put_table(JOINT_MRC_TABLE, rows_of(records), stage_hash=h)
 
+    def on_step(records: list[ScoredSet]) -> None:
+        state["records"] = records
+        save(records)
+
     chosen, records = greedy_joint_selection(
-        ranked, g.size, g.candidates, score, first_mrc=first.get("mrc"), on_step=save
+        ranked, g.size, g.candidates, score, first_mrc=first.get("mrc"), on_step=on_step
     )
     return list(chosen), rows_of(records), state["computed"]
+
+
+def check_selection(cfg: SweepConfig, modules: list[str]) -> None:
+    """Bad selection settings for this model, before any compute (ConfigError naming the field)."""
+    from rift_ray.config import ConfigError
+
+    f, n = cfg.finetune, len(modules)
+    if "greedy" in f.strategies and f.greedy.size > n:
+        raise ConfigError(
+            f"finetune.greedy.size: {f.greedy.size} exceeds the {n} candidate modules"
+        )
+    if "random" in f.strategies and f.random_draws > n:
+        raise ConfigError(
+            f"finetune.random_draws: {f.random_draws} exceeds the {n} candidate modules"
+        )
 
 
 def module_groups(
