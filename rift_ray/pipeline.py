@@ -341,15 +341,15 @@ def run_sweep(
     else:
         from rift_ray.stages.selection import finetune_strategies, module_groups
 
+        store.write_stage(
+            "finetune", status="running", hash=hashes["finetune"], started=time.time()
+        )
         by_strategy, groups = module_groups(
             cfg, store, splits_ref, spec, at_state, mrc_rows, prep.modules, hashes["mrc"], log
         )
         log(
             f"stage 3/4 finetune: {len(groups)} module set(s) x {len(cfg.finetune.lrs)} lr(s) under ASHA"
             + (f" (strategies: {', '.join(by_strategy)})" if len(by_strategy) > 1 else "")
-        )
-        store.write_stage(
-            "finetune", status="running", hash=hashes["finetune"], started=time.time()
         )
         ft_rows, epoch_rows, survivors, computed = finetune_strategies(
             cfg, store, splits_ref, spec, at_state, by_strategy, hashes["finetune"], run_token, log
