@@ -415,3 +415,93 @@ def test_selection_larger_than_the_model_is_refused_before_compute() -> None:
         check_selection(bad, mods)
     # greedy settings are not checked when greedy does not run
     check_selection(load_config(None, ["finetune.greedy.size=9"]), mods)
+
+
+# ---------------------------------------------------------------- the greedy stage, Ray faked
+
+
+class _Ref:
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
+class _FakeRay:
+    """The few Ray calls run_greedy makes, run in this process (a real Ray run is in test_sweep)."""
+
+    def __init__(self) -> None:
+        self.sets: list[list[str]] = []
+
+    def put(self, x: object) -> object:
+        return x
+
+    def get(self, ref: _Ref) -> object:
+        return ref.value
+
+    def wait(self, refs: list[_Ref], num_returns: int = 1) -> tuple[list[_Ref], list[_Ref]]:
+        return refs[:num_returns], refs[num_returns:]
+
+    def get_runtime_context(self) -> object:
+        import types
+
+        return types.SimpleNamespace(get_node_id=lambda: "fake-node-0123456")
+
+
+def test_greedy_stage_stores_every_set_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rift_ray.stages.mrc as mrc_stage
+    import rift_ray.stages.selection as sel
+    from rift_ray.models import mrc_candidates
+    from rift_ray.stages.common import ModelSpec, new_model
+    from rift_ray.store import JOINT_MRC_TABLE, Store
+
+    fake = _FakeRay()
+    task = sel._joint_mrc_task._function  # the plain function behind the Ray task
+
+    class Task:
+        def options(self, **_: object) -> Task:
+            return self
+
+        def remote(self, *args: object) -> _Ref:
+            fake.sets.append(list(args[-1]))  # type: ignore[call-overload]
+            return _Ref(task(*args))
+
+    monkeypatch.setattr(sel, "ray", fake)
+    monkeypatch.setattr(sel, "_joint_mrc_task", Task())
+    g = torch.Generator().manual_seed(0)
+    adv = torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+    monkeypatch.setattr(mrc_stage, "build_adversarial_set", lambda *a: adv)
+
+    cfg = load_config(None, ["model.arch=small_cnn", "mrc.epochs=1", "mrc.batch_size=8",
+                             "finetune.strategies=[lowest,greedy]", "finetune.greedy.size=3",
+                             "finetune.greedy.candidates=2", "resources.torch_threads=1"])  # fmt: skip
+    spec = ModelSpec(10, (0.5,) * 3, (0.25,) * 3, (3, 32, 32))
+    torch.manual_seed(0)
+    at_state = new_model(cfg, spec).state_dict()
+    modules = mrc_candidates(new_model(cfg, spec))
+    mrc_rows = [{"module": m, "mrc": 0.01 * i, "status": "done", "robust_acc_drop": 1.0}
+                for i, m in enumerate(modules)]  # fmt: skip
+    store = Store.open(str(tmp_path), "s")
+    chosen, rows, computed = sel.run_greedy(cfg, store, None, spec, at_state, mrc_rows, "h2")
+    assert len(chosen) == 3 and chosen[0] == modules[0] and computed == 4 == len(fake.sets)
+    assert [(r["step"], r["size"]) for r in rows] == [(1, 1), (2, 2), (2, 2), (3, 3), (3, 3)]
+    assert [r["added"] for r in rows[1:3]] == modules[1:3]
+    assert all(r["status"] == "done" for r in rows)
+    assert all(r["node"] == "fake-node-01" for r in rows[1:])
+    assert rows[0]["mrc"] == 0.0 and rows[0]["robust_acc_drop"] == 1.0  # from mrc.parquet
+    h = sel.joint_mrc_hash(cfg, "h2")
+    assert store.get_table(JOINT_MRC_TABLE).to_pylist() == rows and store.valid(JOINT_MRC_TABLE, h)
+    # a re-run scores nothing again; one lost set (say the driver died mid-step) is rescored
+    fake.sets.clear()
+    assert sel.run_greedy(cfg, store, None, spec, at_state, mrc_rows, "h2") == (chosen, rows, 0)
+    store.put_table(JOINT_MRC_TABLE, rows[:-1], stage_hash=h)
+    again = sel.run_greedy(cfg, store, None, spec, at_state, mrc_rows, "h2")
+    assert again[2] == 1 and fake.sets == [rows[-1]["modules"].split("+")]
+    assert [r["mrc"] for r in again[1]] == [r["mrc"] for r in rows]  # deterministic
+    # a joint MRC that fails is a row with its error, and is never kept
+    bad = [{**r, "module": "nope"} if i == 2 else r for i, r in enumerate(mrc_rows)]
+    store.delete(JOINT_MRC_TABLE)
+    chosen2, rows2, _ = sel.run_greedy(cfg, store, None, spec, at_state, bad, "h2")
+    failed = [r for r in rows2 if r["status"] == "failed"]
+    assert failed and all("nope" in r["modules"] and "nope" in r["error"] for r in failed)
+    assert "nope" not in chosen2 and not any(r["chosen"] for r in failed)
