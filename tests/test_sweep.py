@@ -139,8 +139,9 @@ def test_strategy_comparison(smoke_run: Path) -> None:
     ft = pq.read_table(smoke_run / "tables/finetune.parquet").to_pylist()
     sets = {r["modules"] for r in ft}
     assert len(ft) == 2 * len(sets) and {mrc[0], kept["modules"], mrc[-1]} <= sets
-    runs = {p.name.rsplit("-", 1)[-1] for p in (smoke_run / "ray").glob("finetune-*")}
-    assert {"greedy", "highest"} <= runs
+    runs = {p.name.split("-", 2)[-1] for p in (smoke_run / "ray").glob("finetune-*-*")}
+    assert "greedy" in runs and runs <= {"greedy", "random", "highest"}  # random/highest may
+    # draw a set an earlier strategy trained
 
 
 def test_default_strategy_result_is_unchanged(
