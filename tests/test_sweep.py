@@ -45,7 +45,7 @@ EVAL = [
 
 # ... and compares the module selections (README "Module selection strategies").
 STRATEGIES = [
-    "--set", "finetune.strategies=[lowest,greedy,random,highest]",
+    "--set", "finetune.strategies=[lowest,greedy,random]",  # highest: tests/test_selection.py
     "--set", "finetune.greedy.candidates=2",
 ]  # fmt: skip
 
@@ -110,7 +110,7 @@ def test_strategy_comparison(smoke_run: Path) -> None:
     """One row per strategy; the final model is the primary (lowest) strategy's best trial."""
     summary = json.loads((smoke_run / "summary.json").read_text())
     rows = summary["strategies"]
-    assert [r["strategy"] for r in rows] == ["lowest", "greedy", "random", "highest"]
+    assert [r["strategy"] for r in rows] == ["lowest", "greedy", "random"]
     assert pq.read_table(smoke_run / "tables/strategies.parquet").to_pylist() == rows
     mrc = [r["module"] for r in pq.read_table(smoke_run / "tables/mrc.parquet").to_pylist()]
     by = {r["strategy"]: r for r in rows}
@@ -121,7 +121,6 @@ def test_strategy_comparison(smoke_run: Path) -> None:
     for split in ("val", "test"):
         for k, v in summary["rift"][split].items():
             assert low[f"{split}_{k}"] == pytest.approx(v)
-    assert by["highest"]["modules"] == mrc[-1]
     assert by["random"]["modules"] in mrc
     for r in rows:  # every strategy has its best trial, at an alpha* within the tolerance
         assert r["trial"] and r["alpha"] is not None and r["lr"] in (0.001, 0.02)
@@ -138,10 +137,9 @@ def test_strategy_comparison(smoke_run: Path) -> None:
     # each strategy ran its own ASHA experiment; a set two strategies share is trained once
     ft = pq.read_table(smoke_run / "tables/finetune.parquet").to_pylist()
     sets = {r["modules"] for r in ft}
-    assert len(ft) == 2 * len(sets) and {mrc[0], kept["modules"], mrc[-1]} <= sets
+    assert len(ft) == 2 * len(sets) and {mrc[0], kept["modules"], by["random"]["modules"]} == sets
     runs = {p.name.split("-", 2)[-1] for p in (smoke_run / "ray").glob("finetune-*-*")}
-    assert "greedy" in runs and runs <= {"greedy", "random", "highest"}  # random/highest may
-    # draw a set an earlier strategy trained
+    assert "greedy" in runs and runs <= {"greedy", "random"}  # random may draw the lowest
 
 
 def test_default_strategy_result_is_unchanged(
@@ -151,8 +149,19 @@ def test_default_strategy_result_is_unchanged(
     the primary strategy's trials compute the same numbers with or without the others."""
     shutil.copytree(smoke_run, tmp_path / "t", ignore=shutil.ignore_patterns("ray", "wandb"))
     alphas = yaml.safe_load((smoke_run / "config.yaml").read_text())["interpolate"]["alphas"]
-    code = main(["sweep", SMOKE, "--storage", str(tmp_path), "--name", "t", *FAST, *EVAL,
-                 "--set", f"interpolate.alphas={alphas}"])  # fmt: skip
+    code = main(
+        [
+            "sweep",
+            SMOKE,
+            "--storage",
+            str(tmp_path),
+            "--name",
+            "t",
+            *FAST,
+            "--set",
+            f"interpolate.alphas={alphas}",
+        ]
+    )  # without EVAL: cheaper, same trials
     assert code == 0
     err = capsys.readouterr().err
     assert "stage 2/4 mrc: done earlier" in err and "stage 3/4 finetune: done earlier" not in err
@@ -183,11 +192,10 @@ def test_default_strategy_result_is_unchanged(
         for r in pq.read_table(tmp_path / "t/tables/finetune.parquet").to_pylist()
     }
     if all(ft_full[t] == s for t, s in ft_alone.items()):  # ASHA stopped the same trials
-        assert (alone["trial"], alone["alpha"], alone["rift"]) == (
-            full["trial"],
-            full["alpha"],
-            full["rift"],
-        )
+        assert (alone["trial"], alone["alpha"]) == (full["trial"], full["alpha"])
+        for split in ("val", "test"):
+            for k in ("clean_acc", "robust_acc"):
+                assert alone["rift"][split][k] == full["rift"][split][k]
 
 
 def test_corruption_and_autoattack_in_the_final_evaluation(smoke_run: Path) -> None:
