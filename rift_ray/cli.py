@@ -93,6 +93,24 @@ def print_summary(summary: dict[str, Any]) -> None:
                 *(_pct(m.get(k)) for k in ("clean_acc", "robust_acc", "corruption_acc")),
             )
     console.print(table)
+    strategies = summary.get("strategies") or []
+    if len(strategies) > 1:  # the comparison of module selections (finetune.strategies)
+        comp = Table(title="Module selection strategies (best trial each, accuracy %)")
+        comp.add_column("strategy")
+        for col in ("lr", "alpha*", "val clean", "val PGD", "test clean", "test PGD", "test corr."):
+            comp.add_column(col, justify="right")
+        for r in strategies:
+            comp.add_row(
+                r["strategy"] + (" *" if r.get("primary") else ""),
+                *("-" if r.get(k) is None else f"{r[k]:g}" for k in ("lr", "alpha")),
+                *(_pct(r.get(f"{split}_{k}")) for split, k in STRATEGY_CELLS),
+            )
+        console.print(comp)
+        for r in strategies:
+            mrc = "" if r.get("set_mrc") is None else f" (MRC {r['set_mrc']:.4g})"
+            mods = escape(r.get("modules") or "no feasible trial")
+            console.print(f"  {r['strategy']}: {mods}{mrc}")
+        console.print("  * primary strategy: its best trial is the final RiFT model")
     for who, aa in (summary.get("autoattack") or {}).items():
         console.print(
             f"AutoAttack ({aa['settings'].get('version')}, test, n={aa['n']}): "
@@ -167,6 +185,10 @@ def print_seeds_summary(summary: dict[str, Any]) -> None:
         console.print(f"[yellow]{line}[/yellow]")
     secs = summary.get("seconds", {})
     console.print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in secs.items()))
+
+
+STRATEGY_CELLS = [("val", "clean_acc"), ("val", "robust_acc"), ("test", "clean_acc"),
+                  ("test", "robust_acc"), ("test", "corruption_acc")]  # fmt: skip
 
 
 def _pct(v: float | None) -> str:

@@ -153,10 +153,32 @@ class ASHAConfig(_Section):
     reduction_factor: Annotated[float, Field(gt=1)] = 2.0
 
 
+Strategy = Literal["lowest", "greedy", "random", "highest"]
+
+
+class GreedyConfig(_Section):
+    """The ``greedy`` strategy: a set grown by joint MRC (``rift_ray.rift.greedy_joint_selection``)."""
+
+    size: Annotated[int, Field(ge=2)] = 2
+    """Modules in the set (the lowest-MRC module plus size - 1 added greedily)."""
+    candidates: PosInt = 3
+    """Per step, how many of the next-lowest single-MRC modules are scored with the set."""
+
+
 class FinetuneConfig(_Section):
     top_k: PosInt = 1
+    """The ``lowest`` strategy fine-tunes each of the top_k lowest-MRC modules (one trial set each)."""
     joint: bool = False
-    """Also fine-tune the top_k modules together as one trial."""
+    """``lowest`` also fine-tunes the top_k modules together as one trial (the paper's top-k ablation)."""
+    strategies: Annotated[list[Strategy], Field(min_length=1)] = ["lowest"]
+    """Module selections to run and compare in this sweep: ``lowest`` (the paper's RiFT),
+    ``greedy`` (a set chosen by joint MRC), ``random`` (``random_draws`` seeded random modules)
+    and ``highest`` (the most critical module), the last two the paper's ablation."""
+    primary: Strategy = "lowest"
+    """The strategy whose best trial is the sweep's final RiFT model; the others are comparisons."""
+    greedy: GreedyConfig = GreedyConfig()
+    random_draws: PosInt = 1
+    """Modules the ``random`` strategy draws (each fine-tuned alone), seeded with the sweep seed."""
     lrs: Annotated[list[PosFloat], Field(min_length=1)] = [0.001, 0.005, 0.01]
     epochs: PosInt = 10
     batch_size: PosInt = 128
@@ -174,6 +196,33 @@ class FinetuneConfig(_Section):
         0.7,
         0.9,
     ]
+
+    @model_validator(mode="after")
+    def _strategies(self) -> FinetuneConfig:
+        for i, s in enumerate(self.strategies):
+            if s in self.strategies[:i]:
+                raise ValueError(f"strategies: {s!r} is listed twice")
+        if self.primary not in self.strategies:
+            raise ValueError(
+                f"primary: {self.primary!r} is not one of finetune.strategies {self.strategies}"
+            )
+        return self
+
+    def selection_settings(self) -> dict[str, Any]:
+        """What the module selection depends on beyond top_k/joint; {} for the default
+        (``strategies: [lowest]``), so sweeps from before the option keep their stage hashes."""
+        if self.strategies == ["lowest"]:
+            return {}
+        out: dict[str, Any] = {"strategies": sorted(self.strategies)}
+        if "greedy" in self.strategies:
+            out["greedy"] = self.greedy.model_dump()
+        if "random" in self.strategies:
+            out["random_draws"] = self.random_draws
+        return out
+
+
+SELECTION_FIELDS = ("strategies", "primary", "greedy", "random_draws")
+"""FinetuneConfig fields that stage hashes take through ``selection_settings`` (and primary)."""
 
 
 def _default_alphas() -> list[float]:

@@ -25,7 +25,14 @@ import torch
 from rift_ray import __version__
 from rift_ray import store as layout
 from rift_ray.checkpoint import CheckpointError, load_checkpoint, load_into_model, save_checkpoint
-from rift_ray.config import ComputeConfig, ConfigError, SweepConfig, expand_path, to_yaml
+from rift_ray.config import (
+    SELECTION_FIELDS,
+    ComputeConfig,
+    ConfigError,
+    SweepConfig,
+    expand_path,
+    to_yaml,
+)
 from rift_ray.data import DataError, DatasetSplits, load_dataset
 from rift_ray.report import environment_info, summary_table
 from rift_ray.store import Store
@@ -100,8 +107,11 @@ def stage_hashes(cfg: SweepConfig, seed: int | None = None) -> dict[str, str]:
         ["mrc", h1, mrc, ev["batch_size"], *compute]
         + ([] if seed is None else ["seed", seed])  # no seeds: the hashes of before
     )
-    h3 = _hash(["finetune", h2, d["finetune"], d["interpolate"]["tolerance"]])
-    h4 = _hash(["interpolate", h3, d["interpolate"], ev])
+    ft = {k: v for k, v in d["finetune"].items() if k not in SELECTION_FIELDS}
+    sel = cfg.finetune.selection_settings()  # {} by default: the hashes of earlier versions
+    h3 = _hash(["finetune", h2, ft, d["interpolate"]["tolerance"], *([sel] if sel else [])])
+    primary = [] if cfg.finetune.primary == "lowest" else [cfg.finetune.primary]
+    h4 = _hash(["interpolate", h3, d["interpolate"], ev, *primary])
     return {"adv_train": h1, "mrc": h2, "finetune": h3, "interpolate": h4}
 
 
@@ -168,6 +178,9 @@ def prepare(cfg: SweepConfig) -> Prepared:
     modules = select_modules(found, cfg.mrc.include, cfg.mrc.exclude)
     if not modules:
         raise ConfigError("mrc.exclude: every Conv2d/Linear module of the model is excluded")
+    from rift_ray.stages.selection import check_selection
+
+    check_selection(cfg, modules)
     start = (
         _field_call("adv_train.checkpoint", _load_start_checkpoint, cfg, spec)
         if cfg.adv_train.checkpoint
@@ -387,7 +400,6 @@ def run_rift_stages(
                 "see tables/mrc.parquet for the errors"
             )
     timings["mrc"] = (store.read_stage("mrc") or {}).get("seconds", time.time() - t0)
-    ranked = [r["module"] for r in mrc_rows if r["status"] == "done"]
 
     # -- stage 3: fine-tuning (ASHA over learning rates) ----------------------------------------
     t0 = time.time()
@@ -404,19 +416,24 @@ def run_rift_stages(
             for r in ft_rows
             if r["trial"] in survivors_prev
         ]
+        by_strategy = (store.read_stage("finetune") or {}).get("strategies") or {
+            "lowest": [m.split("+") for m in dict.fromkeys(r["modules"] for r in ft_rows)]
+        }  # a record from before finetune.strategies: every set was `lowest`
     else:
-        from rift_ray.stages.finetune import run_finetune
+        from rift_ray.stages.selection import finetune_strategies, module_groups
 
-        top = ranked[: cfg.finetune.top_k]
-        groups = [[m] for m in top] + ([top] if cfg.finetune.joint and len(top) > 1 else [])
-        log(
-            f"stage 3/4 finetune: {len(groups)} module set(s) x {len(cfg.finetune.lrs)} lr(s) under ASHA"
-        )
         store.write_stage(
             "finetune", status="running", hash=hashes["finetune"], started=time.time()
         )
-        ft_rows, epoch_rows, survivors, computed = run_finetune(
-            cfg, store, splits_ref, spec, at_state, groups, hashes["finetune"], run_token
+        by_strategy, groups = module_groups(
+            cfg, store, splits_ref, spec, at_state, mrc_rows, prep.modules, hashes["mrc"], log
+        )
+        log(
+            f"stage 3/4 finetune: {len(groups)} module set(s) x {len(cfg.finetune.lrs)} lr(s) under ASHA"
+            + (f" (strategies: {', '.join(by_strategy)})" if len(by_strategy) > 1 else "")
+        )
+        ft_rows, epoch_rows, survivors, computed = finetune_strategies(
+            cfg, store, splits_ref, spec, at_state, by_strategy, hashes["finetune"], run_token, log
         )
         ft_failed = _failures(ft_rows, "trial")
         if ft_failed:
@@ -445,6 +462,7 @@ def run_rift_stages(
             seconds=time.time() - t0,
             computed=computed,
             survivors=[s["trial"] for s in survivors],
+            strategies=by_strategy,
         )
         tracker.log_finetune(ft_rows, epoch_rows)
     timings["finetune"] = (store.read_stage("finetune") or {}).get("seconds", time.time() - t0)
@@ -462,8 +480,17 @@ def run_rift_stages(
     store.write_stage(
         "interpolate", status="running", hash=hashes["interpolate"], started=time.time()
     )
+    primary = cfg.finetune.primary  # its best trial is the final model; others are comparisons
+    finalists = {trial_name(g, lr) for g in by_strategy.get(primary, []) for lr in cfg.finetune.lrs}
     table, choice = run_interpolation(
-        cfg, spec, splits_ref, at_state, survivors, splits, data_seed=prep.cfg.seed
+        cfg,
+        spec,
+        splits_ref,
+        at_state,
+        survivors,
+        splits,
+        data_seed=prep.cfg.seed,
+        finalists=finalists or None,
     )
     best = choice["best"]
     if best is None:
@@ -473,7 +500,9 @@ def run_rift_stages(
             error="no alpha satisfies the robust-accuracy constraint",
         )
         raise SweepError(
-            "no trial has an alpha within interpolate.tolerance of the AT robust accuracy"
+            "no trial"
+            + (f" of finetune.primary ({primary})" if len(by_strategy) > 1 else "")
+            + " has an alpha within interpolate.tolerance of the AT robust accuracy"
         )
     winner = next(s for s in survivors if s["trial"] == best["trial"])
     from rift_ray.rift import interpolate
@@ -506,6 +535,10 @@ def run_rift_stages(
     summary = build_summary(
         cfg, mrc_rows, ft_rows, table, choice, winner, timings, time.time() - t_start
     )
+    from rift_ray.stages.selection import strategy_table
+
+    summary["primary"] = primary
+    summary["strategies"] = strategy_table(cfg, store, by_strategy, mrc_rows, choice, table, hashes)
     if aa_curve:
         keep = ("robust_acc", "clean_acc", "n", "after", "settings")
         summary["autoattack"] = {
@@ -525,6 +558,9 @@ def run_rift_stages(
     )
     store.put_json(layout.SUMMARY, summary, stage_hash=hashes["interpolate"])
     store.put_table(layout.SUMMARY_TABLE, summary_table(summary), stage_hash=hashes["interpolate"])
+    store.put_table(
+        layout.STRATEGIES_TABLE, summary["strategies"], stage_hash=hashes["interpolate"]
+    )
     store.write_stage("interpolate", status="done", seconds=timings["interpolate"])
     tracker.log_interpolation(table, summary)
     return summary

@@ -34,6 +34,24 @@ def time_per_image(cfg: SweepConfig, spec: Any, batch: int = 32, repeats: int = 
     return (time.perf_counter() - t0) / (repeats * batch)
 
 
+def module_sets(cfg: SweepConfig) -> int:
+    """Module sets stage 3 fine-tunes, at most (sets two strategies share are fine-tuned once)."""
+    f = cfg.finetune
+    per = {
+        "lowest": f.top_k + (1 if f.joint and f.top_k > 1 else 0),
+        "greedy": 1,
+        "random": f.random_draws,
+        "highest": 1,
+    }
+    return sum(per[s] for s in f.strategies)
+
+
+def joint_sets(cfg: SweepConfig) -> int:
+    """Module sets the greedy strategy scores by joint MRC, at most (0 without it)."""
+    g = cfg.finetune.greedy
+    return (g.size - 1) * g.candidates if "greedy" in cfg.finetune.strategies else 0
+
+
 def estimate(
     cfg: SweepConfig, n_train: int, n_val: int, n_test: int, n_modules: int, t_img: float
 ) -> dict[str, float]:
@@ -50,10 +68,11 @@ def estimate(
     mrc = (
         n_adv * k * t_img + n_modules * cfg.mrc.epochs * n_adv * 1.3 * t_img
     )  # ascent + a forward pass per epoch
-    groups = cfg.finetune.top_k + (1 if cfg.finetune.joint and cfg.finetune.top_k > 1 else 0)
+    groups = module_sets(cfg)
     trials = groups * len(cfg.finetune.lrs)
     metric = (len(cfg.finetune.metric_alphas) * min(n_val, cfg.finetune.metric_subset) * k) * t_img
     ft = trials * cfg.finetune.epochs * (n_train * t_img + metric)
+    ft += joint_sets(cfg) * cfg.mrc.epochs * n_adv * 1.3 * t_img  # greedy joint MRC
     interp = (
         (1 + trials * _points_per_trial(cfg))
         * (val_eval + test_eval)
@@ -93,7 +112,7 @@ def print_plan(cfg: SweepConfig) -> None:
             st = prep.store.for_seed(seed)
             hs = stage_hashes(cfg, seed)
             runs.append((seed, st, {k: st.stage_done(k, hs[k]) for k in STAGES_2_4}))
-    groups = cfg.finetune.top_k + (1 if cfg.finetune.joint and cfg.finetune.top_k > 1 else 0)
+    groups = module_sets(cfg)
     alphas = [a for a in cfg.interpolate.alphas if a > 0]
     tasks = math.ceil(len(alphas) / cfg.interpolate.alphas_per_task)
     print(f"sweep {cfg.name} -> {prep.store.uri}")
@@ -120,7 +139,17 @@ def print_plan(cfg: SweepConfig) -> None:
             "finetune",
             f"{groups} module set(s) x {len(cfg.finetune.lrs)} lr(s) = {groups * len(cfg.finetune.lrs)} Tune trials "
             f"under ASHA (grace {cfg.finetune.asha.grace_period}, factor {cfg.finetune.asha.reduction_factor:g}) "
-            f"x {{CPU: {r.finetune.cpu:g}, GPU: {r.finetune.gpu:g}}}",
+            f"x {{CPU: {r.finetune.cpu:g}, GPU: {r.finetune.gpu:g}}}"
+            + (
+                f"; strategies {', '.join(cfg.finetune.strategies)} (primary {cfg.finetune.primary})"
+                if len(cfg.finetune.strategies) > 1
+                else ""
+            )
+            + (
+                f"; greedy joint MRC: up to {joint_sets(cfg)} Ray tasks in {cfg.finetune.greedy.size - 1} step(s)"
+                if joint_sets(cfg)
+                else ""
+            ),
         ),
         (
             "interpolate",

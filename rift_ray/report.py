@@ -39,6 +39,8 @@ TABLES = {
     "interpolation": layout.INTERPOLATION_TABLE,
     "summary": SUMMARY_TABLE,
     "seeds": layout.SEEDS_TABLE,
+    "joint_mrc": layout.JOINT_MRC_TABLE,
+    "strategies": layout.STRATEGIES_TABLE,
 }
 """Every table of a sweep: export name -> path under the sweep directory (docs/tables.md).
 In a ``seeds`` sweep the per-seed tables (mrc ... interpolation) are those of every
@@ -817,6 +819,28 @@ def per_seed_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+STRATEGY_COLUMNS = {
+    "strategy": "strategy", "modules": "module set", "set_mrc": "MRC", "lr": "lr",
+    "alpha": "alpha*", "val_clean_acc": "val clean", "val_robust_acc": "val PGD",
+    "test_clean_acc": "test clean", "test_robust_acc": "test PGD",
+    "test_corruption_acc": "test corruption",
+}  # fmt: skip
+"""Columns of the strategy comparison (``summary["strategies"]``) as the report and CLI show them."""
+
+
+def _strategies_html(rows: list[dict[str, Any]]) -> str:
+    shown = [
+        {
+            label: (
+                r.get(k) if k != "strategy" else r[k] + (" (primary)" if r.get("primary") else "")
+            )
+            for k, label in STRATEGY_COLUMNS.items()
+        }
+        for r in rows
+    ]
+    return _html_table(shown, left=("strategy", "module set"))
+
+
 def _stages_rows(res: SweepResults) -> list[dict[str, Any]]:
     out = []
     for seed, stage, rec in _stage_records(res):
@@ -967,6 +991,20 @@ def render_html(res: SweepResults) -> str:
     ]
     if choices:
         parts.append(_html_table(choices, left=("trial", "reason")))
+    if len(s.get("strategies") or []) > 1 or res.rows("joint_mrc"):
+        parts += [
+            "<h2>Module selection strategies</h2>",
+            f"<p>Each strategy's best trial at its alpha* (accuracy, %). The final model is "
+            f"the primary strategy's (<b>{_e(s.get('primary', 'lowest'))}</b>).</p>",
+            _strategies_html(s.get("strategies") or []),
+        ]
+        if res.rows("joint_mrc"):
+            parts += [
+                "<p>Greedy joint selection: every module set scored (joint MRC, nats).</p>",
+                _html_table(
+                    res.rows("joint_mrc"), left=("modules", "added", "status", "error", "node")
+                ),
+            ]
     parts += [
         "<h2>Run metadata</h2>",
         _metadata_html(res),
@@ -1084,7 +1122,13 @@ def _mrc_figures(res: SweepResults, rec: dict[str, Any]) -> Figures:
 
 def _finetune_figures(res: SweepResults, rec: dict[str, Any]) -> Figures:
     if rec.get("status") == "running":
-        rows = _live_tune(res.store, f"finetune-{rec.get('hash')}")
+        exp = f"finetune-{rec.get('hash')}"  # and finetune-<hash>-<strategy> (one per strategy)
+        rows = [
+            r
+            for name in res.store.list("ray")
+            if name == exp or name.startswith(exp + "-")
+            for r in _live_tune(res.store, name)
+        ]
         line = f"{len(rows)} trial(s) reporting"
     else:
         rows = res.rows("finetune")

@@ -11,6 +11,8 @@ Everything a sweep produces lives under ``<storage>/<name>/`` (a local path, or
     tables/finetune.parquet     one row per fine-tuning trial (module(s), lr, epochs, metric)
     tables/finetune_epochs.parquet  per-epoch metrics of every fine-tuning trial
     tables/interpolation.parquet    one row per (trial, alpha, split)
+    tables/joint_mrc.parquet    every module set the greedy strategy scored (finetune.strategies)
+    tables/strategies.parquet   per selection strategy: its best trial, alpha*, accuracy
     tables/summary.parquet      the final summary as a table (AT vs RiFT per split)
     checkpoints/at.pt           the adversarially trained (starting) model
     checkpoints/rift.pt         the final RiFT model (interpolated at alpha*)
@@ -55,6 +57,8 @@ MRC_TABLE = "tables/mrc.parquet"
 FINETUNE_TABLE = "tables/finetune.parquet"
 FINETUNE_EPOCHS_TABLE = "tables/finetune_epochs.parquet"
 INTERPOLATION_TABLE = "tables/interpolation.parquet"
+JOINT_MRC_TABLE = "tables/joint_mrc.parquet"
+STRATEGIES_TABLE = "tables/strategies.parquet"
 SUMMARY_TABLE = "tables/summary.parquet"
 SEEDS_TABLE = "tables/seeds.parquet"
 SEEDS_DIR = "seeds"

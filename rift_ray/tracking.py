@@ -358,6 +358,8 @@ class Tracker:
         from rift_ray.report import fig_before_after, summary_rows
 
         run.log({"summary/before_after": _table(wandb, summary_rows(summary))})
+        if len(summary.get("strategies") or []) > 1:  # the module-selection comparison
+            run.log({"summary/strategies": _table(wandb, summary["strategies"])})
         self._log_figure(run, wandb, "summary/figure", fig_before_after(summary))
         for split in ("val", "test"):
             at = (summary.get("at") or {}).get(split) or {}

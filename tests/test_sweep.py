@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from rift_ray.cli import main
 
@@ -42,13 +44,21 @@ EVAL = [
     "--set", "eval.autoattack.alphas=[1.0]",
 ]  # fmt: skip
 
+# ... and compares the module selections (README "Module selection strategies").
+STRATEGIES = [
+    "--set", "finetune.strategies=[lowest,greedy,random]",  # highest: tests/test_selection.py
+    "--set", "finetune.greedy.candidates=2",
+]  # fmt: skip
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
 def smoke_run(ray_session, tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")
-    code = main(["sweep", SMOKE, "--storage", str(storage), "--name", "t", *FAST, *EVAL])
+    code = main(
+        ["sweep", SMOKE, "--storage", str(storage), "--name", "t", *FAST, *EVAL, *STRATEGIES]
+    )
     assert code == 0
     return storage / "t"
 
@@ -93,7 +103,100 @@ def test_summary_consistent_with_tables(smoke_run: Path) -> None:
         == pq.read_table(smoke_run / "tables/mrc.parquet").to_pylist()[0]["module"]
     )
     ft = pq.read_table(smoke_run / "tables/finetune.parquet").to_pylist()
-    assert len(ft) == 2 and {r["lr"] for r in ft} == {0.001, 0.02}
+    lowest = [r for r in ft if r["modules"] == summary["modules"][0]]
+    assert len(lowest) == 2 and {r["lr"] for r in lowest} == {0.001, 0.02}
+
+
+def test_strategy_comparison(smoke_run: Path) -> None:
+    """One row per strategy; the final model is the primary (lowest) strategy's best trial."""
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    rows = summary["strategies"]
+    assert [r["strategy"] for r in rows] == ["lowest", "greedy", "random"]
+    assert pq.read_table(smoke_run / "tables/strategies.parquet").to_pylist() == rows
+    mrc = [r["module"] for r in pq.read_table(smoke_run / "tables/mrc.parquet").to_pylist()]
+    by = {r["strategy"]: r for r in rows}
+    low = by["lowest"]
+    assert summary["primary"] == "lowest" and low["primary"] and not by["greedy"]["primary"]
+    assert low["modules"] == mrc[0] == "+".join(summary["modules"])
+    assert (low["trial"], low["alpha"]) == (summary["trial"], summary["alpha"])
+    for split in ("val", "test"):
+        for k, v in summary["rift"][split].items():
+            assert low[f"{split}_{k}"] == pytest.approx(v)
+    assert by["random"]["modules"] in mrc
+    for r in rows:  # every strategy has its best trial, at an alpha* within the tolerance
+        assert r["trial"] and r["alpha"] is not None and r["lr"] in (0.001, 0.02)
+        assert r["val_robust_acc"] >= summary["at"]["val"]["robust_acc"] - 0.1 - 1e-9
+        assert 0 <= r["test_corruption_acc"] <= 100
+    # the greedy set: the lowest module plus the candidate with the lowest joint MRC
+    joint = pq.read_table(smoke_run / "tables/joint_mrc.parquet").to_pylist()
+    assert [(r["step"], r["size"]) for r in joint] == [(1, 1), (2, 2), (2, 2)]
+    assert joint[0]["modules"] == mrc[0] and [r["added"] for r in joint[1:]] == mrc[1:3]
+    assert all(r["status"] == "done" and r["mrc"] >= 0 for r in joint)
+    kept = next(r for r in joint if r["step"] == 2 and r["chosen"])
+    assert kept["mrc"] == min(r["mrc"] for r in joint[1:])
+    assert by["greedy"]["modules"] == kept["modules"] and by["greedy"]["set_mrc"] == kept["mrc"]
+    # each strategy ran its own ASHA experiment; a set two strategies share is trained once
+    ft = pq.read_table(smoke_run / "tables/finetune.parquet").to_pylist()
+    sets = {r["modules"] for r in ft}
+    assert len(ft) == 2 * len(sets) and {mrc[0], kept["modules"], by["random"]["modules"]} == sets
+    runs = {p.name.split("-", 2)[-1] for p in (smoke_run / "ray").glob("finetune-*-*")}
+    assert "greedy" in runs and runs <= {"greedy", "random"}  # random may draw the lowest
+
+
+def test_default_strategy_result_is_unchanged(
+    smoke_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same sweep with only the default strategy (a copy, so the fixture is left alone):
+    the primary strategy's trials compute the same numbers with or without the others."""
+    shutil.copytree(smoke_run, tmp_path / "t", ignore=shutil.ignore_patterns("ray", "wandb"))
+    alphas = yaml.safe_load((smoke_run / "config.yaml").read_text())["interpolate"]["alphas"]
+    code = main(
+        [
+            "sweep",
+            SMOKE,
+            "--storage",
+            str(tmp_path),
+            "--name",
+            "t",
+            *FAST,
+            "--set",
+            f"interpolate.alphas={alphas}",
+        ]
+    )  # without EVAL: cheaper, same trials
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "stage 2/4 mrc: done earlier" in err and "stage 3/4 finetune: done earlier" not in err
+    full = json.loads((smoke_run / "summary.json").read_text())
+    alone = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert [r["strategy"] for r in alone["strategies"]] == ["lowest"]
+    assert not (tmp_path / "t" / "ray").exists() or not list(
+        (tmp_path / "t" / "ray").glob("*-greedy")
+    )
+
+    def epochs(sweep: Path) -> dict[tuple[str, int], float]:
+        rows = pq.read_table(sweep / "tables/finetune_epochs.parquet").to_pylist()
+        return {
+            (r["trial"], r["epoch"]): r["val_score"]
+            for r in rows
+            if r["modules"] == alone["modules"][0]
+        }
+
+    a, b = epochs(tmp_path / "t"), epochs(smoke_run)
+    both = set(a) & set(b)  # every trial's first epoch at least: ASHA stops after one
+    assert len(both) >= 2 and all(a[k] == b[k] for k in both)  # bit for bit
+    ft_full = {
+        r["trial"]: r["status"]
+        for r in pq.read_table(smoke_run / "tables/finetune.parquet").to_pylist()
+    }
+    ft_alone = {
+        r["trial"]: r["status"]
+        for r in pq.read_table(tmp_path / "t/tables/finetune.parquet").to_pylist()
+    }
+    if all(ft_full[t] == s for t, s in ft_alone.items()):  # ASHA stopped the same trials
+        assert (alone["trial"], alone["alpha"]) == (full["trial"], full["alpha"])
+        for split in ("val", "test"):
+            for k in ("clean_acc", "robust_acc"):
+                assert alone["rift"][split][k] == full["rift"][split][k]
 
 
 def test_corruption_and_autoattack_in_the_final_evaluation(smoke_run: Path) -> None:
@@ -152,7 +255,19 @@ def test_rerun_reuses_every_stage(smoke_run: Path, capsys: pytest.CaptureFixture
         for p in smoke_run.rglob("*")
         if p.is_file() and "ray" not in p.parts
     }
-    code = main(["sweep", SMOKE, "--storage", str(smoke_run.parent), "--name", "t", *FAST, *EVAL])
+    code = main(
+        [
+            "sweep",
+            SMOKE,
+            "--storage",
+            str(smoke_run.parent),
+            "--name",
+            "t",
+            *FAST,
+            *EVAL,
+            *STRATEGIES,
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     assert err.count("done earlier") == 4, err
@@ -165,7 +280,7 @@ def test_changed_config_recomputes_only_later_stages(
     smoke_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(["sweep", SMOKE, "--storage", str(smoke_run.parent), "--name", "t", *FAST, *EVAL,
-                 "--set", "interpolate.alphas=[0.0,0.5,1.0]"])  # fmt: skip
+                 *STRATEGIES, "--set", "interpolate.alphas=[0.0,0.5,1.0]"])  # fmt: skip
     assert code == 0
     err = capsys.readouterr().err
     assert "stage 1/4 adv_train: done earlier" in err and "stage 3/4 finetune: done earlier" in err

@@ -176,10 +176,14 @@ def run_interpolation(
     trials: list[dict[str, Any]],
     splits: DatasetSplits | None = None,
     data_seed: int | None = None,
+    finalists: set[str] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Evaluate every trial's alpha grid; return (table rows, choice of the winning trial).
 
-    ``data_seed``: the seed of the data (generated corruptions), default ``cfg.seed``."""
+    ``data_seed``: the seed of the data (generated corruptions), default ``cfg.seed``.
+    ``finalists``: the trials the winner is chosen from (default: all; the sweep passes the
+    primary strategy's trials, the others are evaluated for comparison only).
+    """
     r = cfg.resources.interpolate
     cdata = corruption_sets(cfg, splits, data_seed) if splits is not None else None
     opts = {"num_cpus": r.cpu, "num_gpus": r.gpu}
@@ -259,7 +263,13 @@ def run_interpolation(
                 "reason": c.reason,
             }
         )
-    feasible = [c for c in choices if c["feasible"] and c["alpha"] is not None]
+    feasible = [
+        c
+        for c in choices
+        if c["feasible"]
+        and c["alpha"] is not None
+        and (finalists is None or c["trial"] in finalists)
+    ]
     # largest clean gain; ties to the smaller robust drop, then the trial name, so the
     # winner does not depend on the order in which trials finished
     best = min(

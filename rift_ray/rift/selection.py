@@ -1,0 +1,103 @@
+"""Which module set(s) to fine-tune: the paper's choice, its ablations, and a joint selection.
+
+The paper fine-tunes the single lowest-MRC module and compares it with the most critical
+module and with a random one; it leaves open how to score several modules together.
+:func:`greedy_joint_selection` grows a set greedily by the joint MRC
+(:func:`rift_ray.rift.mrc.joint_robust_criticality`) of the set with each candidate added:
+
+    chosen, scored = greedy_joint_selection(ranked, size=3, candidates=4, score=score_sets)
+    # ranked: modules by single-module MRC, lowest first
+    # score_sets([("a", "b"), ("a", "c")]) -> [mrc_ab, mrc_ac] (None for a failed set)
+
+The scoring function gets one step's candidate sets at once, so a caller can score them
+in parallel (the Ray stage does); each step depends on the set chosen by the previous one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Strategy = Literal["lowest", "greedy", "random", "highest"]
+STRATEGIES: tuple[Strategy, ...] = ("lowest", "greedy", "random", "highest")
+"""``lowest``: the lowest-MRC module (the paper's RiFT); ``greedy``: a set chosen by joint MRC;
+``random``: seeded random module(s) (the paper's ablation); ``highest``: the most critical module."""
+
+
+@dataclass(frozen=True)
+class ScoredSet:
+    """One set the greedy selection scored: at ``step`` (1-based; the set's size), the set
+    ``modules`` = the set chosen at the previous step plus ``added``. ``mrc`` is its joint
+    MRC (step 1: the single-module MRC it starts from), None when scoring failed;
+    ``chosen`` marks the set kept at that step."""
+
+    step: int
+    modules: tuple[str, ...]
+    added: str
+    mrc: float | None
+    chosen: bool
+
+
+def greedy_joint_selection(
+    ranked: Sequence[str],
+    size: int,
+    candidates: int,
+    score: Callable[[list[tuple[str, ...]]], list[float | None]],
+    *,
+    first_mrc: float | None = None,
+    on_step: Callable[[list[ScoredSet]], None] | None = None,
+) -> tuple[tuple[str, ...], list[ScoredSet]]:
+    """Greedy joint selection of up to ``size`` modules; return (the set, every scored set).
+
+    Starts from ``ranked[0]`` (the lowest single-module MRC; ``first_mrc`` is recorded with
+    it). At each step k = 2..size the ``candidates`` next modules of ``ranked`` not chosen
+    yet are each added to the current set; ``score`` gives the joint MRC of every such set
+    (one call per step) and the set with the lowest joint MRC is kept (ties: the candidate
+    earlier in ``ranked``). A set whose score is None or not finite is never kept; when
+    every candidate of a step fails, or none is left, the selection stops there (the
+    returned set is then smaller than ``size``). ``on_step`` is called after every step with
+    the records so far (e.g. to store them).
+    """
+    if size < 1 or candidates < 1:
+        raise ValueError("greedy_joint_selection: needs size >= 1 and candidates >= 1")
+    if not ranked:
+        raise ValueError("greedy_joint_selection: no ranked modules")
+    if len(set(ranked)) != len(ranked):
+        raise ValueError("greedy_joint_selection: a module is ranked twice")
+    chosen: tuple[str, ...] = (ranked[0],)
+    records = [ScoredSet(1, chosen, ranked[0], first_mrc, True)]
+    if on_step is not None:
+        on_step(list(records))
+    for step in range(2, size + 1):
+        pool = [m for m in ranked if m not in chosen][:candidates]
+        if not pool:
+            break
+        sets = [(*chosen, m) for m in pool]
+        scores = list(score(sets))
+        if len(scores) != len(sets):
+            raise ValueError(f"score: returned {len(scores)} values for {len(sets)} sets")
+        ok = [i for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
+        best = min(ok, key=lambda i: (scores[i], i), default=None)
+        records += [ScoredSet(step, s, s[-1], scores[i], i == best) for i, s in enumerate(sets)]
+        if on_step is not None:
+            on_step(list(records))
+        if best is None:
+            break
+        chosen = sets[best]
+    return chosen, records
+
+
+def random_modules(modules: Sequence[str], count: int, seed: int) -> list[str]:
+    """``count`` distinct modules drawn uniformly from ``modules`` by a generator seeded with ``seed``.
+
+    Independent of the MRC ranking (pass the modules in a fixed order, e.g. forward order).
+    """
+    if not 1 <= count <= len(modules):
+        raise ValueError(f"random_modules: cannot draw {count} of {len(modules)} modules")
+    return random.Random(seed).sample(list(modules), count)
+
+
+__all__ = ["STRATEGIES", "ScoredSet", "Strategy", "greedy_joint_selection", "random_modules"]

@@ -1,0 +1,377 @@
+"""Which module sets stage 3 fine-tunes: one entry per ``finetune.strategies`` item.
+
+``lowest`` (the paper's RiFT: the ``top_k`` lowest-MRC modules, plus them together when
+``finetune.joint``), ``highest`` (the most critical module), ``random`` (seeded random
+modules, independent of MRC) and ``greedy``: a set grown by joint MRC, one step at a
+time, the candidates of a step scored in parallel as Ray tasks
+(:func:`rift_ray.rift.greedy_joint_selection`, :func:`rift_ray.rift.joint_robust_criticality`,
+on the same fixed adversarial set as stage 2). Every scored set is a row of
+``tables/joint_mrc.parquet``, written after each step under a hash of the MRC stage and
+``finetune.greedy``: a re-run reuses the sets already scored and continues with the rest.
+
+After interpolation :func:`compare_strategies` gives, per strategy, its best trial by the
+paper's rule on validation, with validation and test accuracy: the comparison table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from typing import Any
+
+import ray
+import torch
+
+from rift_ray.config import SweepConfig
+from rift_ray.rift import (
+    ScoredSet,
+    greedy_joint_selection,
+    joint_robust_criticality,
+    random_modules,
+)
+from rift_ray.stages.common import new_model, setup_worker
+from rift_ray.store import JOINT_MRC_TABLE, Store
+
+JOINT_COLUMNS = [
+    "step", "modules", "added", "size", "mrc", "chosen", "loss_before", "loss_after",
+    "acc_before", "acc_after", "robust_acc_drop", "best_epoch", "num_params", "seconds",
+    "status", "error", "node",
+]  # fmt: skip
+
+
+def joint_mrc_hash(cfg: SweepConfig, mrc_hash: str) -> str:
+    """What the joint-MRC table depends on: the MRC stage (model, adversarial set, ascent) and
+    ``finetune.greedy``."""
+    payload = ["joint_mrc", mrc_hash, cfg.finetune.greedy.model_dump()]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@ray.remote
+def _joint_mrc_task(
+    cfg_dict: dict[str, Any],
+    spec: Any,
+    at_state: dict[str, torch.Tensor],
+    adv: tuple[torch.Tensor, torch.Tensor],
+    modules: list[str],
+) -> dict[str, Any]:
+    """Joint MRC of one module set; a failure is a row with its error, not a dead sweep."""
+    cfg = SweepConfig.model_validate(cfg_dict)
+    device = setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
+    t0 = time.time()
+    row: dict[str, Any]
+    try:
+        model = new_model(cfg, spec)
+        model.load_state_dict(at_state)
+        m = cfg.mrc
+        res = joint_robust_criticality(
+            model.to(device),
+            modules,
+            adv[0],
+            adv[1],
+            epsilon=m.epsilon,
+            epochs=m.epochs,
+            batch_size=m.batch_size,
+            lr=m.lr,
+            projection=m.projection,
+            shuffle=m.shuffle,
+            seed=cfg.seed,
+            device=device,
+            fast=m.fast,
+            channels_last=m.channels_last,
+        )
+        if not math.isfinite(res.mrc):
+            raise FloatingPointError(f"joint MRC of {'+'.join(modules)} is not finite ({res.mrc})")
+        row = {
+            "mrc": res.mrc,
+            "loss_before": res.loss_before,
+            "loss_after": res.loss_after,
+            "acc_before": res.acc_before,
+            "acc_after": res.acc_after,
+            "robust_acc_drop": res.acc_drop,
+            "best_epoch": res.best_epoch,
+            "num_params": res.num_params,
+            "status": "done",
+            "error": "",
+        }
+    except Exception as e:  # noqa: BLE001 - a failed set is a row in the table
+        row = {"status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+    row["seconds"] = time.time() - t0
+    row["node"] = ray.get_runtime_context().get_node_id()[:12]
+    return row
+
+
+def run_greedy(
+    cfg: SweepConfig,
+    store: Store,
+    splits_ref: Any,
+    spec: Any,
+    at_state: dict[str, torch.Tensor],
+    mrc_rows: list[dict[str, Any]],
+    mrc_hash: str,
+) -> tuple[list[str], list[dict[str, Any]], int]:
+    """The greedy set; return (its modules, the joint-MRC table rows, sets scored now)."""
+    from rift_ray.stages.mrc import build_adversarial_set
+
+    g, r = cfg.finetune.greedy, cfg.resources.mrc
+    done = [row for row in mrc_rows if row["status"] == "done"]
+    ranked = [row["module"] for row in done]
+    h = joint_mrc_hash(cfg, mrc_hash)
+    cache: dict[str, dict[str, Any]] = {}
+    if store.valid(JOINT_MRC_TABLE, h):  # sets scored by an earlier (maybe interrupted) run
+        cache = {row["modules"]: row for row in store.get_table(JOINT_MRC_TABLE).to_pylist()}
+    first = done[0]
+    cache["+".join(ranked[:1])] = {**{c: first.get(c) for c in JOINT_COLUMNS}, "error": ""}
+    state: dict[str, Any] = {"adv": None, "at": None, "computed": 0, "records": []}
+
+    def score(sets: list[tuple[str, ...]]) -> list[float | None]:
+        todo = {"+".join(s): s for s in sets if "+".join(s) not in cache}
+        if todo:
+            if state["adv"] is None:
+                adv = build_adversarial_set(cfg, store, splits_ref, at_state, mrc_hash)
+                state["adv"], state["at"] = ray.put(adv), ray.put(at_state)
+            pending = {
+                _joint_mrc_task.options(num_cpus=r.cpu, num_gpus=r.gpu).remote(
+                    cfg.to_dict(), spec, state["at"], state["adv"], list(s)
+                ): key
+                for key, s in todo.items()
+            }
+            step = len(sets[0])
+            while pending:  # store each set as it finishes: a re-run keeps it
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                cache[pending.pop(ready[0])] = ray.get(ready[0])
+                state["computed"] += 1
+                partial = [
+                    ScoredSet(step, s, s[-1], None, False) for s in sets if "+".join(s) in cache
+                ]
+                save(state["records"] + partial)
+        return [cache["+".join(s)].get("mrc") for s in sets]
+
+    def rows_of(records: list[ScoredSet]) -> list[dict[str, Any]]:
+        out = []
+        for rec in records:
+            key = "+".join(rec.modules)
+            row = {c: cache.get(key, {}).get(c) for c in JOINT_COLUMNS}
+            row.update(
+                step=rec.step, modules=key, added=rec.added, size=len(rec.modules),
+                chosen=rec.chosen, error=row["error"] or "",
+            )  # fmt: skip
+            out.append(row)
+        return out
+
+    def save(records: list[ScoredSet]) -> None:
+        store.put_table(JOINT_MRC_TABLE, rows_of(records), stage_hash=h)
+
+    def on_step(records: list[ScoredSet]) -> None:
+        state["records"] = records
+        save(records)
+
+    chosen, records = greedy_joint_selection(
+        ranked, g.size, g.candidates, score, first_mrc=first.get("mrc"), on_step=on_step
+    )
+    return list(chosen), rows_of(records), state["computed"]
+
+
+def check_selection(cfg: SweepConfig, modules: list[str]) -> None:
+    """Bad selection settings for this model, before any compute (ConfigError naming the field)."""
+    from rift_ray.config import ConfigError
+
+    f, n = cfg.finetune, len(modules)
+    if "greedy" in f.strategies and f.greedy.size > n:
+        raise ConfigError(
+            f"finetune.greedy.size: {f.greedy.size} exceeds the {n} candidate modules"
+        )
+    if "random" in f.strategies and f.random_draws > n:
+        raise ConfigError(
+            f"finetune.random_draws: {f.random_draws} exceeds the {n} candidate modules"
+        )
+
+
+def module_groups(
+    cfg: SweepConfig,
+    store: Store,
+    splits_ref: Any,
+    spec: Any,
+    at_state: dict[str, torch.Tensor],
+    mrc_rows: list[dict[str, Any]],
+    forward_modules: list[str],
+    mrc_hash: str,
+    log: Any = print,
+) -> tuple[dict[str, list[list[str]]], list[list[str]]]:
+    """(strategy -> its module sets, the distinct module sets to fine-tune, in order).
+
+    A set chosen by two strategies (say ``random`` drawing the lowest-MRC module) is
+    fine-tuned once and counts for both; sets equal up to order are the same set.
+    """
+    f = cfg.finetune
+    ranked = [row["module"] for row in mrc_rows if row["status"] == "done"]
+    by_strategy: dict[str, list[list[str]]] = {}
+    for s in f.strategies:
+        if s == "lowest":
+            top = ranked[: f.top_k]
+            by_strategy[s] = [[m] for m in top] + ([top] if f.joint and len(top) > 1 else [])
+        elif s == "highest":
+            by_strategy[s] = [[ranked[-1]]]
+        elif s == "random":
+            pool = [m for m in forward_modules if m in ranked]
+            by_strategy[s] = [
+                [m] for m in random_modules(pool, min(f.random_draws, len(pool)), cfg.seed)
+            ]
+        else:  # greedy
+            log(
+                f"stage 3/4 finetune: greedy joint MRC selection of {f.greedy.size} modules "
+                f"({f.greedy.candidates} candidates per step, Ray tasks)"
+            )
+            chosen, rows, computed = run_greedy(
+                cfg, store, splits_ref, spec, at_state, mrc_rows, mrc_hash
+            )
+            kept = ", ".join(
+                f"{r['modules']} {r['mrc']:.4g}"
+                for r in rows
+                if r["chosen"] and r["mrc"] is not None
+            )
+            failed = [f"{r['modules']} ({r['error']})" for r in rows if r["status"] == "failed"]
+            log(
+                f"stage 3/4 finetune: greedy set {'+'.join(chosen)} (joint MRC per step: {kept}; "
+                f"{computed} set(s) scored now, {len(rows) - 1 - computed} reused)"
+                + (f"; failed: {'; '.join(failed)}" if failed else "")
+            )
+            by_strategy[s] = [chosen]
+    canonical: dict[frozenset[str], list[str]] = {}
+    for name, groups in by_strategy.items():
+        by_strategy[name] = [canonical.setdefault(frozenset(g), g) for g in groups]
+    return by_strategy, list(canonical.values())
+
+
+def compare_strategies(
+    by_strategy: dict[str, list[list[str]]],
+    primary: str,
+    lrs: list[float],
+    choices: list[dict[str, Any]],
+    table: list[dict[str, Any]],
+    set_mrc: dict[str, float | None],
+) -> list[dict[str, Any]]:
+    """One row per strategy: its best trial by the paper's rule on validation (largest
+    feasible clean gain, ties to the smaller robust drop, then the trial name) and that
+    trial's accuracy at its alpha* on val and test. ``set_mrc``: modules joined by ``+`` ->
+    the set's (joint) MRC where one was measured."""
+    from rift_ray.pipeline import trial_name
+
+    by_trial = {c["trial"]: c for c in choices}
+    rows = []
+    for strategy, groups in by_strategy.items():
+        names = {trial_name(g, lr): g for g in groups for lr in lrs}
+        feasible = [
+            c
+            for t, c in by_trial.items()
+            if t in names and c["feasible"] and c["alpha"] is not None
+        ]
+        best = min(
+            feasible,
+            key=lambda c: (-(c["clean_gain"] or 0.0), c["robust_drop"] or 0.0, c["trial"]),
+            default=None,
+        )
+        row: dict[str, Any] = {
+            "strategy": strategy,
+            "primary": strategy == primary,
+            "module_sets": "; ".join("+".join(g) for g in groups),
+            "modules": None, "set_mrc": None, "trial": None, "lr": None, "alpha": None,
+            "clean_gain_val": None, "robust_drop_val": None,
+            "trials": sum(t in names for t in by_trial),
+        }  # fmt: skip
+        for split in ("val", "test"):
+            for k in ("clean_acc", "robust_acc", "corruption_acc"):
+                row[f"{split}_{k}"] = None
+        if best is not None:
+            mods = names[best["trial"]]
+            row.update(
+                modules="+".join(mods), set_mrc=set_mrc.get("+".join(mods)), trial=best["trial"],
+                lr=next(r["lr"] for r in table if r["trial"] == best["trial"]),
+                alpha=best["alpha"], clean_gain_val=best["clean_gain"],
+                robust_drop_val=best["robust_drop"],
+            )  # fmt: skip
+            for r in table:
+                if r["trial"] == best["trial"] and r["alpha"] == best["alpha"]:
+                    for k in ("clean_acc", "robust_acc", "corruption_acc"):
+                        row[f"{r['split']}_{k}"] = r.get(k)
+        rows.append(row)
+    return rows
+
+
+def strategy_table(
+    cfg: SweepConfig,
+    store: Store,
+    by_strategy: dict[str, list[list[str]]],
+    mrc_rows: list[dict[str, Any]],
+    choice: dict[str, Any],
+    table: list[dict[str, Any]],
+    hashes: dict[str, str],
+) -> list[dict[str, Any]]:
+    """:func:`compare_strategies` for a sweep: set MRCs from ``mrc.parquet`` and, when the
+    greedy strategy ran, ``joint_mrc.parquet``."""
+    set_mrc: dict[str, float | None] = {
+        r["module"]: r.get("mrc") for r in mrc_rows if r["status"] == "done"
+    }
+    h = joint_mrc_hash(cfg, hashes["mrc"])
+    if "greedy" in by_strategy and store.valid(JOINT_MRC_TABLE, h):
+        for r in store.get_table(JOINT_MRC_TABLE).to_pylist():
+            if r["status"] == "done":
+                set_mrc[r["modules"]] = r["mrc"]
+    return compare_strategies(
+        by_strategy, cfg.finetune.primary, list(cfg.finetune.lrs), choice["choices"], table, set_mrc
+    )
+
+
+def finetune_strategies(
+    cfg: SweepConfig,
+    store: Store,
+    splits_ref: Any,
+    spec: Any,
+    at_state: dict[str, torch.Tensor],
+    by_strategy: dict[str, list[list[str]]],
+    stage_hash: str,
+    run_token: str,
+    log: Any = print,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], int]:
+    """:func:`rift_ray.stages.finetune.run_finetune` once per strategy, each its own Tune
+    experiment under its own ASHA, the primary strategy first (experiment
+    ``finetune-<hash>``, as a sweep without other strategies names it; the others
+    ``finetune-<hash>-<strategy>``).
+
+    Why not one grid: ASHA stops a trial by comparing it with the other trials at the same
+    epoch, so in one grid the comparison strategies' trials would change which of the
+    primary's trials survive (the default result would depend on what else runs), and a
+    strategy whose trials all rank low could lose every trial (no comparison row). A set
+    two strategies share is fine-tuned once, in the experiment of the first of them.
+    Returns what ``run_finetune`` does, over all experiments.
+    """
+    from rift_ray.stages.finetune import run_finetune
+
+    primary = cfg.finetune.primary
+    order = [primary, *[s for s in by_strategy if s != primary]]
+    trial_rows: list[dict[str, Any]] = []
+    epoch_rows: list[dict[str, Any]] = []
+    survivors: list[dict[str, Any]] = []
+    computed, seen = 0, set()
+    for strategy in order:
+        groups = [g for g in by_strategy.get(strategy, []) if frozenset(g) not in seen]
+        seen |= {frozenset(g) for g in groups}
+        if not groups:
+            continue
+        if len(by_strategy) > 1:
+            log(
+                f"stage 3/4 finetune: strategy {strategy}: {len(groups)} module set(s) x "
+                f"{len(cfg.finetune.lrs)} lr(s) under its own ASHA"
+            )
+        name = stage_hash if strategy == primary else f"{stage_hash}-{strategy}"
+        t, e, s, c = run_finetune(cfg, store, splits_ref, spec, at_state, groups, name, run_token)
+        trial_rows += t
+        epoch_rows += e
+        survivors += s
+        computed += c
+    survivors.sort(key=lambda t: t["trial"])
+    trial_rows.sort(
+        key=lambda t: -(t["best_val_score"] if t["best_val_score"] is not None else float("-inf"))
+    )
+    return trial_rows, epoch_rows, survivors, computed
