@@ -96,6 +96,22 @@ def build_adversarial_set(
     return decode_adversarial_set(d), d["targets"]
 
 
+def ascent_kwargs(cfg: SweepConfig) -> dict[str, Any]:
+    """The MRC ascent's settings from the config (single-module and joint MRC alike)."""
+    m = cfg.mrc
+    return {
+        "epsilon": m.epsilon,
+        "epochs": m.epochs,
+        "batch_size": m.batch_size,
+        "lr": m.lr,
+        "projection": m.projection,
+        "shuffle": m.shuffle,
+        "seed": cfg.seed,
+        "fast": m.fast,
+        "channels_last": m.channels_last or cfg.compute.channels_last,
+    }
+
+
 def mrc_trial(
     config: dict[str, Any],
     cfg_dict: dict[str, Any] | None = None,
@@ -116,7 +132,6 @@ def mrc_trial(
             raise RuntimeError(f"injected fault (RIFT_RAY_FAULTS) in the MRC trial of {name}")
         model = new_model(cfg, model_spec)
         model.load_state_dict(at_state)
-        m = cfg.mrc
         mem = peak_memory(cfg, device)
         with mem or contextlib.nullcontext():
             res = module_robust_criticality(
@@ -124,16 +139,8 @@ def mrc_trial(
                 name,
                 adv[0],
                 adv[1],
-                epsilon=m.epsilon,
-                epochs=m.epochs,
-                batch_size=m.batch_size,
-                lr=m.lr,
-                projection=m.projection,
-                shuffle=m.shuffle,
-                seed=cfg.seed,
+                **ascent_kwargs(cfg),
                 device=device,
-                fast=m.fast,
-                channels_last=m.channels_last or cfg.compute.channels_last,
                 amp=cfg.compute.amp,
                 compile=cfg.compute.compile,
             )

@@ -32,6 +32,7 @@ from rift_ray.rift import (
     random_modules,
 )
 from rift_ray.stages.common import new_model, setup_worker
+from rift_ray.stages.mrc import ascent_kwargs
 from rift_ray.store import JOINT_MRC_TABLE, Store
 
 JOINT_COLUMNS = [
@@ -64,22 +65,8 @@ def _joint_mrc_task(
     try:
         model = new_model(cfg, spec)
         model.load_state_dict(at_state)
-        m = cfg.mrc
         res = joint_robust_criticality(
-            model.to(device),
-            modules,
-            adv[0],
-            adv[1],
-            epsilon=m.epsilon,
-            epochs=m.epochs,
-            batch_size=m.batch_size,
-            lr=m.lr,
-            projection=m.projection,
-            shuffle=m.shuffle,
-            seed=cfg.seed,
-            device=device,
-            fast=m.fast,
-            channels_last=m.channels_last,
+            model.to(device), modules, adv[0], adv[1], **ascent_kwargs(cfg), device=device
         )
         if not math.isfinite(res.mrc):
             raise FloatingPointError(f"joint MRC of {'+'.join(modules)} is not finite ({res.mrc})")
