@@ -39,8 +39,8 @@ EVAL = [
     "--set", "eval.severities=[1,3]",
     "--set", "eval.corruption_source=generated",
     "--set", "eval.autoattack.enabled=true",
-    "--set", "eval.autoattack.subset=16",
-    "--set", "eval.autoattack.shard_size=8",
+    "--set", "eval.autoattack.subset=8",
+    "--set", "eval.autoattack.shard_size=4",
     "--set", "eval.autoattack.alphas=[1.0]",
 ]  # fmt: skip
 
@@ -121,7 +121,8 @@ def test_strategy_comparison(smoke_run: Path) -> None:
     assert (low["trial"], low["alpha"]) == (summary["trial"], summary["alpha"])
     for split in ("val", "test"):
         for k, v in summary["rift"][split].items():
-            assert low[f"{split}_{k}"] == pytest.approx(v)
+            if k != "autoattack_acc":  # AutoAttack: the final model only, not per strategy
+                assert low[f"{split}_{k}"] == pytest.approx(v)
     assert by["random"]["modules"] in mrc
     for r in rows:  # every strategy has its best trial, at an alpha* within the tolerance
         assert r["trial"] and r["alpha"] is not None and r["lr"] in (0.001, 0.02)
@@ -204,7 +205,7 @@ def test_corruption_and_autoattack_in_the_final_evaluation(smoke_run: Path) -> N
     for who in ("at", "rift"):
         assert 0.0 <= summary[who]["test"]["corruption_acc"] <= 100.0
         aa = summary["autoattack"][who]
-        assert aa["n"] == 16 and aa["settings"]["version"] == "standard"
+        assert aa["n"] == 8 and aa["settings"]["version"] == "standard"
         # robust accuracy can never exceed clean accuracy on the same images
         assert aa["robust_acc"] <= aa["clean_acc"]
     assert summary["at"]["test"]["autoattack_acc"] == summary["autoattack"]["at"]["robust_acc"]
@@ -331,10 +332,10 @@ def test_two_node_cluster_places_mrc_trials_on_both(tmp_path: Path) -> None:
 
 
 # -- seeds: [0, 1] -----------------------------------------------------------------------------
-# Smaller still: one AT epoch, three MRC modules, one learning rate, three alphas.
-SEEDS = [
+# Smaller still: three MRC modules, one learning rate, three alphas, and no adversarial
+# training: the seeds start from the main run's AT model (one TorchTrainer start less).
+SEEDS_BASE = [
     *FAST,
-    "--set", "adv_train.epochs=1",
     "--set", "mrc.include=[layer2.0.conv1,layer2.0.conv2,linear]",
     "--set", "finetune.lrs=[0.02]",
     "--set", "interpolate.alphas=[0.0,0.5,1.0]",
@@ -343,9 +344,14 @@ SEEDS = [
 
 
 @pytest.fixture(scope="module")
-def seeds_run(ray_session, tmp_path_factory):
+def seeds_args(smoke_run: Path) -> list[str]:
+    return [*SEEDS_BASE, "--set", f"adv_train.checkpoint={smoke_run / 'checkpoints/at.pt'}"]
+
+
+@pytest.fixture(scope="module")
+def seeds_run(ray_session, tmp_path_factory, seeds_args):
     storage = tmp_path_factory.mktemp("storage")
-    assert main(["sweep", SMOKE, "--storage", str(storage), "--name", "s", *SEEDS]) == 0
+    assert main(["sweep", SMOKE, "--storage", str(storage), "--name", "s", *seeds_args]) == 0
     return storage / "s"
 
 
@@ -390,21 +396,23 @@ def test_seeds_sweep_layout_and_aggregate(seeds_run: Path) -> None:
 
 
 def test_seeds_rerun_reuses_everything(
-    seeds_run: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    seeds_run: Path, seeds_args: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     before = {
         p: p.stat().st_mtime_ns
         for p in seeds_run.rglob("*")
         if p.is_file() and "ray" not in p.parts
     }
-    assert main(["sweep", SMOKE, "--storage", str(seeds_run.parent), "--name", "s", *SEEDS]) == 0
+    assert (
+        main(["sweep", SMOKE, "--storage", str(seeds_run.parent), "--name", "s", *seeds_args]) == 0
+    )
     cap = capsys.readouterr()
     assert cap.err.count("done earlier") == 1 + 2 * 3 + 1, cap.err
     assert "± " in cap.out and "(n=2)" in cap.out
     changed = [str(p.relative_to(seeds_run)) for p in before if before[p] != p.stat().st_mtime_ns]
     assert set(changed) <= {"config.yaml", "manifest.json"}, changed
     # adding a seed: the plan reuses seeds 0 and 1 and runs only seed 2
-    more = [*SEEDS, "--set", "seeds=[0,1,2]"]
+    more = [*seeds_args, "--set", "seeds=[0,1,2]"]
     assert (
         main(
             ["sweep", SMOKE, "--storage", str(seeds_run.parent), "--name", "s", "--dry-run", *more]
