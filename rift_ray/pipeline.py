@@ -56,6 +56,8 @@ def _hash(payload: Any) -> str:
 
 
 NEW_DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("compute",): ComputeConfig().model_dump(mode="json"),
+    ("mrc", "adv_set_format"): "float32",
     ("adv_train", "checkpoint_normalization"): "dataset",
     ("interpolate", "search"): "grid",
     ("eval", "autoattack", "alphas"): [],
@@ -85,8 +87,7 @@ def stage_hashes(cfg: SweepConfig, seed: int | None = None) -> dict[str, str]:
     """
     d = _without_new_defaults(cfg.to_dict())
     ev = d["eval"]
-    # compute switches change results except at their defaults, which keep the old hashes
-    compute = [] if d["compute"] == ComputeConfig().model_dump(mode="json") else [d["compute"]]
+    compute = [d["compute"]] if "compute" in d else []  # its own list item, when not default
     h1 = _hash(
         [
             "adv_train",
@@ -100,11 +101,8 @@ def stage_hashes(cfg: SweepConfig, seed: int | None = None) -> dict[str, str]:
             *compute,
         ]
     )
-    mrc = dict(d["mrc"])
-    if mrc["adv_set_format"] == "float32":  # the default: hashes as before the field existed
-        del mrc["adv_set_format"]
     h2 = _hash(
-        ["mrc", h1, mrc, ev["batch_size"], *compute]
+        ["mrc", h1, d["mrc"], ev["batch_size"], *compute]
         + ([] if seed is None else ["seed", seed])  # no seeds: the hashes of before
     )
     ft = {k: v for k, v in d["finetune"].items() if k not in SELECTION_FIELDS}
