@@ -45,6 +45,7 @@ import math
 import os
 import struct
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -540,8 +541,22 @@ def _put(target: dict[str, Any], item: Any) -> None:
     target[keys[-1]] = json.loads(item.value_json)
 
 
-def read_offline_run(run_dir: str) -> OfflineRun:
-    """Read an offline run directory (``.../wandb/offline-run-<time>-<id>``) back."""
+def read_offline_run(run_dir: str, wait: float = 0.0) -> OfflineRun:
+    """Read an offline run directory (``.../wandb/offline-run-<time>-<id>``) back.
+
+    W&B's service writes the run file in the background and may still be flushing it
+    after ``run.finish()`` returns (seen on a loaded machine); ``wait`` gives it that many
+    seconds to hold both its run record and its exit record.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        out = _read_offline_run(run_dir)
+        if (out.info and out.exit_code is not None) or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _read_offline_run(run_dir: str) -> OfflineRun:
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))

@@ -316,7 +316,10 @@ def test_wandb_summary_run_logs_mean_and_std(
     summary = seeds_summary({"name": "tiny", "seeds": [0, 1]}, PER_SEED[:2], {"total": 1.0})
     t.log_seeds(summary)
     t.finish()
-    runs = {r.info["name"]: r for r in map(read_offline_run, offline_run_dirs(str(wb / "wandb")))}
+    runs = {
+        r.info["name"]: r
+        for r in (read_offline_run(d, wait=30) for d in offline_run_dirs(str(wb / "wandb")))
+    }
     assert set(runs) == {"tiny-s1-mrc", "tiny-summary"}
     assert runs["tiny-s1-mrc"].config["seed"] == 1
     assert (store.for_seed(1).read_stage("mrc") or {})["wandb"][0]["name"] == "tiny-s1-mrc"

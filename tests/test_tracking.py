@@ -88,7 +88,7 @@ def tracker(tmp_path: Path, **wandb: Any) -> Tracker:
 
 
 def runs_by_name(wandb_dir: Path) -> dict[str, OfflineRun]:
-    runs = [read_offline_run(d) for d in offline_run_dirs(str(wandb_dir / "wandb"))]
+    runs = [read_offline_run(d, wait=30) for d in offline_run_dirs(str(wandb_dir / "wandb"))]
     return {r.info["name"]: r for r in runs}
 
 
