@@ -106,6 +106,21 @@ def exit_codes(text: str) -> list[int]:
     return [int(c) for c in re.findall(r"=== exit (-?\d+) ===", text)]
 
 
+def snapshot_checkpoints(sweep: Path, stage: str) -> list[str]:
+    """The latest checkpoint of every trial, as the newest experiment snapshot names it."""
+    from ray.tune.utils.serialization import TuneFunctionDecoder
+
+    (path,) = sorted(sweep.glob(f"ray/{stage}-*/experiment_state-*.json"))[-1:]
+    data = json.loads(path.read_text())
+    out = []
+    for _state, meta in data["trial_data"]:
+        manager = json.loads(meta, cls=TuneFunctionDecoder, allow_cloudpickle=True)  # our own files
+        latest = manager["checkpoint_manager"]
+        if latest.latest_checkpoint_result is not None:
+            out.append(latest.latest_checkpoint_result.checkpoint.path)
+    return out
+
+
 def tune_trials(sweep: Path, stage: str) -> list[dict[str, Any]]:
     """The trials in the newest experiment snapshot Tune wrote for ``stage`` (what a restore sees)."""
     files = sorted(sweep.glob(f"ray/{stage}-*/experiment_state-*.json"))
@@ -324,6 +339,9 @@ def chain(
         out[f"{stage_name}_kept"] = sum(
             t["status"] == "TERMINATED" for t in tune_trials(sweep, stage_name)
         )
+        if stage_name == "finetune":  # what a restore will open must still be there
+            named = snapshot_checkpoints(sweep, "finetune")
+            out["finetune_snapshot_checkpoints"] = {p: os.path.isdir(p) for p in named}
     log = tmp / "driver-end.log"
     text = finish(start_driver(address, [args], log, TUNE_GLOBAL_CHECKPOINT_S="1"), log)
     assert exit_codes(text) == [0], text[-4000:]
@@ -387,18 +405,7 @@ def _same_results(a: Path, b: Path) -> None:
     assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
 
 
-# Known defect (2026-12-01, 1 of 2 CI runs): after a driver kill during fine-tuning the
-# resumed run could not open a Tune trial checkpoint path ("No such file or directory:
-# .../ray/finetune-<hash>/finetune_trial_..."), so the chain's third run failed. Skipped in CI
-# until the race is fixed; run locally with `pytest tests/test_faults.py`.
-_chain_flaky_in_ci = pytest.mark.skipif(
-    os.environ.get("CI") == "true",
-    reason="driver-kill chain: known race in fine-tuning resume (see the comment above)",
-)
-
-
 @e2e
-@_chain_flaky_in_ci
 def test_driver_killed_during_mrc_and_finetune_resumes(
     chain: dict[str, Any], reference: dict[str, Any]
 ) -> None:
@@ -410,12 +417,51 @@ def test_driver_killed_during_mrc_and_finetune_resumes(
     # only what Tune had not recorded as finished ran again
     assert stage(sweep, "mrc")["computed"] == 4 - chain["mrc_kept"]
     assert stage(sweep, "finetune")["computed"] == 3 - chain["finetune_kept"]
+    # Tune's snapshot at the kill named only checkpoints that still existed (with num_to_keep,
+    # Tune deleted the previous one before the snapshot caught up, and the resume failed) ...
+    assert chain["finetune_snapshot_checkpoints"]
+    assert all(chain["finetune_snapshot_checkpoints"].values()), chain
+    # ... and once the grid is done, each trial keeps its last checkpoint only
+    trial_dirs = list(sweep.glob("ray/finetune-*/finetune_trial_*"))
+    assert len(trial_dirs) == 3
+    assert all(len(list(d.glob("checkpoint_*"))) == 1 for d in trial_dirs)
     epochs = [(r["trial"], r["epoch"]) for r in table(sweep, "tables/finetune_epochs.parquet")]
     assert sorted(epochs) == sorted({(t, e) for t in {t for t, _ in epochs} for e in (1, 2)})
     assert len({t for t, _ in epochs}) == 3
     # and the result is the uninterrupted run's, bit for bit (CPU, one thread per trial)
     assert reference["code"] == 0, reference["err"][-4000:]
     _same_results(sweep, reference["sweep"])
+
+
+def test_finetune_checkpoint_holds_only_what_changed(tmp_path: Path) -> None:
+    from ray import tune
+
+    from rift_ray.stages.finetune import load_trial_state, state_delta
+
+    torch.manual_seed(0)
+    base = {
+        "conv.weight": torch.randn(4, 3),
+        "fc.weight": torch.randn(2, 4),
+        "bn.n": torch.tensor(5),
+    }
+    ft = {**base, "conv.weight": base["conv.weight"] + 0.5, "bn.n": torch.tensor(6)}
+    delta = state_delta(ft, base)
+    assert delta is not None and sorted(delta) == ["bn.n", "conv.weight"]
+    assert state_delta(None, base) is None
+    new, old = tmp_path / "new", tmp_path / "old"
+    for d, saved in (
+        (new, {"model_delta": delta, "epoch": 2, "best": {"epoch": 1, "state_delta": delta}}),
+        (old, {"model": ft, "epoch": 2, "best": {"epoch": 1, "state": ft}}),  # older sweeps
+    ):
+        d.mkdir()
+        torch.save(saved, d / "state.pt")
+        got = load_trial_state(tune.Checkpoint.from_directory(str(d)), base)
+        for state in (got["model"], got["best"]["state"]):
+            assert state.keys() == ft.keys() and all(torch.equal(state[k], ft[k]) for k in ft)
+        assert (got["epoch"], got["best"]["epoch"]) == (2, 1)
+        assert "model_delta" not in got and "state_delta" not in got["best"]
+    torch.save({"model_delta": {}, "best": {"epoch": 0, "state_delta": None}}, new / "state.pt")
+    assert load_trial_state(tune.Checkpoint.from_directory(str(new)), base)["best"]["state"] is None
 
 
 @e2e
@@ -435,7 +481,6 @@ def test_wandb_faults_do_not_stop_the_sweep(reference: dict[str, Any]) -> None:
 
 
 @e2e
-@_chain_flaky_in_ci
 def test_corrupted_artifacts_are_recomputed(
     chain: dict[str, Any], start_ckpt: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

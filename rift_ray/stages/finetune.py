@@ -34,7 +34,7 @@ from rift_ray.stages.common import (
     setup_worker,
     worker_model,
 )
-from rift_ray.stages.tuning import run_tune
+from rift_ray.stages.tuning import prune_checkpoints, run_tune
 
 
 def metric_subset(cfg: SweepConfig, splits: DatasetSplits) -> ImageData:
@@ -104,6 +104,32 @@ def interpolated_gain(
     return out
 
 
+def state_delta(
+    state: dict[str, torch.Tensor] | None, base: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor] | None:
+    """The entries of ``state`` that differ from ``base`` (fine-tuning changes a few modules)."""
+    if state is None:
+        return None
+    return {
+        k: v
+        for k, v in state.items()
+        if k not in base or v.shape != base[k].shape or not torch.equal(v, base[k])
+    }
+
+
+def load_trial_state(ckpt: Any, at_state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A fine-tuning trial checkpoint with whole state dicts (older sweeps stored them whole)."""
+    with ckpt.as_directory() as d:
+        saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    if "model_delta" in saved:
+        saved["model"] = {**at_state, **saved.pop("model_delta")}
+    best = saved["best"]
+    if "state_delta" in best:
+        delta = best.pop("state_delta")
+        best["state"] = None if delta is None else {**at_state, **delta}
+    return dict(saved)
+
+
 def finetune_trial(
     config: dict[str, Any],
     cfg_dict: dict[str, Any] | None = None,
@@ -134,12 +160,12 @@ def finetune_trial(
     at_dev = {k: v.to(device) for k, v in at_state.items()}
     data = metric_subset(cfg, splits)
 
-    start_epoch, opt_state, best = 0, None, {"val_score": float("-inf"), "epoch": 0, "state": None}
+    start_epoch, opt_state = 0, None
+    best: dict[str, Any] = {"val_score": float("-inf"), "epoch": 0, "state": None}
     history: list[dict[str, Any]] = []
     ckpt = tune.get_checkpoint()
     if ckpt is not None:  # resume an interrupted trial from its last epoch
-        with ckpt.as_directory() as d:
-            saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        saved = load_trial_state(ckpt, at_state)
         model.load_state_dict(saved["model"])
         start_epoch, opt_state, best, history = (
             saved["epoch"],
@@ -208,10 +234,13 @@ def finetune_trial(
             with tempfile.TemporaryDirectory() as d:
                 torch.save(
                     {
-                        "model": cpu_state(model),
+                        "model_delta": state_delta(cpu_state(model), at_state),
                         "optimizer": opt_state,
                         "epoch": row["epoch"],
-                        "best": best,
+                        "best": {
+                            **{k: v for k, v in best.items() if k != "state"},
+                            "state_delta": state_delta(best["state"], at_state),
+                        },
                         "history": history,
                     },
                     os.path.join(d, "state.pt"),
@@ -277,7 +306,12 @@ def run_finetune(
         metric="val_score",
         mode="max",
         scheduler=scheduler,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        # Every epoch's checkpoint is kept while the grid runs: with num_to_keep, Tune deletes
+        # the previous one as soon as the next is registered, and a driver killed before its
+        # next experiment snapshot leaves a snapshot naming the deleted one, which no restore
+        # gets past. Checkpoints hold only what fine-tuning changed (state_delta), and all but
+        # each trial's last are pruned once the grid is done.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
     )
     trial_rows, epoch_rows, survivors, computed = [], [], [], 0
     for res in results:
@@ -285,12 +319,7 @@ def run_finetune(
         modules, lr = list(conf.get("modules", [])), float(conf.get("lr", 0.0))
         met = dict(res.metrics or {})
         name = trial_name(modules, lr)
-        saved = None
-        if res.checkpoint is not None:
-            with res.checkpoint.as_directory() as d:
-                saved = torch.load(
-                    os.path.join(d, "state.pt"), map_location="cpu", weights_only=True
-                )
+        saved = load_trial_state(res.checkpoint, at_state) if res.checkpoint else None
         history = saved["history"] if saved else []
         epoch_rows += [{k: v for k, v in h.items()} for h in history]
         epochs_run = len(history)
@@ -322,6 +351,7 @@ def run_finetune(
         )
         if finished and best["state"] is not None:
             survivors.append({"trial": name, "modules": modules, "lr": lr, "state": best["state"]})
+    prune_checkpoints(results)
     survivors.sort(key=lambda t: t["trial"])
     trial_rows.sort(
         key=lambda t: -(t["best_val_score"] if t["best_val_score"] is not None else float("-inf"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any
 
 from ray import tune
@@ -62,3 +63,29 @@ def run_tune(
             ),
         )
     return tuner.fit()
+
+
+def prune_checkpoints(results: tune.ResultGrid) -> int:
+    """Delete every trial checkpoint but the last, once the grid is done; return how many.
+
+    Only safe after ``fit`` returned: the final experiment snapshot names the last ones.
+    """
+    import pyarrow.fs as pafs
+
+    removed = 0
+    for res in results:
+        ckpt = res.checkpoint
+        if ckpt is None:
+            continue
+        fs, trial_dir = ckpt.filesystem, posixpath.dirname(ckpt.path)
+        keep = posixpath.basename(ckpt.path)
+        for info in fs.get_file_info(pafs.FileSelector(trial_dir)):
+            name = posixpath.basename(info.path)
+            if (
+                info.type == pafs.FileType.Directory
+                and name.startswith("checkpoint_")
+                and name != keep
+            ):
+                fs.delete_dir(info.path)
+                removed += 1
+    return removed
