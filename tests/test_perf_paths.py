@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from rift_ray.models import ARCHITECTURES, build_model, model_blocks, run_blocks
+from rift_ray.models.preact_resnet import PreActResNet
 from rift_ray.rift.interpolate import search_alpha, select_alpha
 from rift_ray.rift.mrc import MRCResult, module_robust_criticality
 
@@ -19,8 +20,11 @@ GRID = [round(0.1 * i, 1) for i in range(11)]
 
 def _model(arch: str) -> nn.Module:
     torch.manual_seed(0)
-    extra = {"depth": 10, "widen_factor": 1} if arch == "wrn" else {}
-    model = build_model(arch, 5, **extra)  # type: ignore[arg-type]
+    if arch == "preact_resnet18":  # its layout (names, blocks, shortcuts) at 1/8 of the width
+        model: nn.Module = PreActResNet((2, 2, 2, 2), 5, base_width=8)
+    else:
+        extra = {"depth": 10, "widen_factor": 1} if arch == "wrn" else {}
+        model = build_model(arch, 5, **extra)  # type: ignore[arg-type]
     model.train()
     with torch.no_grad():  # non-trivial BatchNorm running statistics
         model(torch.rand(16, 3, 32, 32))

@@ -76,12 +76,15 @@ class PreActResNet(nn.Module):
         *,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
+        base_width: int = 64,
     ) -> None:
+        """``base_width``: channels of the first stage (64 in PreActResNet18), doubled per stage."""
         super().__init__()
         self.normalize = Normalize(mean, std)
-        self.conv1 = nn.Conv2d(len(mean), 64, 3, stride=1, padding=1, bias=False)
-        in_planes = 64
-        for i, (blocks, width) in enumerate(zip(num_blocks, (64, 128, 256, 512))):
+        self.conv1 = nn.Conv2d(len(mean), base_width, 3, stride=1, padding=1, bias=False)
+        in_planes = base_width
+        widths = [base_width * 2**i for i in range(len(num_blocks))]
+        for i, (blocks, width) in enumerate(zip(num_blocks, widths)):
             strides = [1 if i == 0 else 2] + [1] * (blocks - 1)
             layer = []
             for stride in strides:
