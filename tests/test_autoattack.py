@@ -118,10 +118,11 @@ def test_torchattacks_variant_equals_torchattacks_autoattack(trained) -> None:
     from rift_ray.autoattack import autoattack_accuracy
 
     model, data = trained
-    data = data.subset(torch.arange(32))
-    ours = autoattack_accuracy(model, data, eps=EPS, version="torchattacks-standard", batch_size=32)
+    data = data.subset(torch.arange(16))
+    ours = autoattack_accuracy(model, data, eps=EPS, version="torchattacks-standard", batch_size=16)
     attack = ta.AutoAttack(model, norm="Linf", eps=EPS, version="standard", n_classes=10, seed=0)
     x_adv = attack(data.images.float() / 255, data.labels)
     with torch.no_grad():
         theirs = model(x_adv).argmax(1) == data.labels
     assert torch.equal(theirs, ours["correct_mask"])
+    assert 0 < int(theirs.sum()) < len(theirs)  # some images survive the attack, some do not

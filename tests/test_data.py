@@ -380,7 +380,11 @@ def _real_archive() -> Path:
     not _real_archive().is_file(),
     reason="CIFAR-10 JPEG archive not found (set RIFT_CIFAR10_ARCHIVE)",
 )
-def test_real_cifar10_archive(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_real_cifar10_archive(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rift_ray.data
+
     cache = os.environ.get("RIFT_TEST_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
     cfg = DataConfig(
         dataset="imagefolder", root=str(_real_archive()), cache_dir=cache, val_size=5000
@@ -388,6 +392,12 @@ def test_real_cifar10_archive(tmp_path_factory: pytest.TempPathFactory) -> None:
     t0 = time.perf_counter()
     first = load_dataset(cfg)
     t1 = time.perf_counter()
+    assert list((Path(cache) / "decoded").glob("imagefolder-*.npz"))
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the second load decoded images instead of reading the cache")
+
+    monkeypatch.setattr(rift_ray.data, "decode_images", no_decoding)
     second = load_dataset(cfg)
     t2 = time.perf_counter()
     print(f"first load {t1 - t0:.1f}s, cached load {t2 - t1:.1f}s")
@@ -396,7 +406,7 @@ def test_real_cifar10_archive(tmp_path_factory: pytest.TempPathFactory) -> None:
     assert first.train.classes[0] == "airplane" and first.test.images.shape[1:] == (3, 32, 32)
     assert torch.bincount(first.test.labels).tolist() == [1000] * 10
     assert torch.equal(first.val.images, second.val.images)
-    assert t2 - t1 < 10
+    assert torch.equal(first.test.images, second.test.images)
 
 
 def test_default_val_size_per_dataset() -> None:

@@ -63,7 +63,7 @@ THREE_TRIALS = [
 DRIVER = r"""
 import json, os, sys
 import ray
-env = {k: os.environ[k] for k in ("RIFT_RAY_FAULTS",) if k in os.environ}
+env = {k: os.environ[k] for k in ("RIFT_RAY_FAULTS", "RIFT_RAY_FAULT_SLEEP_S") if k in os.environ}
 ray.init(address=sys.argv[1], runtime_env={"env_vars": env} if env else None)
 from rift_ray.cli import main
 for i, argv in enumerate(json.loads(sys.argv[2])):
@@ -76,6 +76,7 @@ for i, argv in enumerate(json.loads(sys.argv[2])):
 def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
     env.pop("RIFT_RAY_FAULTS", None)
+    env.pop("RIFT_RAY_FAULT_SLEEP_S", None)
     env.update(extra)
     return env
 
@@ -310,6 +311,15 @@ def sweep_args(storage: Path, start_ckpt: str) -> list[str]:
             "--set", f"adv_train.checkpoint={start_ckpt}"]  # fmt: skip
 
 
+# Every trial takes 2 s longer, so there is a moment when some but not all have finished
+# (trials reuse their actors and take well under a second here otherwise).
+SLOW_TRIALS = {
+    "TUNE_GLOBAL_CHECKPOINT_S": "1",
+    "RIFT_RAY_FAULTS": "mrc_sleep@module=*;finetune_sleep@lr=*",
+    "RIFT_RAY_FAULT_SLEEP_S": "2",
+}
+
+
 @pytest.fixture(scope="module")
 def chain(
     ray_session: Any, address: str, start_ckpt: str, tmp_path_factory: pytest.TempPathFactory
@@ -325,7 +335,7 @@ def chain(
     out: dict[str, Any] = {"sweep": sweep, "logs": []}
     for stage_name, n in (("mrc", 4), ("finetune", 3)):
         log = tmp / f"driver-{stage_name}.log"
-        proc = start_driver(address, [args], log, TUNE_GLOBAL_CHECKPOINT_S="1")
+        proc = start_driver(address, [args], log, **SLOW_TRIALS)
 
         def partly_done(stage_name: str = stage_name, n: int = n) -> bool:
             done = [t for t in tune_trials(sweep, stage_name) if t["status"] == "TERMINATED"]
@@ -343,7 +353,7 @@ def chain(
             named = snapshot_checkpoints(sweep, "finetune")
             out["finetune_snapshot_checkpoints"] = {p: os.path.isdir(p) for p in named}
     log = tmp / "driver-end.log"
-    text = finish(start_driver(address, [args], log, TUNE_GLOBAL_CHECKPOINT_S="1"), log)
+    text = finish(start_driver(address, [args], log, **SLOW_TRIALS), log)
     assert exit_codes(text) == [0], text[-4000:]
     out["logs"].append(text)
     return out
@@ -546,7 +556,7 @@ def test_interrupted_write_is_never_trusted(
 # -- a node lost during MRC ------------------------------------------------------------------------
 
 CLUSTER = r"""
-import glob, json, sys, threading, time
+import json, os, sys, threading, time
 import ray
 from ray.cluster_utils import Cluster
 smoke, storage, out, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
@@ -556,10 +566,10 @@ cluster.wait_for_nodes()
 ray.init(address=cluster.address)
 info = {"nodes": [w.node_id for w in workers]}
 
-def remove_a_node():  # once two MRC trials have started (one per node), drop the second node
-    while len(glob.glob(f"{storage}/n/ray/mrc-*/mrc_trial_*")) < 2:
+def remove_a_node():  # once an MRC trial runs on the second node (it sleeps 6 s), drop it
+    while not os.path.exists(os.path.join(os.environ["RIFT_RAY_FAULT_MARKS"], workers[1].node_id)):
         time.sleep(0.2)
-    time.sleep(2)
+    time.sleep(1)
     cluster.remove_node(workers[1], allow_graceful=False)
     info["removed"] = workers[1].node_id
     info["removed_at"] = time.time()
@@ -581,7 +591,10 @@ def test_node_removed_during_mrc(start_ckpt: str, tmp_path: Path) -> None:
     info_file = tmp_path / "info.json"
     proc = subprocess.run(
         [sys.executable, "-c", CLUSTER, SMOKE, str(tmp_path), str(info_file), *args],
-        env=_env(), capture_output=True, text=True, timeout=900,
+        # every MRC trial sleeps 6 s first: two are running when the node goes
+        env=_env(RIFT_RAY_FAULTS="mrc_sleep@module=*", RIFT_RAY_FAULT_SLEEP_S="6",
+                 RIFT_RAY_FAULT_MARKS=str(tmp_path / "marks")),
+        capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0 and info_file.is_file(), proc.stderr[-4000:]
     info = json.loads(info_file.read_text())

@@ -121,6 +121,33 @@ def run_autoattack(
     after each attack), ``correct_mask`` (list of 0/1 per image), ``shards``, ``computed``
     (shards attacked by this call), ``reused`` and the attack ``settings``.
     """
+    return run_autoattack_points(
+        cfg,
+        store,
+        spec,
+        splits_ref_or_data,
+        {name: state_dict},
+        shard_size=shard_size,
+        resources=resources,
+        steps=steps,
+        n_queries=n_queries,
+    )[name]
+
+
+def run_autoattack_points(
+    cfg: SweepConfig,
+    store: Store,
+    spec: ModelSpec,
+    splits_ref_or_data: Any,
+    points: dict[str, dict[str, torch.Tensor]],
+    *,
+    shard_size: int | None = None,
+    resources: TrialResources | None = None,
+    steps: int | None = None,
+    n_queries: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`run_autoattack` for several models (``name -> state_dict``) at once: the shards
+    of every model are submitted together, so they share the cluster's slots."""
     ac = cfg.eval.autoattack
     shard_size = shard_size or ac.shard_size
     r = resources or cfg.resources.interpolate
@@ -143,46 +170,56 @@ def run_autoattack(
         "steps": steps,
         "n_queries": n_queries,
     }
-    key = _key(state_dict, images, settings)
     bounds = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
-    results: dict[int, dict[str, Any]] = {}
-    for i in range(len(bounds)):
-        if store.valid(shard_path(name, i), key):
-            results[i] = store.get_json(shard_path(name, i))
-    todo = [i for i in range(len(bounds)) if i not in results]
-    state_ref = ray.put(state_dict)
     cfg_dict = cfg.to_dict()
     opts = {"num_cpus": r.cpu, "num_gpus": r.gpu}
-    jobs = {
-        _shard_task.options(**opts).remote(
-            cfg_dict, spec, data_ref, state_ref, *bounds[i], settings, r.cpu
-        ): i
-        for i in todo
-    }
+    keys: dict[str, str] = {}
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    todo: dict[str, list[int]] = {}
+    jobs: dict[Any, tuple[str, int]] = {}
+    for name, state_dict in points.items():
+        keys[name] = key = _key(state_dict, images, settings)
+        results[name] = {
+            i: store.get_json(shard_path(name, i))
+            for i in range(len(bounds))
+            if store.valid(shard_path(name, i), key)
+        }
+        todo[name] = [i for i in range(len(bounds)) if i not in results[name]]
+        if not todo[name]:
+            continue
+        state_ref = ray.put(state_dict)
+        for i in todo[name]:
+            ref = _shard_task.options(**opts).remote(
+                cfg_dict, spec, data_ref, state_ref, *bounds[i], settings, r.cpu
+            )
+            jobs[ref] = (name, i)
     pending = list(jobs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         for ref in ready:
-            i = jobs[ref]
-            results[i] = ray.get(ref) | {"key": key}
-            store.put_json(shard_path(name, i), results[i], stage_hash=key)
-        print(
-            f"[autoattack:{name}] {len(results)}/{len(bounds)} shards done",
-            file=sys.stderr,
-            flush=True,
-        )
-    rows = [results[i] for i in range(len(bounds))]
-    return {
-        "robust_acc": 100.0 * sum(s["robust"] for s in rows) / n,
-        "clean_acc": 100.0 * sum(s["clean"] for s in rows) / n,
-        "n": n,
-        "after": {a: 100.0 * sum(s["after"][a] for s in rows) / n for a in ATTACKS},
-        "correct_mask": [b for s in rows for b in s["correct_mask"]],
-        "shards": len(bounds),
-        "computed": len(todo),
-        "reused": len(bounds) - len(todo),
-        "settings": settings,
-    }
+            name, i = jobs[ref]
+            results[name][i] = ray.get(ref) | {"key": keys[name]}
+            store.put_json(shard_path(name, i), results[name][i], stage_hash=keys[name])
+            print(
+                f"[autoattack:{name}] {len(results[name])}/{len(bounds)} shards done",
+                file=sys.stderr,
+                flush=True,
+            )
+    out = {}
+    for name in points:
+        rows = [results[name][i] for i in range(len(bounds))]
+        out[name] = {
+            "robust_acc": 100.0 * sum(s["robust"] for s in rows) / n,
+            "clean_acc": 100.0 * sum(s["clean"] for s in rows) / n,
+            "n": n,
+            "after": {a: 100.0 * sum(s["after"][a] for s in rows) / n for a in ATTACKS},
+            "correct_mask": [b for s in rows for b in s["correct_mask"]],
+            "shards": len(bounds),
+            "computed": len(todo[name]),
+            "reused": len(bounds) - len(todo[name]),
+            "settings": settings,
+        }
+    return out
 
 
 def autoattack_curve(
@@ -203,8 +240,9 @@ def autoattack_curve(
     names.setdefault(float(alpha_star), "rift")  # alpha* = 0 is the AT model: attacked once
     for a in cfg.eval.autoattack.alphas:
         names.setdefault(float(a), f"{trial}-alpha{a:g}")
-    out: dict[float, dict[str, Any]] = {}
-    for alpha, name in sorted(names.items()):
-        state = at_state if alpha == 0.0 else interpolate(at_state, ft_state, alpha)
-        out[alpha] = run_autoattack(cfg, store, spec, splits_ref, state, name)
-    return out
+    points = {
+        name: at_state if alpha == 0.0 else interpolate(at_state, ft_state, alpha)
+        for alpha, name in sorted(names.items())
+    }
+    results = run_autoattack_points(cfg, store, spec, splits_ref, points)
+    return {alpha: results[name] for alpha, name in sorted(names.items())}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import io
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,20 @@ from rift_ray.data import DatasetSplits
 from rift_ray.models import build_model
 
 FAULTS_ENV = "RIFT_RAY_FAULTS"
+
+
+def fault_sleep(point: str, **where: Any) -> None:
+    """Test hook: a trial that takes longer (``*_sleep`` faults, see :func:`fault`). With
+    ``$RIFT_RAY_FAULT_MARKS`` set, it first writes ``<that dir>/<node id>`` (a trial is
+    now running on that node)."""
+    if fault(point, **where):
+        marks = os.environ.get("RIFT_RAY_FAULT_MARKS")
+        if marks:
+            import ray
+
+            os.makedirs(marks, exist_ok=True)
+            open(os.path.join(marks, ray.get_runtime_context().get_node_id()), "a").close()
+        time.sleep(float(os.environ.get("RIFT_RAY_FAULT_SLEEP_S", "5")))
 
 
 def fault(point: str, **where: Any) -> bool:
@@ -30,6 +45,8 @@ def fault(point: str, **where: Any) -> bool:
         mrc_nan@module=M           the MRC of M comes out NaN
         finetune_raise@lr=X        the fine-tuning trial with lr X raises
         finetune_nan@lr=X          its training loss comes out NaN
+        mrc_sleep@module=M         the MRC trial of M first sleeps $RIFT_RAY_FAULT_SLEEP_S (5) s
+        finetune_sleep@lr=X        the fine-tuning trial with lr X does, before its first epoch
     """
     spec = os.environ.get(FAULTS_ENV)
     if not spec:

@@ -31,6 +31,7 @@ from rift_ray.stages.common import (
     cpu_state,
     evaluate_pgd,
     fault,
+    fault_sleep,
     setup_worker,
     worker_model,
 )
@@ -179,6 +180,7 @@ def finetune_trial(
 
     t0 = time.time()
     try:
+        fault_sleep("finetune_sleep", lr=lr)
         if fault("finetune_raise", lr=lr):
             raise RuntimeError(f"injected fault (RIFT_RAY_FAULTS) in fine-tuning trial {trial}")
         rows = finetune(

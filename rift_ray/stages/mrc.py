@@ -30,6 +30,7 @@ from rift_ray.rift import (
 from rift_ray.stages.common import (
     attack_kwargs,
     fault,
+    fault_sleep,
     new_model,
     peak_memory,
     setup_worker,
@@ -128,6 +129,7 @@ def mrc_trial(
     name = config["module"]
     t0 = time.time()
     try:
+        fault_sleep("mrc_sleep", module=name)
         if fault("mrc_raise", module=name):
             raise RuntimeError(f"injected fault (RIFT_RAY_FAULTS) in the MRC trial of {name}")
         model = new_model(cfg, model_spec)
