@@ -14,6 +14,7 @@ best epoch by the same metric (the state that goes on to interpolation).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -353,7 +354,12 @@ def run_finetune(
         )
         if finished and best["state"] is not None:
             survivors.append({"trial": name, "modules": modules, "lr": lr, "state": best["state"]})
-    prune_checkpoints(results)
+    try:
+        prune_checkpoints(results)
+    except OSError as e:  # disk space only: the stage's result stands
+        print(
+            f"[rift-ray] warning: pruning old fine-tuning checkpoints failed: {e}", file=sys.stderr
+        )
     survivors.sort(key=lambda t: t["trial"])
     trial_rows.sort(
         key=lambda t: -(t["best_val_score"] if t["best_val_score"] is not None else float("-inf"))
