@@ -599,6 +599,8 @@ def test_node_removed_during_mrc(start_ckpt: str, tmp_path: Path) -> None:
     assert proc.returncode == 0 and info_file.is_file(), proc.stderr[-4000:]
     info = json.loads(info_file.read_text())
     assert info["code"] == 0 and "removed" in info, proc.stderr[-4000:]
+    # MRC trials ran on both nodes (each marks its node when it starts)
+    assert sorted(os.listdir(tmp_path / "marks")) == sorted(info["nodes"])
     sweep = tmp_path / "n"
     rows = table(sweep, "tables/mrc.parquet")
     assert sorted(r["module"] for r in rows) == [
