@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import io
 import os
@@ -125,13 +126,21 @@ def worker_model(cfg: SweepConfig, splits: DatasetSplits | ModelSpec) -> torch.n
     return prepare_model(new_model(cfg, splits), channels_last=c.channels_last, compile=c.compile)
 
 
+class _NoMemory(contextlib.nullcontext):  # type: ignore[type-arg]
+    """What ``peak_memory`` returns when nothing is measured: a no-op with empty results."""
+
+    peak_bytes = None
+    method = ""
+
+
 def peak_memory(cfg: SweepConfig, device: torch.device) -> Any:
-    """A ``PeakMemory`` for ``device``, or None when ``resources.track_memory`` is off (or the
-    CPU measurement would sit under torch.compile)."""
+    """A ``PeakMemory`` for ``device``, or a no-op with ``peak_bytes`` None and ``method`` ""
+    when ``resources.track_memory`` is off (or the CPU measurement would sit under
+    torch.compile)."""
     from rift_ray.memory import PeakMemory
 
     if not cfg.resources.track_memory or (cfg.compute.compile and device.type != "cuda"):
-        return None
+        return _NoMemory()
     return PeakMemory(device)
 
 

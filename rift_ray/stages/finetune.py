@@ -176,6 +176,8 @@ def finetune_trial(
             saved["history"],
         )
 
+    best_delta = state_delta(best["state"], at_state)  # saved with every epoch's checkpoint
+
     def evaluate_fn(m: torch.nn.Module) -> dict[str, float]:
         return interpolated_gain(cfg, eval_model, at_dev, m.state_dict(), data, baseline, device)
 
@@ -212,14 +214,17 @@ def finetune_trial(
                 raise FloatingPointError(
                     f"fine-tuning loss is {row['train_loss']} at epoch {row['epoch']}"
                 )
+            state = cpu_state(model)
+            delta = state_delta(state, at_state)
             if row["val_score"] > best["val_score"]:
                 best = {
                     "val_score": row["val_score"],
                     "val_gain": row["val_gain"],
                     "val_alpha": row["val_alpha"],
                     "epoch": row["epoch"],
-                    "state": cpu_state(model),
+                    "state": state,
                 }
+                best_delta = delta
             metrics = {
                 **row,
                 "trial": trial,
@@ -237,12 +242,12 @@ def finetune_trial(
             with tempfile.TemporaryDirectory() as d:
                 torch.save(
                     {
-                        "model_delta": state_delta(cpu_state(model), at_state),
+                        "model_delta": delta,
                         "optimizer": opt_state,
                         "epoch": row["epoch"],
                         "best": {
                             **{k: v for k, v in best.items() if k != "state"},
-                            "state_delta": state_delta(best["state"], at_state),
+                            "state_delta": best_delta,
                         },
                         "history": history,
                     },
@@ -265,6 +270,18 @@ def finetune_trial(
         )
 
 
+def finetune_baseline(
+    cfg: SweepConfig, spec: Any, splits_ref: Any, at_state: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """The AT model on the ASHA metric's subset (one Ray task): every trial's alpha = 0 point."""
+    r = cfg.resources.finetune
+    return ray.get(
+        _baseline_task.options(num_cpus=r.cpu, num_gpus=r.gpu).remote(
+            cfg.to_dict(), spec, splits_ref, at_state
+        )
+    )
+
+
 def run_finetune(
     cfg: SweepConfig,
     store: Any,
@@ -274,16 +291,16 @@ def run_finetune(
     groups: list[list[str]],
     stage_hash: str,
     run_token: str,
+    baseline: dict[str, float] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], int]:
-    """Run the ASHA grid; return (trial rows, epoch rows, surviving trials with best states, trials computed now)."""
+    """Run the ASHA grid; return (trial rows, epoch rows, surviving trials with best states, trials computed now).
+
+    ``baseline``: :func:`finetune_baseline`, when the caller already has it."""
     from rift_ray.pipeline import trial_name
 
     f, r = cfg.finetune, cfg.resources.finetune
-    baseline = ray.get(
-        _baseline_task.options(num_cpus=r.cpu, num_gpus=r.gpu).remote(
-            cfg.to_dict(), spec, splits_ref, at_state
-        )
-    )
+    if baseline is None:
+        baseline = finetune_baseline(cfg, spec, splits_ref, at_state)
     trainable = tune.with_parameters(
         finetune_trial,
         cfg_dict=cfg.to_dict(),

@@ -10,7 +10,6 @@ the paper's rule; the trial with the largest feasible clean gain is the final mo
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
@@ -75,7 +74,7 @@ def _evaluate_point(
     """The rows (one per set) of one alpha point, with its time and peak memory."""
     t0 = time.time()
     mem = peak_memory(cfg, device)
-    with mem or contextlib.nullcontext():  # the interpolated state and every evaluation
+    with mem:  # the interpolated state and every evaluation
         state = at_state if ft_state is None else interpolate(at_state, ft_state, alpha)
         metrics = evaluate_state(cfg, model, state, sets, cdata, device)
     return [
@@ -84,8 +83,8 @@ def _evaluate_point(
             "split": split,
             **m,
             "seconds": time.time() - t0,
-            "peak_mem_bytes": mem.peak_bytes if mem else None,
-            "mem_method": mem.method if mem else "",
+            "peak_mem_bytes": mem.peak_bytes,
+            "mem_method": mem.method,
         }
         for split, m in metrics.items()
     ]

@@ -8,7 +8,6 @@ through the object store. Each trial is a plain Tune function trial computing
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import io
@@ -135,7 +134,7 @@ def mrc_trial(
         model = new_model(cfg, model_spec)
         model.load_state_dict(at_state)
         mem = peak_memory(cfg, device)
-        with mem or contextlib.nullcontext():
+        with mem:
             res = module_robust_criticality(
                 model.to(device),
                 name,
@@ -163,8 +162,8 @@ def mrc_trial(
             "cached_block": res.cached_block,
             "cache_bytes": res.cache_bytes,
             "cached_inside": res.cached_inside,
-            "peak_mem_bytes": mem.peak_bytes if mem else None,
-            "mem_method": mem.method if mem else "",
+            "peak_mem_bytes": mem.peak_bytes,
+            "mem_method": mem.method,
             "seconds": time.time() - t0,
             "status": "done",
         }

@@ -15,8 +15,6 @@ paper's rule on validation, with validation and test accuracy: the comparison ta
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from typing import Any
@@ -45,8 +43,9 @@ JOINT_COLUMNS = [
 def joint_mrc_hash(cfg: SweepConfig, mrc_hash: str) -> str:
     """What the joint-MRC table depends on: the MRC stage (model, adversarial set, ascent) and
     ``finetune.greedy``."""
-    payload = ["joint_mrc", mrc_hash, cfg.finetune.greedy.model_dump()]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    from rift_ray.pipeline import _hash
+
+    return _hash(["joint_mrc", mrc_hash, cfg.finetune.greedy.model_dump()])
 
 
 @ray.remote
@@ -333,7 +332,7 @@ def finetune_strategies(
     two strategies share is fine-tuned once, in the experiment of the first of them.
     Returns what ``run_finetune`` does, over all experiments.
     """
-    from rift_ray.stages.finetune import run_finetune
+    from rift_ray.stages.finetune import finetune_baseline, run_finetune
 
     primary = cfg.finetune.primary
     order = [primary, *[s for s in by_strategy if s != primary]]
@@ -341,6 +340,7 @@ def finetune_strategies(
     epoch_rows: list[dict[str, Any]] = []
     survivors: list[dict[str, Any]] = []
     computed, seen = 0, set()
+    baseline = None  # the same for every strategy: measured once
     for strategy in order:
         groups = [g for g in by_strategy.get(strategy, []) if frozenset(g) not in seen]
         seen |= {frozenset(g) for g in groups}
@@ -352,7 +352,11 @@ def finetune_strategies(
                 f"{len(cfg.finetune.lrs)} lr(s) under its own ASHA"
             )
         name = stage_hash if strategy == primary else f"{stage_hash}-{strategy}"
-        t, e, s, c = run_finetune(cfg, store, splits_ref, spec, at_state, groups, name, run_token)
+        if baseline is None:
+            baseline = finetune_baseline(cfg, spec, splits_ref, at_state)
+        t, e, s, c = run_finetune(
+            cfg, store, splits_ref, spec, at_state, groups, name, run_token, baseline
+        )
         trial_rows += t
         epoch_rows += e
         survivors += s
