@@ -65,6 +65,7 @@ SEEDS_DIR = "seeds"
 AT_CHECKPOINT = "checkpoints/at.pt"
 RIFT_CHECKPOINT = "checkpoints/rift.pt"
 ADV_SET = "artifacts/adv_set.pt"
+MRC_BASE = "artifacts/mrc_base.pt"
 STAGES = ("adv_train", "mrc", "finetune", "interpolate")
 
 

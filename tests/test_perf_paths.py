@@ -10,10 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from rift_ray.models import ARCHITECTURES, build_model, model_blocks, run_blocks
+from rift_ray.models import ARCHITECTURES, build_model, model_blocks, mrc_candidates, run_blocks
 from rift_ray.models.preact_resnet import PreActResNet
 from rift_ray.rift.interpolate import search_alpha, select_alpha
-from rift_ray.rift.mrc import MRCResult, module_robust_criticality
+from rift_ray.rift.mrc import (
+    MRCResult,
+    freeze_batch_norms,
+    module_robust_criticality,
+    mrc_base,
+)
 
 GRID = [round(0.1 * i, 1) for i in range(11)]
 
@@ -105,6 +110,91 @@ def test_fast_mrc_matches_reference(
         model, module, fixed_set, projection=projection, fast=False, shuffle=False
     )
     _assert_same(ref_unshuffled, unshuffled)
+
+
+@pytest.mark.parametrize(
+    "arch, shuffle, projections",
+    [
+        ("small_resnet", True, ("epoch", "step")),
+        ("small_resnet", False, ("epoch",)),
+        ("wrn", True, ("epoch",)),
+        ("preact_resnet18", True, ("epoch",)),
+    ],
+)
+def test_shared_base_gives_the_reference_bit_for_bit(
+    arch: str,
+    shuffle: bool,
+    projections: tuple[str, ...],
+    fixed_set: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    # One mrc_base for every module: each trial then skips the unperturbed evaluation and
+    # its first backward, and must still get exactly what the reference computes alone.
+    model = _model(arch)
+    modules = mrc_candidates(model)
+    base = mrc_base(model, modules, *fixed_set, batch_size=16, seed=3, shuffle=shuffle)
+    assert set(base.first_grads) == set(modules)
+    for name in modules:
+        assert base.first_grads[name].shape == model.get_submodule(name).weight.shape
+    for projection in projections:
+        for name in modules:
+            kw = {"projection": projection, "shuffle": shuffle}
+            ref = _mrc(model, name, fixed_set, fast=False, **kw)
+            got = _mrc(model, name, fixed_set, base=base, **kw)
+            assert (got.loss_before, got.acc_before) == (base.loss_before, base.acc_before)
+            assert (got.mrc, got.epoch_losses, got.acc_after, got.best_epoch) == (
+                ref.mrc,
+                ref.epoch_losses,
+                ref.acc_after,
+                ref.best_epoch,
+            ), (projection, name)
+            assert got.loss_before == ref.loss_before and ref.mrc > 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_frozen_batch_norms_give_the_same_forward_and_input_gradient(channels_last: bool) -> None:
+    import copy
+
+    model = _model("small_resnet")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.layer1[0].bn2.weight.requires_grad_(True)  # a trainable BN is left as it is
+    frozen = copy.deepcopy(model)
+    # stem, 2 per block x 3 blocks, 2 projection shortcuts: 9 BNs, one of them trainable
+    assert freeze_batch_norms(frozen) == 8
+    assert "forward" in vars(frozen.layer1[0].bn1) and "forward" not in vars(frozen.layer1[0].bn2)
+    assert frozen.state_dict().keys() == model.state_dict().keys()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.rand(6, 3, 32, 32).contiguous(memory_format=fmt)
+    grads = []
+    for net in (model, frozen):
+        xi = x.clone().requires_grad_(True)
+        out = net(xi)
+        out.square().sum().backward()
+        grads.append((out.detach(), xi.grad))
+    assert torch.equal(grads[0][0], grads[1][0])  # forward bit for bit
+    assert torch.equal(grads[0][1], grads[1][1])  # input gradient bit for bit
+    assert frozen.layer1[0].bn2.weight.grad is not None  # the trainable one still trains
+
+
+def test_shared_base_must_match_the_trial(fixed_set: tuple[torch.Tensor, torch.Tensor]) -> None:
+    model = _model("small_resnet")
+    base = mrc_base(model, ["conv1", "linear"], *fixed_set, batch_size=16, seed=3)
+    with pytest.raises(ValueError, match="seed, shuffle"):
+        _mrc(model, "conv1", fixed_set, base=base, seed=4)
+    with pytest.raises(ValueError, match="seed, shuffle"):
+        _mrc(model, "conv1", fixed_set, base=base, batch_size=8)
+    with pytest.raises(ValueError, match="no first-step gradient for layer1.0.conv1"):
+        _mrc(model, "layer1.0.conv1", fixed_set, base=base)
+    with pytest.raises(ValueError, match="only the fast path"):
+        _mrc(model, "conv1", fixed_set, base=base, fast=False)
+    with pytest.raises(ValueError, match="normalize: no such module with a weight parameter"):
+        mrc_base(model, ["normalize"], *fixed_set)
+    # the weight it moved first is the gradient it was given: a wrong one changes the answer
+    wrong = dataclasses.replace(
+        base,
+        first_grads={"conv1": base.first_grads["conv1"] * 2, "linear": base.first_grads["linear"]},
+    )
+    assert _mrc(model, "conv1", fixed_set, base=wrong).mrc != _mrc(model, "conv1", fixed_set).mrc
 
 
 @pytest.mark.parametrize("arch", ["small_resnet", "wrn", "preact_resnet18"])

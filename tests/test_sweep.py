@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from rift_ray.cli import main
@@ -64,7 +65,7 @@ def smoke_run(ray_session, tmp_path_factory):
 def test_artifacts_exist(smoke_run: Path) -> None:
     for rel in ("config.yaml", "summary.json", "manifest.json", "tables/mrc.parquet", "tables/finetune.parquet",
                 "tables/finetune_epochs.parquet", "tables/interpolation.parquet", "checkpoints/at.pt",
-                "checkpoints/rift.pt", "artifacts/adv_set.pt"):  # fmt: skip
+                "checkpoints/rift.pt", "artifacts/adv_set.pt", "artifacts/mrc_base.pt"):  # fmt: skip
         assert (smoke_run / rel).is_file(), rel
 
 
@@ -80,6 +81,29 @@ def test_mrc_table_covers_every_module(smoke_run: Path) -> None:
     for r in rows:
         assert r["mrc"] == pytest.approx(r["loss_after"] - r["loss_before"], abs=1e-6)
         assert r["num_params"] > 0
+    # the trials started from the stage's shared first step (rift_ray.rift.mrc_base)
+    base = torch.load(smoke_run / "artifacts/mrc_base.pt", weights_only=True)
+    assert sorted(base["first_grads"]) == sorted(expected)
+    assert {(r["loss_before"], r["acc_before"]) for r in rows} == {
+        (base["loss_before"], base["acc_before"])
+    }
+    # ... and got the reference procedure's answer, computed here alone for every module
+    from rift_ray.checkpoint import load_checkpoint
+    from rift_ray.config import validate_config
+    from rift_ray.rift import decode_adversarial_set, module_robust_criticality
+    from rift_ray.stages.mrc import ascent_kwargs
+
+    cfg = validate_config(yaml.safe_load((smoke_run / "config.yaml").read_text()))
+    blob = torch.load(smoke_run / "artifacts/adv_set.pt", weights_only=True)
+    model = build_model("small_resnet", 10)
+    model.load_state_dict(load_checkpoint(smoke_run / "checkpoints/at.pt")[0])
+    kw = ascent_kwargs(cfg) | {"fast": False}
+    for r in rows:
+        ref = module_robust_criticality(
+            model, r["module"], decode_adversarial_set(blob), blob["targets"], **kw
+        )
+        assert r["mrc"] == pytest.approx(ref.mrc, rel=1e-6, abs=1e-9), r["module"]
+        assert r["acc_after"] == ref.acc_after, r["module"]
 
 
 def test_summary_consistent_with_tables(smoke_run: Path) -> None:

@@ -17,12 +17,14 @@ from rift_ray.rift.interpolate import (
 )
 from rift_ray.rift.mrc import (
     JointMRCResult,
+    MRCBase,
     MRCResult,
     adversarial_set,
     decode_adversarial_set,
     encode_adversarial_set,
     joint_robust_criticality,
     module_robust_criticality,
+    mrc_base,
     mrc_table,
     project_l2_ball,
 )
@@ -38,6 +40,7 @@ __all__ = [
     "AlphaChoice",
     "AlphaSearch",
     "JointMRCResult",
+    "MRCBase",
     "MRCResult",
     "STRATEGIES",
     "ScoredSet",
@@ -50,6 +53,7 @@ __all__ = [
     "interpolate",
     "joint_robust_criticality",
     "module_robust_criticality",
+    "mrc_base",
     "mrc_table",
     "project_l2_ball",
     "random_modules",

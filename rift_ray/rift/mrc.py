@@ -22,6 +22,11 @@ moves, so everything computed before that weight is used never changes:
    runs in that epoch's batch order and hands the first batch's forward pass, graph and
    all, to the first ascent step, which would compute exactly that again.
 3. Evaluations run under ``torch.inference_mode``.
+4. Batch norms, all frozen, backpropagate only their input's gradient
+   (:func:`freeze_batch_norms`; PyTorch's backward also reduces for their own weights).
+5. With ``base`` (:func:`mrc_base`, what the MRC stage passes): the unperturbed evaluation
+   and the first ascent step's gradient, the same for every module, are computed once for
+   all modules instead of once per trial.
 
 Same batches, same order, same seed as the reference path (``fast=False``, a full
 forward and backward per step); on CPU the results are bit-identical (benchmarks/README.md).
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -158,6 +164,60 @@ def project_l2_ball(delta: Tensor, radius: float) -> Tensor:
 
 
 Tail = Callable[..., Tensor]  # a forward pass (possibly of part of a network, several inputs)
+
+
+class _FrozenBatchNormFn(torch.autograd.Function):
+    """Eval-mode batch norm whose own weights do not train: PyTorch's forward; as backward
+    only the input's gradient, ``dy * invstd * weight``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
+        assert bn.running_var is not None
+        # as PyTorch's CPU kernel computes it: 1 / sqrt(var + eps) in double, then float
+        invstd = (1 / torch.sqrt(bn.running_var.double() + bn.eps)).float()
+        ctx.save_for_backward(invstd, bn.weight)
+        ctx.dtype = x.dtype
+        return F.batch_norm(
+            x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+        )
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, None]:
+        invstd, weight = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (dy.dim() - 2)
+        return (dy * invstd.view(shape) * weight.view(shape)).to(ctx.dtype), None
+
+
+def _frozen_bn_forward(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    out: Tensor = _FrozenBatchNormFn.apply(x, bn)
+    return out
+
+
+def freeze_batch_norms(net: nn.Module) -> int:
+    """Give every eval-mode, affine ``BatchNorm2d`` with running statistics and frozen
+    weights in ``net`` (IN PLACE) a leaner backward; returns how many.
+
+    Same forward (PyTorch's); the backward computes only the input's gradient. PyTorch's
+    batch-norm backward also reduces over the whole batch for the weight and bias
+    gradients, ~4x the cost of the forward here. The input gradient is computed as
+    PyTorch's CPU kernel computes it (``invstd = 1 / sqrt(var + eps)`` in double, then
+    ``dy * invstd * weight``): bit-identical on CPU (tests/test_perf_paths.py). Module
+    names and the state dict are unchanged. For a network copy whose batch norms never
+    train (MRC's ascent moves one conv/linear weight).
+    """
+    swapped = 0
+    for bn in net.modules():
+        if (
+            type(bn) is nn.BatchNorm2d
+            and not bn.training
+            and bn.affine
+            and bn.running_var is not None
+            and not bn.weight.requires_grad
+            and not bn.bias.requires_grad
+        ):
+            bn.forward = functools.partial(_frozen_bn_forward, bn)  # type: ignore[method-assign]
+            swapped += 1
+    return swapped
 
 
 def _set_loss(
@@ -323,6 +383,80 @@ def _cached_tail(
     return _Cache(tail, tensors, blocks[k].name, cut is not None)
 
 
+@dataclass(frozen=True)
+class MRCBase:
+    """What every module's ascent computes identically before its weight first moves.
+
+    All modules start from the same weights W0, with the same fixed set and (for a given
+    ``seed``) the same first batch, so the unperturbed loss and accuracy and the gradient of
+    the first ascent step, d(-CE of epoch 1's first batch)/dW at W0, are the same numbers
+    in every module's trial. :func:`mrc_base` computes them for all modules in one forward
+    over the set and one backward of that batch; ``module_robust_criticality(..., base=)``
+    then starts at the first step's update. ``first_grads``: per module name, on CPU.
+    ``key``: (set size, batch size, seed, shuffle) they hold for.
+    """
+
+    loss_before: float
+    acc_before: float
+    first_grads: dict[str, Tensor]
+    key: tuple[int, int, int, bool]
+
+
+def mrc_base(
+    model: nn.Module,
+    module_names: Sequence[str],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    batch_size: int = 512,
+    shuffle: bool = True,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    channels_last: bool = False,
+    amp: Amp = "none",
+) -> MRCBase:
+    """The :class:`MRCBase` of ``module_names`` (each must have a weight parameter) for the
+    ascent of :func:`module_robust_criticality` with the same set and arguments.
+
+    The whole network, in eval mode, runs the evaluation in epoch 1's batch order (the one
+    ``module_robust_criticality`` draws first from ``seed``); the first batch's graph is
+    backpropagated once with every listed weight trainable. On CPU the results are
+    bit-identical to what each trial computes itself (tests/test_mrc.py).
+    """
+    if len(targets) == 0:
+        raise ValueError("mrc_base: needs a non-empty set")
+    if device is None:
+        device = next(iter(model.parameters())).device
+    device = torch.device(device)
+    net = copy.deepcopy(model).to(device).eval()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    weights: dict[str, nn.Parameter] = {}
+    for name in module_names:
+        weight = getattr(net.get_submodule(name), "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            raise ValueError(f"{name}: no such module with a weight parameter in the model")
+        weights[name] = weight
+    for p in net.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    freeze_batch_norms(net)
+    n = len(targets)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    forward: Tail = _channels_last(net) if channels_last else net
+    with autocast(amp, device):
+        loss, acc, first = _set_loss_and_first_step(
+            forward, (inputs,), targets, batch_size, device, order
+        )
+        objective = -F.cross_entropy(first, targets[order[:batch_size]].to(device))
+    objective.backward()
+    grads = {name: w.grad.detach().cpu() for name, w in weights.items() if w.grad is not None}
+    return MRCBase(loss, acc, grads, (n, batch_size, seed, shuffle))
+
+
 def module_robust_criticality(
     model: nn.Module,
     module_name: str,
@@ -344,6 +478,7 @@ def module_robust_criticality(
     reuse_eval: bool = True,
     amp: Amp = "none",
     compile: bool = False,
+    base: MRCBase | None = None,
 ) -> MRCResult:
     """MRC of ``model.<module_name>.weight`` on the fixed set ``(inputs [N,C,H,W] in [0,1], targets [N])``.
 
@@ -374,7 +509,20 @@ def module_robust_criticality(
     ``amp="bf16"``: the cache, the ascent and the evaluations under bf16 autocast (the
     cache is then stored in bf16; MRC values move by about 1e-2 relative, see
     benchmarks/README.md). ``compile``: ``torch.compile`` the per-step forward.
+    ``base`` (fast path): the :func:`mrc_base` of this set and these arguments, computed
+    once for every module: the unperturbed evaluation and the first ascent step's backward
+    are then not recomputed (same values).
     """
+    if base is not None:
+        if not fast:
+            raise ValueError("base: only the fast path takes a shared MRCBase (fast=True)")
+        if base.key != (len(targets), batch_size, seed, shuffle):
+            raise ValueError(
+                f"base: computed for (set size, batch size, seed, shuffle) = {base.key}, "
+                f"not {(len(targets), batch_size, seed, shuffle)}"
+            )
+        if module_name not in base.first_grads:
+            raise ValueError(f"base: has no first-step gradient for {module_name}")
     if projection not in ("epoch", "step"):
         raise ValueError(f"projection: must be 'epoch' or 'step' (got {projection!r})")
     if epochs < 1 or len(targets) == 0:
@@ -396,6 +544,8 @@ def module_robust_criticality(
         p.requires_grad_(False)
         p.grad = None
     weight.requires_grad_(True)
+    if fast:
+        freeze_batch_norms(net)
     w0 = weight.detach().clone()
     radius = epsilon * float(w0.norm())
     optimizer = torch.optim.SGD([weight], lr=lr, momentum=0.0, weight_decay=0.0)
@@ -449,7 +599,13 @@ def module_robust_criticality(
             )
         return loss, acc, order, first
 
-    loss_before, acc_before, order, first = evaluate_then_order(last=False)
+    first_grad: Tensor | None = None
+    if base is not None:  # the unperturbed evaluation and the first backward, done once
+        loss_before, acc_before, first = base.loss_before, base.acc_before, None
+        order: Tensor | None = next_order()
+        first_grad = base.first_grads[module_name].to(device)
+    else:
+        loss_before, acc_before, order, first = evaluate_then_order(last=False)
     epoch_losses: list[float] = []
     epoch_accs: list[float] = []
     for epoch in range(epochs):
@@ -458,6 +614,12 @@ def module_robust_criticality(
             idx = order[i : i + batch_size]
             y = targets[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
+            if first_grad is not None:  # epoch 1's first step, from the shared base
+                weight.grad, first_grad = first_grad.clone(), None
+                optimizer.step()
+                if projection == "step":
+                    project()
+                continue
             with autocast(amp, device):
                 if i == 0 and first is not None:  # computed by the evaluation just before
                     logits = first

@@ -2,7 +2,10 @@
 
 The fixed adversarial set is generated once (a Ray task on the validation split,
 never the test split), saved to the sweep's storage and shared with every trial
-through the object store. Each trial is a plain Tune function trial computing
+through the object store. With ``mrc.fast`` a second task computes what every trial
+would compute identically before its weight moves (:func:`rift_ray.rift.mrc_base`: the
+unperturbed loss and the first ascent step's gradient of every module), also stored.
+Each trial is a plain Tune function trial computing
 :func:`rift_ray.rift.module_robust_criticality` for one module on its CPU/GPU share.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import io
+import sys
 import time
 import traceback
 from typing import Any
@@ -21,10 +25,12 @@ from ray import tune
 
 from rift_ray.config import SweepConfig
 from rift_ray.rift import (
+    MRCBase,
     adversarial_set,
     decode_adversarial_set,
     encode_adversarial_set,
     module_robust_criticality,
+    mrc_base,
 )
 from rift_ray.stages.common import (
     attack_kwargs,
@@ -96,6 +102,75 @@ def build_adversarial_set(
     return decode_adversarial_set(d), d["targets"]
 
 
+@ray.remote
+def _mrc_base_task(
+    cfg_dict: dict[str, Any],
+    model_spec: Any,
+    at_state: dict[str, torch.Tensor],
+    adv: tuple[torch.Tensor, torch.Tensor],
+    modules: list[str],
+) -> bytes:
+    cfg = SweepConfig.model_validate(cfg_dict)
+    device = setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
+    model = new_model(cfg, model_spec)
+    model.load_state_dict(at_state)
+    kw = ascent_kwargs(cfg)
+    base = mrc_base(
+        model.to(device),
+        modules,
+        adv[0],
+        adv[1],
+        batch_size=kw["batch_size"],
+        shuffle=kw["shuffle"],
+        seed=kw["seed"],
+        device=device,
+        channels_last=kw["channels_last"],
+        amp=cfg.compute.amp,
+    )
+    buf = io.BytesIO()
+    torch.save(dataclasses.asdict(base), buf)
+    return buf.getvalue()
+
+
+def build_mrc_base(
+    cfg: SweepConfig,
+    store: Store,
+    model_spec: Any,
+    at_state: dict[str, torch.Tensor],
+    adv: tuple[torch.Tensor, torch.Tensor],
+    modules: list[str],
+    stage_hash: str,
+) -> MRCBase | None:
+    """The stage's shared :class:`MRCBase`: from storage when valid (and covering ``modules``),
+    else computed once by a Ray task. None (each trial then computes its own) when
+    ``mrc.fast`` is off or the task fails; a failure only warns."""
+    from rift_ray.store import MRC_BASE
+
+    if not cfg.mrc.fast or not modules:
+        return None
+    if store.valid(MRC_BASE, stage_hash):
+        d = torch.load(io.BytesIO(store.get(MRC_BASE)), map_location="cpu", weights_only=True)
+        if set(modules) <= set(d["first_grads"]):
+            return MRCBase(**d | {"key": tuple(d["key"])})
+    r = cfg.resources.mrc
+    try:
+        blob = ray.get(
+            _mrc_base_task.options(num_cpus=r.cpu, num_gpus=r.gpu).remote(
+                cfg.to_dict(), model_spec, at_state, adv, modules
+            )
+        )
+    except Exception as e:  # noqa: BLE001 - the trials can compute it themselves
+        print(
+            f"[rift-ray] warning: the MRC trials' shared first step failed ({_one_line(e)}); "
+            "each trial computes its own",
+            file=sys.stderr,
+        )
+        return None
+    store.put(MRC_BASE, blob, stage_hash=stage_hash)
+    d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    return MRCBase(**d | {"key": tuple(d["key"])})
+
+
 def ascent_kwargs(cfg: SweepConfig) -> dict[str, Any]:
     """The MRC ascent's settings from the config (single-module and joint MRC alike)."""
     m = cfg.mrc
@@ -119,8 +194,12 @@ def mrc_trial(
     at_state: dict[str, torch.Tensor] | None = None,
     adv: tuple[torch.Tensor, torch.Tensor] | None = None,
     run_token: str = "",
+    base: dict[str, Any] | None = None,
 ) -> None:
-    """Tune function trial: MRC of ``config["module"]``; reports one row."""
+    """Tune function trial: MRC of ``config["module"]``; reports one row.
+
+    ``base``: the stage's :class:`MRCBase` with each module's gradient as an object ref
+    (a trial fetches only its own), or None."""
     assert cfg_dict is not None and at_state is not None and adv is not None
     cfg = SweepConfig.model_validate(cfg_dict)
     setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
@@ -133,6 +212,10 @@ def mrc_trial(
             raise RuntimeError(f"injected fault (RIFT_RAY_FAULTS) in the MRC trial of {name}")
         model = new_model(cfg, model_spec)
         model.load_state_dict(at_state)
+        shared = None
+        if base is not None and name in base["first_grads"]:
+            grad = ray.get(base["first_grads"][name])
+            shared = MRCBase(**base | {"first_grads": {name: grad}})
         mem = peak_memory(cfg, device)
         with mem:
             res = module_robust_criticality(
@@ -144,6 +227,7 @@ def mrc_trial(
                 device=device,
                 amp=cfg.compute.amp,
                 compile=cfg.compute.compile,
+                base=shared,
             )
         if fault("mrc_nan", module=name):
             res = dataclasses.replace(res, mrc=float("nan"))
@@ -199,6 +283,12 @@ def run_mrc(
 ) -> tuple[list[dict[str, Any]], int]:
     """Run one trial per module; return (rows sorted by MRC, failed ones last; trials computed now)."""
     adv = build_adversarial_set(cfg, store, splits_ref, at_state, stage_hash)
+    base = build_mrc_base(cfg, store, model_spec, at_state, adv, modules, stage_hash)
+    shared = None
+    if base is not None:  # one object per module: a trial fetches only its own gradient
+        shared = dataclasses.asdict(base) | {
+            "first_grads": {m: ray.put(g) for m, g in base.first_grads.items()}
+        }
     trainable = tune.with_parameters(
         mrc_trial,
         cfg_dict=cfg.to_dict(),
@@ -206,6 +296,7 @@ def run_mrc(
         at_state=at_state,
         adv=adv,
         run_token=run_token,
+        base=shared,
     )
     r = cfg.resources.mrc
     results = run_tune(
