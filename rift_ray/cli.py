@@ -2,6 +2,7 @@
 
     rift-ray sweep sweeps/smoke.yaml                  # run (or resume) a sweep
     rift-ray sweep sweeps/wrn.yaml --dry-run          # the plan, without computing
+    rift-ray sweep sweeps/wrn.yaml --until mrc        # stop once MRC is done
     rift-ray sweep sweeps/smoke.yaml --set finetune.lrs=[0.001,0.005] --name try2
     rift-ray validate sweeps/wrn.yaml                 # print the resolved config
     rift-ray status results/smoke                     # what is done
@@ -53,11 +54,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print_plan(cfg)
         return 0
     try:
-        summary = run_sweep(cfg, address=args.address, restart=args.restart)
+        summary = run_sweep(cfg, address=args.address, restart=args.restart, until=args.until)
     except SweepError as e:
         return _fail(str(e), 1)
     except KeyboardInterrupt:
         return _fail("interrupted; run the same command again to resume where it stopped", 130)
+    if summary.get("stopped_after"):
+        print(
+            f"rift-ray: stopped after {summary['stopped_after']} as asked (--until); "
+            f"rift-ray status {summary['storage']} shows what is done"
+        )
+        return 0
     print_summary(summary)
     return 0
 
@@ -249,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--dry-run", action="store_true", help="print the plan and a compute estimate only"
+    )
+    s.add_argument(
+        "--until",
+        choices=["adv_train", "mrc", "finetune", "interpolate"],
+        help="stop once this stage is done (e.g. look at the MRC table first); "
+        "the same command without it goes on from there",
     )
     s.set_defaults(func=cmd_sweep)
 

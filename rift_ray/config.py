@@ -132,7 +132,9 @@ class MRCConfig(_Section):
     fast: bool = True
     """Cache what is frozen before the perturbed module (its block's input, inside residual
     blocks the frozen branch and shortcut) and run only the module onward; reuse each
-    evaluation's first batch for the next ascent step (identical results;
+    evaluation's first batch for the next ascent step; compute the unperturbed loss and the
+    first step's gradient once for all modules (artifacts/mrc_base.pt); backpropagate the
+    frozen batch norms' input gradient only (identical results on CPU;
     benchmarks/README.md). False = the reference procedure."""
     channels_last: bool = False
     """channels_last memory format in the ascent (faster on CPU/GPU, MRC differs ~1e-5).

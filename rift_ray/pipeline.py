@@ -263,11 +263,31 @@ def _state_from_ckpt(blob: bytes) -> dict[str, torch.Tensor]:
     return state
 
 
+def _stopped(store: Store, stage: str) -> dict[str, Any]:
+    """What a sweep run with ``until=stage`` returns once that stage is done."""
+    n = layout.STAGES.index(stage) + 1
+    log(
+        f"stopped after stage {n}/4 {stage} (--until {stage}); "
+        "the same command without --until goes on from there"
+    )
+    return {"stopped_after": stage, "storage": store.uri}
+
+
 def run_sweep(
-    cfg: SweepConfig, *, address: str | None = None, restart: bool = False
+    cfg: SweepConfig,
+    *,
+    address: str | None = None,
+    restart: bool = False,
+    until: str | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the whole sweep; return the summary that is also written to summary.json."""
+    """Run (or resume) the whole sweep; return the summary that is also written to summary.json.
+
+    ``until``: stop once this stage (one of ``store.STAGES``) is done; the summary is then
+    ``{"stopped_after": stage, "storage": ...}`` and a later run without it goes on."""
     import ray
+
+    if until is not None and until not in layout.STAGES:
+        raise SweepError(f"until: must be one of {', '.join(layout.STAGES)} (got {until!r})")
 
     t_start = time.time()
     prep = prepare(cfg)
@@ -328,14 +348,31 @@ def run_sweep(
         store.write_stage("adv_train", status="done", seconds=time.time() - t0, history=at_history)
         tracker.log_adv_train(at_history)
     timings["adv_train"] = (store.read_stage("adv_train") or {}).get("seconds", time.time() - t0)
+    if until == "adv_train":
+        tracker.finish()
+        return _stopped(store, until)
 
     if cfg.seeds is None:
         summary = run_rift_stages(
-            cfg, store, prep, splits_ref, at_state, hashes, tracker, run_token, timings, t_start
+            cfg,
+            store,
+            prep,
+            splits_ref,
+            at_state,
+            hashes,
+            tracker,
+            run_token,
+            timings,
+            t_start,
+            until,
         )
     else:
-        summary = _run_seeds(cfg, prep, splits_ref, at_state, tracker, run_token, timings, t_start)
+        summary = _run_seeds(
+            cfg, prep, splits_ref, at_state, tracker, run_token, timings, t_start, until
+        )
     tracker.finish()
+    if summary.get("stopped_after"):
+        return _stopped(store, summary["stopped_after"])
     if not summary.get("reused"):
         log(f"report: rift-ray report {store.uri}")
     return summary
@@ -352,8 +389,10 @@ def run_rift_stages(
     run_token: str,
     timings: dict[str, float],
     t_start: float,
+    until: str | None = None,
 ) -> dict[str, Any]:
-    """Stages 2-4 (MRC, fine-tuning, interpolation) from ``at_state``; their summary.
+    """Stages 2-4 (MRC, fine-tuning, interpolation) from ``at_state``; their summary, or
+    ``{"stopped_after": stage}`` once stage ``until`` is done.
 
     A single-seed sweep calls this once with its own config, directory and hashes; a
     ``seeds`` sweep once per seed with ``cfg.for_seed(s)``, ``store.for_seed(s)`` and
@@ -398,6 +437,8 @@ def run_rift_stages(
                 "see tables/mrc.parquet for the errors"
             )
     timings["mrc"] = (store.read_stage("mrc") or {}).get("seconds", time.time() - t0)
+    if until == "mrc":
+        return {"stopped_after": until}
 
     # -- stage 3: fine-tuning (ASHA over learning rates) ----------------------------------------
     t0 = time.time()
@@ -464,6 +505,8 @@ def run_rift_stages(
         )
         tracker.log_finetune(ft_rows, epoch_rows)
     timings["finetune"] = (store.read_stage("finetune") or {}).get("seconds", time.time() - t0)
+    if until == "finetune":
+        return {"stopped_after": until}
 
     # -- stage 4: interpolation and alpha* ------------------------------------------------------
     t0 = time.time()
@@ -573,8 +616,10 @@ def _run_seeds(
     run_token: str,
     timings: dict[str, float],
     t_start: float,
+    until: str | None = None,
 ) -> dict[str, Any]:
-    """Stages 2-4 once per seed of ``cfg.seeds`` (each in ``seeds/<s>/``), then the aggregate."""
+    """Stages 2-4 once per seed of ``cfg.seeds`` (each in ``seeds/<s>/``), then the aggregate
+    (with ``until``: each seed up to that stage, and no aggregate)."""
     import ray
 
     from rift_ray.aggregate import seeds_summary
@@ -598,11 +643,14 @@ def _run_seeds(
                 run_token,
                 {},
                 time.time(),
+                until,
             )
         except SweepError as e:  # the seeds before are kept; a re-run resumes from this one
             raise SweepError(f"seed {seed}: {e}") from e
         per_seed.append(s)
         keys.append(hashes_s["interpolate"])
+    if until in ("mrc", "finetune"):
+        return {"stopped_after": until}
     key = _hash(["seeds", keys])  # the aggregate is as fresh as every seed's last stage
     if all(s.get("reused") for s in per_seed) and store.valid(layout.SUMMARY, key):
         log(f"seeds: all {len(per_seed)} done earlier, reusing summary.json")

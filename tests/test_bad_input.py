@@ -247,3 +247,16 @@ def test_crafted_checkpoint_is_a_real_code_carrying_pickle(tmp_path: Path) -> No
         assert b"mkdir" in f.read()
     torch.load(path, weights_only=False)  # the unsafe load the sweep never does
     assert (tmp_path / "pwned").is_dir()
+
+
+def test_unknown_until_stage_is_refused(capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", SMOKE, "--until", "evaluate"])
+    assert exc.value.code == 2
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("rift-ray: error: argument --until: invalid choice: 'evaluate'")
+    from rift_ray.config import load_config
+    from rift_ray.pipeline import SweepError, run_sweep
+
+    with pytest.raises(SweepError, match=r"^until: must be one of adv_train, mrc, finetune"):
+        run_sweep(load_config(SMOKE), until="evaluate")

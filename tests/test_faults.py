@@ -586,8 +586,7 @@ cluster.shutdown()
 @e2e
 def test_node_removed_during_mrc(start_ckpt: str, tmp_path: Path) -> None:
     args = [*TINY, *FOUR_MODULES, *NO_WANDB, "--set", f"adv_train.checkpoint={start_ckpt}",
-            "--set", "finetune.lrs=[0.01]", "--set", "finetune.epochs=1",
-            "--set", "interpolate.alphas=[0.0,1.0]"]  # fmt: skip
+            "--until", "mrc"]  # fmt: skip
     info_file = tmp_path / "info.json"
     proc = subprocess.run(
         [sys.executable, "-c", CLUSTER, SMOKE, str(tmp_path), str(info_file), *args],
@@ -616,4 +615,8 @@ def test_node_removed_during_mrc(start_ckpt: str, tmp_path: Path) -> None:
     assert retried, trials
     by_module = {r["module"]: r for r in rows}
     assert all(by_module[m]["node"] != info["removed"][:12] for m in retried)
-    assert (sweep / "summary.json").is_file()
+    # --until mrc: stage 2 is done and nothing after it ran
+    assert stage(sweep, "mrc")["status"] == "done"
+    assert not (sweep / "stages" / "finetune.json").exists()
+    assert not (sweep / "summary.json").exists()
+    assert "stopped after stage 2/4 mrc (--until mrc)" in proc.stderr

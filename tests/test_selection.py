@@ -505,3 +505,67 @@ def test_greedy_stage_stores_every_set_and_resumes(
     failed = [r for r in rows2 if r["status"] == "failed"]
     assert failed and all("nope" in r["modules"] and "nope" in r["error"] for r in failed)
     assert "nope" not in chosen2 and not any(r["chosen"] for r in failed)
+
+
+def test_mrc_stage_shared_base_is_stored_reused_and_optional(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """build_mrc_base (Ray faked): computed once and stored; a re-run reads it; a stored base
+    missing a module is recomputed; a failing task only warns; mrc.fast=false skips it."""
+    import rift_ray.stages.mrc as mrc_stage
+    from rift_ray.models import mrc_candidates
+    from rift_ray.rift import module_robust_criticality
+    from rift_ray.stages.common import ModelSpec, new_model
+    from rift_ray.store import MRC_BASE, Store
+
+    fake = _FakeRay()
+    task = mrc_stage._mrc_base_task._function
+    calls: list[list[str]] = []
+
+    class Task:
+        fail = False
+
+        def options(self, **_: object) -> Task:
+            return self
+
+        def remote(self, *args: object) -> _Ref:
+            calls.append(list(args[-1]))  # type: ignore[call-overload]
+            if self.fail:
+                raise RuntimeError("worker died\nsecond line")
+            return _Ref(task(*args))
+
+    fake_task = Task()
+    monkeypatch.setattr(mrc_stage, "ray", fake)
+    monkeypatch.setattr(mrc_stage, "_mrc_base_task", fake_task)
+    cfg = load_config(None, ["model.arch=small_cnn", "mrc.epochs=2", "mrc.batch_size=8",
+                             "resources.torch_threads=1"])  # fmt: skip
+    spec = ModelSpec(10, (0.5,) * 3, (0.25,) * 3, (3, 32, 32))
+    torch.manual_seed(0)
+    model = new_model(cfg, spec)
+    at_state = model.state_dict()
+    modules = mrc_candidates(model)
+    g = torch.Generator().manual_seed(0)
+    adv = torch.rand(20, 3, 32, 32, generator=g), torch.randint(0, 10, (20,), generator=g)
+    store = Store.open(str(tmp_path), "s")
+
+    base = mrc_stage.build_mrc_base(cfg, store, spec, at_state, adv, modules, "h2")
+    assert base is not None and calls == [modules] and store.valid(MRC_BASE, "h2")
+    kw = mrc_stage.ascent_kwargs(cfg)
+    for name in modules:  # what the trials get from it: the reference's answer
+        ref = module_robust_criticality(model, name, *adv, **kw | {"fast": False})
+        got = module_robust_criticality(model, name, *adv, **kw, base=base)
+        assert (got.mrc, got.epoch_losses) == (ref.mrc, ref.epoch_losses), name
+    again = mrc_stage.build_mrc_base(cfg, store, spec, at_state, adv, modules, "h2")
+    assert calls == [modules] and again is not None  # read back, not recomputed
+    assert again.key == base.key and again.loss_before == base.loss_before
+    assert all(torch.equal(again.first_grads[m], base.first_grads[m]) for m in modules)
+    mrc_stage.build_mrc_base(cfg, store, spec, at_state, adv, modules[:2], "h2")
+    assert calls == [modules]  # a subset of what is stored: reused
+    store.put(MRC_BASE, b"not a torch file", stage_hash="h2")  # unreadable: computed again
+    assert mrc_stage.build_mrc_base(cfg, store, spec, at_state, adv, modules, "h2") is not None
+    assert calls == [modules, modules]
+    fake_task.fail = True
+    assert mrc_stage.build_mrc_base(cfg, store, spec, at_state, adv, modules, "h3") is None
+    assert "shared first step failed (RuntimeError: second line)" in capsys.readouterr().err
+    off = load_config(None, ["model.arch=small_cnn", "mrc.fast=false"])
+    assert mrc_stage.build_mrc_base(off, store, spec, at_state, adv, modules, "h2") is None

@@ -149,9 +149,12 @@ def build_mrc_base(
     if not cfg.mrc.fast or not modules:
         return None
     if store.valid(MRC_BASE, stage_hash):
-        d = torch.load(io.BytesIO(store.get(MRC_BASE)), map_location="cpu", weights_only=True)
-        if set(modules) <= set(d["first_grads"]):
-            return MRCBase(**d | {"key": tuple(d["key"])})
+        try:
+            stored = _read_base(store.get(MRC_BASE))
+        except Exception:  # noqa: BLE001 - unreadable: computed again
+            stored = None
+        if stored is not None and set(modules) <= set(stored.first_grads):
+            return stored
     r = cfg.resources.mrc
     try:
         blob = ray.get(
@@ -167,6 +170,10 @@ def build_mrc_base(
         )
         return None
     store.put(MRC_BASE, blob, stage_hash=stage_hash)
+    return _read_base(blob)
+
+
+def _read_base(blob: bytes) -> MRCBase:
     d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     return MRCBase(**d | {"key": tuple(d["key"])})
 
