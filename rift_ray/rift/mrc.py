@@ -721,7 +721,8 @@ def joint_robust_criticality(
     order for a given ``seed``) with all the weights of ``module_names`` moving at once in
     one SGD optimizer; each perturbation is projected onto its own ball (per epoch or per
     step). A one-module set gives exactly the result of :func:`module_robust_criticality`.
-    ``fast`` caches the input of the earliest block that runs one of the modules.
+    ``fast`` caches the input of the earliest block that runs one of the modules (and gives
+    the frozen batch norms their lean backward, :func:`freeze_batch_norms`).
 
     A finite ascent is not guaranteed to find at least the largest single-module MRC of
     the members (the joint problem's maximum is at least as large, the ascent's estimate
@@ -760,6 +761,8 @@ def joint_robust_criticality(
         p.grad = None
     for weight in weights:
         weight.requires_grad_(True)
+    if fast:
+        freeze_batch_norms(net)
     w0s = [w.detach().clone() for w in weights]
     radii = [epsilon * float(w0.norm()) for w0 in w0s]
     optimizer = torch.optim.SGD(weights, lr=lr, momentum=0.0, weight_decay=0.0)
