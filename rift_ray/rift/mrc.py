@@ -383,6 +383,32 @@ def _cached_tail(
     return _Cache(tail, tensors, blocks[k].name, cut is not None)
 
 
+def _frozen_copy(
+    model: nn.Module, device: torch.device | str | None, channels_last: bool
+) -> tuple[nn.Module, torch.device]:
+    """A deep copy of ``model`` in eval mode on ``device`` (default: the model's), in
+    channels_last layout if asked, with every parameter frozen; and that device."""
+    dev = torch.device(device if device is not None else next(iter(model.parameters())).device)
+    net = copy.deepcopy(model).to(dev).eval()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    for p in net.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return net, dev
+
+
+def _module_weight(net: nn.Module, name: str) -> nn.Parameter:
+    """``net.<name>.weight``; ValueError naming ``name`` when there is none."""
+    try:
+        weight = net.get_submodule(name).weight
+    except AttributeError:
+        raise ValueError(f"{name}: no such module with a weight in the model") from None
+    if not isinstance(weight, nn.Parameter):
+        raise ValueError(f"{name}: its weight is not a parameter")
+    return weight
+
+
 @dataclass(frozen=True)
 class MRCBase:
     """What every module's ascent computes identically before its weight first moves.
@@ -421,25 +447,12 @@ def mrc_base(
     The whole network, in eval mode, runs the evaluation in epoch 1's batch order (the one
     ``module_robust_criticality`` draws first from ``seed``); the first batch's graph is
     backpropagated once with every listed weight trainable. On CPU the results are
-    bit-identical to what each trial computes itself (tests/test_mrc.py).
+    bit-identical to what each trial computes itself (tests/test_perf_paths.py).
     """
     if len(targets) == 0:
         raise ValueError("mrc_base: needs a non-empty set")
-    if device is None:
-        device = next(iter(model.parameters())).device
-    device = torch.device(device)
-    net = copy.deepcopy(model).to(device).eval()
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    weights: dict[str, nn.Parameter] = {}
-    for name in module_names:
-        weight = getattr(net.get_submodule(name), "weight", None)
-        if not isinstance(weight, nn.Parameter):
-            raise ValueError(f"{name}: no such module with a weight parameter in the model")
-        weights[name] = weight
-    for p in net.parameters():
-        p.requires_grad_(False)
-        p.grad = None
+    net, device = _frozen_copy(model, device, channels_last)
+    weights = {name: _module_weight(net, name) for name in module_names}
     for weight in weights.values():
         weight.requires_grad_(True)
     freeze_batch_norms(net)
@@ -528,21 +541,8 @@ def module_robust_criticality(
     if epochs < 1 or len(targets) == 0:
         raise ValueError("module_robust_criticality: needs epochs >= 1 and a non-empty set")
     start = time.perf_counter()
-    if device is None:
-        device = next(iter(model.parameters())).device
-    device = torch.device(device)
-    net = copy.deepcopy(model).to(device).eval()
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    try:
-        weight = net.get_submodule(module_name).weight
-    except AttributeError:
-        raise ValueError(f"{module_name}: no such module with a weight in the model") from None
-    if not isinstance(weight, nn.Parameter):
-        raise ValueError(f"{module_name}: its weight is not a parameter")
-    for p in net.parameters():
-        p.requires_grad_(False)
-        p.grad = None
+    net, device = _frozen_copy(model, device, channels_last)
+    weight = _module_weight(net, module_name)
     weight.requires_grad_(True)
     if fast:
         freeze_batch_norms(net)
@@ -739,26 +739,13 @@ def joint_robust_criticality(
     if epochs < 1 or len(targets) == 0:
         raise ValueError("joint_robust_criticality: needs epochs >= 1 and a non-empty set")
     start = time.perf_counter()
-    if device is None:
-        device = next(iter(model.parameters())).device
-    device = torch.device(device)
-    net = copy.deepcopy(model).to(device).eval()
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    net, device = _frozen_copy(model, device, channels_last)
     weights: list[nn.Parameter] = []
     for name in names:
-        try:
-            weight = net.get_submodule(name).weight
-        except AttributeError:
-            raise ValueError(f"{name}: no such module with a weight in the model") from None
-        if not isinstance(weight, nn.Parameter):
-            raise ValueError(f"{name}: its weight is not a parameter")
+        weight = _module_weight(net, name)
         if any(weight is w for w in weights):
             raise ValueError(f"{name}: shares its weight with another module of the set")
         weights.append(weight)
-    for p in net.parameters():
-        p.requires_grad_(False)
-        p.grad = None
     for weight in weights:
         weight.requires_grad_(True)
     if fast:
