@@ -620,16 +620,3 @@ def test_node_removed_during_mrc(start_ckpt: str, tmp_path: Path) -> None:
     assert not (sweep / "stages" / "finetune.json").exists()
     assert not (sweep / "summary.json").exists()
     assert "stopped after stage 2/4 mrc (--until mrc)" in proc.stderr
-
-
-def test_quieted_loggers_are_ray_trains_own() -> None:
-    """The worker hook silences Ray Train loggers by name: each must still exist in this Ray."""
-    import importlib
-    import logging
-
-    from rift_ray.stages.common import QUIET_LOGGERS, quiet_worker_logs
-
-    for name in QUIET_LOGGERS:
-        assert importlib.import_module(name).logger.name == name
-    quiet_worker_logs()
-    assert all(logging.getLogger(n).getEffectiveLevel() == logging.ERROR for n in QUIET_LOGGERS)

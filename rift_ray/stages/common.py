@@ -169,24 +169,15 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
 
 
-QUIET_LOGGERS = (
-    # repeats every few seconds without a dashboard: the placement-group cleaner cannot use
-    # the state API and says so on every poll; nothing is wrong
-    "ray.train.v2._internal.execution.controller.placement_group_cleaner",
-    # a traceback when the autoscaling coordinator answers after 5 s on a busy machine; a
-    # local instance has no autoscaler, and the controller retries anyway
-    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
-)
-
-
 def quiet_worker_logs() -> None:
-    """Ray worker setup hook of the local instance rift-ray starts (not of a cluster it
-    connects to): Ray Train's warnings that say nothing is wrong (``QUIET_LOGGERS``) only
-    from ERROR up."""
+    """Ray worker setup hook: silence a warning Ray Train repeats every few seconds when the
+    local instance runs without a dashboard (its placement-group cleaner cannot use the
+    state API and says so on every poll; nothing is wrong)."""
     import logging
 
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    ).setLevel(logging.ERROR)
 
 
 def evaluate_pgd(
