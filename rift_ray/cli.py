@@ -257,9 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--dry-run", action="store_true", help="print the plan and a compute estimate only"
     )
+    from rift_ray.store import STAGES
+
     s.add_argument(
         "--until",
-        choices=["adv_train", "mrc", "finetune", "interpolate"],
+        choices=STAGES,
         help="stop once this stage is done (e.g. look at the MRC table first); "
         "the same command without it goes on from there",
     )

@@ -171,10 +171,7 @@ class _FrozenBatchNormFn(torch.autograd.Function):
     only the input's gradient, ``dy * invstd * weight``."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
-        assert bn.running_var is not None
-        # as PyTorch's CPU kernel computes it: 1 / sqrt(var + eps) in double, then float
-        invstd = (1 / torch.sqrt(bn.running_var.double() + bn.eps)).float()
+    def forward(ctx: Any, x: Tensor, bn: nn.BatchNorm2d, invstd: Tensor) -> Tensor:
         ctx.save_for_backward(invstd, bn.weight)
         ctx.dtype = x.dtype
         return F.batch_norm(
@@ -182,14 +179,14 @@ class _FrozenBatchNormFn(torch.autograd.Function):
         )
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, None, None]:
         invstd, weight = ctx.saved_tensors
         shape = (1, -1) + (1,) * (dy.dim() - 2)
-        return (dy * invstd.view(shape) * weight.view(shape)).to(ctx.dtype), None
+        return (dy * invstd.view(shape) * weight.view(shape)).to(ctx.dtype), None, None
 
 
-def _frozen_bn_forward(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    out: Tensor = _FrozenBatchNormFn.apply(x, bn)
+def _frozen_bn_forward(bn: nn.BatchNorm2d, invstd: Tensor, x: Tensor) -> Tensor:
+    out: Tensor = _FrozenBatchNormFn.apply(x, bn, invstd)
     return out
 
 
@@ -215,7 +212,9 @@ def freeze_batch_norms(net: nn.Module) -> int:
             and not bn.weight.requires_grad
             and not bn.bias.requires_grad
         ):
-            bn.forward = functools.partial(_frozen_bn_forward, bn)  # type: ignore[method-assign]
+            # as PyTorch's CPU kernel computes it: 1 / sqrt(var + eps) in double, then float
+            invstd = (1 / torch.sqrt(bn.running_var.double() + bn.eps)).float()
+            bn.forward = functools.partial(_frozen_bn_forward, bn, invstd)  # type: ignore[method-assign]
             swapped += 1
     return swapped
 
@@ -616,19 +615,16 @@ def module_robust_criticality(
             optimizer.zero_grad(set_to_none=True)
             if first_grad is not None:  # epoch 1's first step, from the shared base
                 weight.grad, first_grad = first_grad.clone(), None
-                optimizer.step()
-                if projection == "step":
-                    project()
-                continue
-            with autocast(amp, device):
-                if i == 0 and first is not None:  # computed by the evaluation just before
-                    logits = first
-                else:
-                    xs, _ = _batch(tensors, targets, idx, device)
-                    logits = forward(*xs)
-                objective = -F.cross_entropy(logits, y)
-            first = None
-            objective.backward()
+            else:
+                with autocast(amp, device):
+                    if i == 0 and first is not None:  # computed by the evaluation just before
+                        logits = first
+                    else:
+                        xs, _ = _batch(tensors, targets, idx, device)
+                        logits = forward(*xs)
+                    objective = -F.cross_entropy(logits, y)
+                first = None
+                objective.backward()
             optimizer.step()
             if projection == "step":
                 project()

@@ -291,16 +291,14 @@ def run_finetune(
     groups: list[list[str]],
     stage_hash: str,
     run_token: str,
-    baseline: dict[str, float] | None = None,
+    baseline: dict[str, float],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], int]:
     """Run the ASHA grid; return (trial rows, epoch rows, surviving trials with best states, trials computed now).
 
-    ``baseline``: :func:`finetune_baseline`, when the caller already has it."""
+    ``baseline``: :func:`finetune_baseline` (the same for every strategy, so measured once)."""
     from rift_ray.pipeline import trial_name
 
     f, r = cfg.finetune, cfg.resources.finetune
-    if baseline is None:
-        baseline = finetune_baseline(cfg, spec, splits_ref, at_state)
     trainable = tune.with_parameters(
         finetune_trial,
         cfg_dict=cfg.to_dict(),

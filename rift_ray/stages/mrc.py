@@ -128,7 +128,7 @@ def _mrc_base_task(
         amp=cfg.compute.amp,
     )
     buf = io.BytesIO()
-    torch.save(dataclasses.asdict(base), buf)
+    torch.save(vars(base), buf)
     return buf.getvalue()
 
 
@@ -293,9 +293,7 @@ def run_mrc(
     base = build_mrc_base(cfg, store, model_spec, at_state, adv, modules, stage_hash)
     shared = None
     if base is not None:  # one object per module: a trial fetches only its own gradient
-        shared = dataclasses.asdict(base) | {
-            "first_grads": {m: ray.put(g) for m, g in base.first_grads.items()}
-        }
+        shared = vars(base) | {"first_grads": {m: ray.put(base.first_grads[m]) for m in modules}}
     trainable = tune.with_parameters(
         mrc_trial,
         cfg_dict=cfg.to_dict(),
