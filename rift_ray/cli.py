@@ -48,10 +48,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from rift_ray.pipeline import SweepError, run_sweep
 
     cfg = _config(args)
+    if args.cluster and not args.dry_run:
+        return _fail("--cluster: only with --dry-run (a sweep checks the cluster it joins)")
     if args.dry_run:
+        from rift_ray import cluster as cl
         from rift_ray.plan import print_plan
 
-        print_plan(cfg)
+        if args.cluster:
+            shape = cl.shape_of_cluster_yaml(args.cluster)
+        elif cl.resolve_address(args.address) is not None:
+            shape = cl.connect(cfg, args.address)
+        else:
+            shape = cl.local_shape(cfg)
+        print_plan(cfg, shape)
         return 0
     try:
         summary = run_sweep(cfg, address=args.address, restart=args.restart, until=args.until)
@@ -205,6 +214,8 @@ def _pct(v: float | None) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from rift_ray.report import open_sweep, status_lines, sweep_status
 
+    if args.follow:
+        return follow_status(args.sweep_dir, args.interval)
     status = sweep_status(open_sweep(args.sweep_dir))
     if args.json:
         print(json.dumps(status, indent=2, default=str))
@@ -213,6 +224,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.get("summary"):
         print_summary(status["summary"])
     return 0
+
+
+def follow_status(sweep_dir: str, interval: float) -> int:
+    """``rift-ray status --follow``: print each stage line when it changes (a laptop following
+    a sweep that a Ray Job runs on a cluster, through its storage) until the sweep ends: exit 0
+    with the summary once it is written, 1 when a stage failed."""
+    import time
+
+    from rift_ray.report import open_sweep, status_lines, sweep_status
+    from rift_ray.store import StorageError
+
+    seen: set[str] = set()
+    waiting = False
+    while True:
+        try:
+            status = sweep_status(open_sweep(sweep_dir))
+        except StorageError as e:  # not written yet: the job may still be starting
+            if not waiting:
+                print(f"waiting for the sweep to write its records ({' '.join(str(e).split())})")
+                waiting = True
+            time.sleep(interval)
+            continue
+        lines = status_lines(status)
+        if not seen:
+            print(lines[0], flush=True)
+        for r, line in zip(status["stages"], lines[1:]):  # one line per stage, in order
+            key = f"{r.get('seed')}/{r['stage']}/{r['status']}"
+            if r["status"] != "pending" and key not in seen:
+                seen.add(key)
+                print(f"{time.strftime('%H:%M:%S')} {line.strip()}", flush=True)
+        if status.get("summary"):
+            print_summary(status["summary"])
+            return 0
+        if any(r["status"] == "failed" for r in status["stages"]):
+            return 1
+        time.sleep(interval)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -244,7 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="run (or resume) a sweep")
     s.add_argument("sweep", help="sweep YAML file")
     s.add_argument(
-        "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)"
+        "--address",
+        help="Ray cluster address (default: $RAY_ADDRESS, else the running cluster this "
+        "machine is a node of, else a new local instance; 'local' forces a new local instance)",
+    )
+    s.add_argument(
+        "--cluster",
+        metavar="CLUSTER_YAML",
+        help="with --dry-run: check the bundles against the node types of this `ray up` "
+        "config instead of the cluster the sweep would join",
     )
     s.add_argument("--storage", help="override storage (local path, s3://..., gs://...)")
     s.add_argument("--name", help="override the sweep name")
@@ -275,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="which stages of a sweep are done")
     st.add_argument("sweep_dir", help="<storage>/<name>, or a name under ./results")
     st.add_argument("--json", action="store_true")
+    st.add_argument(
+        "--follow",
+        action="store_true",
+        help="print each stage as it starts and ends, until the sweep is done (exit 0) or "
+        "a stage fails (exit 1); works on s3:// / gs:// storage from any machine",
+    )
+    st.add_argument("--interval", type=float, default=10.0, help="--follow: seconds between looks")
     st.set_defaults(func=cmd_status)
 
     rp = sub.add_parser("report", help="an HTML report of a sweep, or its tables as CSV / JSON")

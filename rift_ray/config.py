@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -285,6 +293,14 @@ class EvalConfig(_Section):
 class TrialResources(_Section):
     cpu: Annotated[float, Field(gt=0)] = 1.0
     gpu: NonNegFloat = 0.0
+    """A fraction of one GPU (0.25: four trials share it) or a whole number of GPUs."""
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu_fraction(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError("must be at most 1 (a share of one GPU) or a whole number")
+        return v
 
 
 class ATResources(_Section):
@@ -352,6 +368,9 @@ class SweepConfig(_Section):
     """Run the RiFT stages (MRC, fine-tuning, interpolation) once per seed, each seed driving
     their randomness; the split and the AT model stay those of ``seed``. Unset: one run."""
     storage: str = "./results"
+    shared_storage: bool = False
+    """A local ``storage`` path that every node of a multi-node cluster mounts (NFS). Without
+    it, a local path on a cluster of more than one node is refused: use s3:// or gs://."""
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     attack: AttackConfig = AttackConfig()
@@ -389,7 +408,7 @@ class SweepConfig(_Section):
 
     def config_hash(self) -> str:
         d = self.to_dict()
-        for k in ("name", "storage", "wandb", "resources"):
+        for k in ("name", "storage", "shared_storage", "wandb", "resources"):
             d.pop(k, None)
         if d.get("compute") == ComputeConfig().model_dump(mode="json"):
             d.pop("compute")  # the defaults: hashes as before the section existed

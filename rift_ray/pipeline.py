@@ -202,30 +202,19 @@ def _field_call(field: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise type(e)(f"{field}: {msg}") from None
 
 
-def init_ray(cfg: SweepConfig, address: str | None) -> None:
-    import ray
+def init_ray(
+    cfg: SweepConfig, address: str | None, *, n_modules: int = 1, adv_train: bool = True
+) -> Any:
+    """Join or start Ray (``rift_ray.cluster.resolve_address``), say which cluster, and check
+    before any compute that every stage's bundle fits a node and that the storage is one
+    every node reaches (ConfigError, one line, otherwise). Returns the cluster's shape."""
+    from rift_ray import cluster as cl
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        log(f"connecting to Ray at {address}")
-        ray.init(address=address, log_to_driver=True)
-        return
-    r = cfg.resources
-    # address="local": always a new instance of our own, even when other local Ray instances run
-    kwargs: dict[str, Any] = {
-        "address": "local",
-        "num_cpus": r.num_cpus or os.cpu_count() or 1,
-        "include_dashboard": r.dashboard,
-        "runtime_env": {"worker_process_setup_hook": "rift_ray.stages.common.quiet_worker_logs"},
-    }
-    if r.num_gpus is not None:
-        kwargs["num_gpus"] = r.num_gpus
-    if r.object_store_memory:
-        kwargs["object_store_memory"] = r.object_store_memory
-    log(f"starting a local Ray instance ({kwargs['num_cpus']} CPUs)")
-    ray.init(**kwargs)
+    shape = cl.connect(cfg, address)
+    log(("started " if shape.private else "joined ") + shape.describe())
+    cl.check_fits(shape, cl.stage_bundles(cfg, n_modules, adv_train=adv_train))
+    cl.check_storage(cfg, shape)
+    return shape
 
 
 def _load_start_checkpoint(cfg: SweepConfig, spec: Any) -> dict[str, torch.Tensor]:
@@ -292,6 +281,10 @@ def run_sweep(
     t_start = time.time()
     prep = prepare(cfg)
     store, splits, hashes = prep.store, prep.splits, prep.hashes
+    at_needed = not cfg.adv_train.checkpoint and not store.stage_done(
+        "adv_train", hashes["adv_train"]
+    )
+    init_ray(cfg, address, n_modules=len(prep.modules), adv_train=at_needed or restart)
     if restart:
         log(f"--restart: removing earlier results under {store.uri}")
         for rel in (
@@ -306,7 +299,6 @@ def run_sweep(
         ):
             store.delete(rel)
     store.put_text(layout.CONFIG, to_yaml(cfg))
-    init_ray(cfg, address)
     run_token = uuid.uuid4().hex[:8]
     splits_ref = ray.put(splits)
     timings: dict[str, float] = {}

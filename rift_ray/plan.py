@@ -91,7 +91,10 @@ def _points_per_trial(cfg: SweepConfig) -> int:
     return n
 
 
-def print_plan(cfg: SweepConfig) -> None:
+def print_plan(cfg: SweepConfig, cluster: Any = None) -> None:
+    """The plan; with ``cluster`` (a ``rift_ray.cluster.ClusterShape``) also how each stage's
+    bundles pack onto its nodes, ending in ConfigError when one fits no node."""
+    from rift_ray import cluster as cl
     from rift_ray.pipeline import prepare
 
     prep = prepare(cfg)
@@ -187,6 +190,13 @@ def print_plan(cfg: SweepConfig) -> None:
         f"measured {t_img * 1e3:.2f} ms per image forward+backward on this machine's CPU; "
         f"remaining compute ~{_fmt(total)} on one such device (ASHA usually cuts fine-tuning)"
     )
+    if cluster is not None:
+        bundles = cl.stage_bundles(cfg, len(prep.modules), adv_train=not cfg.adv_train.checkpoint)
+        print(f"packing on {cluster.describe()}:")
+        for line in cl.packing_lines(cluster, bundles):
+            print(f"  {line}")
+        cl.check_fits(cluster, bundles)
+        cl.check_storage(cfg, cluster)
 
 
 def _fmt(seconds: float) -> str:

@@ -27,7 +27,14 @@ from rift_ray.attacks import evaluate
 from rift_ray.config import SweepConfig
 from rift_ray.data import DatasetSplits, batches
 from rift_ray.rift import adversarial_train_epoch
-from rift_ray.stages.common import attack_kwargs, cpu_state, fault, setup_worker, worker_model
+from rift_ray.stages.common import (
+    attack_kwargs,
+    cpu_state,
+    device_name,
+    fault,
+    setup_worker,
+    worker_model,
+)
 from rift_ray.store import Store
 
 
@@ -120,6 +127,7 @@ def train_loop(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     core = model.module if hasattr(model, "module") else model
     gen = torch.Generator(device=device)
+    devices = worker_devices(device, world)
 
     for epoch in range(start_epoch, at.epochs):
         # PGD random starts seeded per (seed, rank, epoch): a resumed run repeats them exactly
@@ -161,6 +169,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "images_per_s": stats["images_per_s"] * world,
             "seconds": stats["seconds"],
             **val,
+            "devices": devices,
         }
         score = val.get("val_robust_acc", float(epoch))  # no validation split: keep the last epoch
         if score > best_acc:
@@ -202,6 +211,17 @@ def train_loop(config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
         else:
             ray.train.report(metrics)
+
+
+def worker_devices(device: torch.device, world: int) -> str:
+    """Where every AT worker computes, by rank: ``node-id-prefix:device`` joined by commas."""
+    node = ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else "local"
+    mine = f"{node}:{device_name(device)}"
+    if world <= 1 or not torch.distributed.is_initialized():
+        return mine
+    everyone: list[Any] = [None] * world
+    torch.distributed.all_gather_object(everyone, mine)
+    return ",".join(str(d) for d in everyone)
 
 
 def run_adv_train(

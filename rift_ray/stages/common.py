@@ -7,6 +7,7 @@ import fnmatch
 import io
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,11 +84,71 @@ def setup_worker(cfg: SweepConfig, cpus: float, seed: int) -> torch.device:
 
 
 def trial_device() -> torch.device:
-    """cuda when Ray assigned this worker a GPU (CUDA_VISIBLE_DEVICES set by Ray), else cpu."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    if visible not in ("", "-1") and torch.cuda.is_available():
+    """cuda when Ray assigned this worker a GPU, else cpu.
+
+    A GPU that Ray assigned but torch cannot use (no driver, a driver older than the CUDA
+    build of torch, a broken device) is an error naming the node and the cause: computing
+    on the CPU instead would turn days of GPU work into months without a word.
+    """
+    if not _assigned_gpus():
+        return torch.device("cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        usable = torch.cuda.is_available()
+    if usable:
         return torch.device("cuda", 0)
-    return torch.device("cpu")
+    raise GPUUnavailableError(gpu_failure(_assigned_gpus(), [str(w.message) for w in caught]))
+
+
+class GPUUnavailableError(RuntimeError):
+    """Ray gave this worker a GPU that torch cannot use."""
+
+
+def _assigned_gpus() -> list[str]:
+    """The GPU ids Ray assigned to this worker ([] outside Ray or with no GPU)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return [str(g) for g in ray.get_gpu_ids()]
+    except Exception:
+        pass
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return [] if visible in ("", "-1") else visible.split(",")
+
+
+def gpu_failure(gpu_ids: list[str], warned: list[str]) -> str:
+    """One line: which node, which GPU, and why torch cannot use it."""
+    import socket
+    import subprocess
+
+    driver = "no NVIDIA driver found (nvidia-smi missing)"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        first = (out.stdout.strip().splitlines() or [""])[0]
+        if out.returncode == 0 and first:
+            name, _, version = first.rpartition(",")
+            driver = f"{name.strip()} with driver {version.strip()}"
+        else:
+            driver = "nvidia-smi failed: " + " ".join((out.stderr or out.stdout).split())[:200]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    cause = " ".join(" ".join(warned).split())[:300] or "torch.cuda.is_available() is False"
+    return (
+        f"node {socket.gethostname()}: Ray assigned GPU {','.join(gpu_ids)} but torch "
+        f"{torch.__version__} (built for CUDA {torch.version.cuda or 'none: a CPU-only build'}) "
+        f"cannot use it; {driver}; {cause}"
+    )
+
+
+def device_name(device: torch.device) -> str:
+    """What a table records of where a trial ran: the GPU model, or cpu."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,9 @@ from rift_ray.config import SweepConfig
 from rift_ray.data import DatasetSplits, ImageData
 from rift_ray.rift import finetune, interpolate, select_alpha
 from rift_ray.stages.common import (
+    GPUUnavailableError,
     cpu_state,
+    device_name,
     evaluate_pgd,
     fault,
     fault_sleep,
@@ -154,7 +156,27 @@ def finetune_trial(
     f = cfg.finetune
     modules, lr = list(config["modules"]), float(config["lr"])
     trial = trial_name(modules, lr)
-    device = setup_worker(cfg, cfg.resources.finetune.cpu, cfg.seed)
+
+    def report_failure(e: Exception, seconds: float) -> None:
+        tune.report(
+            {
+                "trial": trial,
+                "modules": "+".join(modules),
+                "lr": lr,
+                "status": "failed",
+                "run_token": run_token,
+                "error": f"{type(e).__name__}: {e}".splitlines()[0][:300],
+                "traceback": traceback.format_exc()[-2000:],
+                "val_score": float("-inf"),
+                "seconds": seconds,
+            }
+        )
+
+    try:
+        device = setup_worker(cfg, cfg.resources.finetune.cpu, cfg.seed)
+    except GPUUnavailableError as e:  # no silent CPU run: the trial fails with the cause
+        report_failure(e, 0.0)
+        return
     model = worker_model(cfg, spec)
     model.load_state_dict(at_state)
     model.to(device)
@@ -233,6 +255,7 @@ def finetune_trial(
                 "best_val_score": best["val_score"],
                 "best_val_gain": best["val_gain"],
                 "best_epoch": best["epoch"],
+                "device": device_name(device),
                 "run_token": run_token,
                 "status": "running",
             }
@@ -255,19 +278,7 @@ def finetune_trial(
                 )
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
     except Exception as e:  # noqa: BLE001 - reported as a failed trial row, the sweep goes on
-        tune.report(
-            {
-                "trial": trial,
-                "modules": "+".join(modules),
-                "lr": lr,
-                "status": "failed",
-                "run_token": run_token,
-                "error": f"{type(e).__name__}: {e}".splitlines()[0][:300],
-                "traceback": traceback.format_exc()[-2000:],
-                "val_score": float("-inf"),
-                "seconds": time.time() - t0,
-            }
-        )
+        report_failure(e, time.time() - t0)
 
 
 def finetune_baseline(
@@ -363,6 +374,7 @@ def run_finetune(
                 "best_val_alpha": best.get("val_alpha"),
                 "last_val_score": history[-1]["val_score"] if history else None,
                 "seconds": sum(h.get("seconds", 0.0) for h in history),
+                "device": history[-1].get("device") if history else None,
                 "error": met.get("error")
                 or (str(res.error).strip().splitlines()[-1][:300] if res.error else ""),
             }

@@ -21,7 +21,13 @@ from rift_ray.config import SweepConfig, expand_path
 from rift_ray.data import DatasetSplits, ImageData, load_cifar_c
 from rift_ray.progress import Progress
 from rift_ray.rift import interpolate, search_alpha, select_alpha
-from rift_ray.stages.common import evaluate_pgd, peak_memory, setup_worker, worker_model
+from rift_ray.stages.common import (
+    device_name,
+    evaluate_pgd,
+    peak_memory,
+    setup_worker,
+    worker_model,
+)
 
 
 def eval_sets(cfg: SweepConfig, splits: DatasetSplits) -> dict[str, ImageData]:
@@ -85,6 +91,7 @@ def _evaluate_point(
             "seconds": time.time() - t0,
             "peak_mem_bytes": mem.peak_bytes,
             "mem_method": mem.method,
+            "device": device_name(device),
         }
         for split, m in metrics.items()
     ]

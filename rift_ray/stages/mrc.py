@@ -34,12 +34,12 @@ from rift_ray.rift import (
 )
 from rift_ray.stages.common import (
     attack_kwargs,
+    device_name,
     fault,
     fault_sleep,
     new_model,
     peak_memory,
     setup_worker,
-    trial_device,
 )
 from rift_ray.stages.tuning import run_tune
 from rift_ray.store import Store
@@ -209,11 +209,11 @@ def mrc_trial(
     (a trial fetches only its own), or None."""
     assert cfg_dict is not None and at_state is not None and adv is not None
     cfg = SweepConfig.model_validate(cfg_dict)
-    setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
-    device = trial_device()
     name = config["module"]
     t0 = time.time()
-    try:
+    device = None
+    try:  # a GPU that torch cannot use fails the trial here, with the cause in its row
+        device = setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
         fault_sleep("mrc_sleep", module=name)
         if fault("mrc_raise", module=name):
             raise RuntimeError(f"injected fault (RIFT_RAY_FAULTS) in the MRC trial of {name}")
@@ -268,13 +268,14 @@ def mrc_trial(
         }
     row["run_token"] = run_token
     row["node"] = ray.get_runtime_context().get_node_id()[:12]
+    row["device"] = device_name(device) if device is not None else None
     tune.report(row)
 
 
 MRC_COLUMNS = [
     "module", "mrc", "loss_before", "loss_after", "acc_before", "acc_after", "robust_acc_drop",
     "best_epoch", "num_params", "cached_block", "cache_bytes", "cached_inside", "peak_mem_bytes",
-    "mem_method", "seconds", "status", "error", "node",
+    "mem_method", "seconds", "status", "error", "node", "device",
 ]  # fmt: skip
 
 

@@ -29,14 +29,14 @@ from rift_ray.rift import (
     joint_robust_criticality,
     random_modules,
 )
-from rift_ray.stages.common import new_model, setup_worker
+from rift_ray.stages.common import device_name, new_model, setup_worker
 from rift_ray.stages.mrc import ascent_kwargs
 from rift_ray.store import JOINT_MRC_TABLE, Store
 
 JOINT_COLUMNS = [
     "step", "modules", "added", "size", "mrc", "chosen", "loss_before", "loss_after",
     "acc_before", "acc_after", "robust_acc_drop", "best_epoch", "num_params", "seconds",
-    "status", "error", "node",
+    "status", "error", "node", "device",
 ]  # fmt: skip
 
 
@@ -58,10 +58,11 @@ def _joint_mrc_task(
 ) -> dict[str, Any]:
     """Joint MRC of one module set; a failure is a row with its error, not a dead sweep."""
     cfg = SweepConfig.model_validate(cfg_dict)
-    device = setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
     t0 = time.time()
     row: dict[str, Any]
+    device = None
     try:
+        device = setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
         model = new_model(cfg, spec)
         model.load_state_dict(at_state)
         res = joint_robust_criticality(
@@ -85,6 +86,7 @@ def _joint_mrc_task(
         row = {"status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
     row["seconds"] = time.time() - t0
     row["node"] = ray.get_runtime_context().get_node_id()[:12]
+    row["device"] = device_name(device) if device is not None else None
     return row
 
 

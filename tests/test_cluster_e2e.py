@@ -1,0 +1,354 @@
+"""The cluster path as users run it, on real Ray processes on this machine.
+
+A cluster is `ray start --head --num-cpus=0` plus `ray start --address` worker nodes (what
+`ray up` starts), each test's processes on ports of their own and under a Ray temp dir of
+their own (``RAY_TMPDIR``), stopped by pid at the end. Storage on S3 is a moto server on
+127.0.0.1. The sweeps are run the way users run them: `rift-ray sweep` with no address (as
+`ray exec` runs it), a Ray Job (`ray job submit`), and `rift-ray status --follow` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "sweeps" / "smoke.yaml")
+BIN = Path(sys.executable).parent
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+# the smoke sweep, smaller: every stage, a few seconds of compute each
+TINY = [
+    "--set", "adv_train.epochs=1", "--set", "adv_train.lr_milestones=[1]",
+    "--set", "adv_train.checkpoint_every=1",
+    "--set", "data.synthetic.train_size=256", "--set", "data.val_size=64",
+    "--set", "data.synthetic.test_size=64",
+    "--set", "mrc.epochs=1", "--set", "mrc.adv_set_size=64",
+    "--set", "mrc.include=[conv1,layer1.0.conv1,layer2.0.conv1,linear]",
+    "--set", "finetune.top_k=1", "--set", "finetune.lrs=[0.01]", "--set", "finetune.epochs=1",
+    "--set", "finetune.lr_milestones=[1]", "--set", "finetune.metric_subset=64",
+    "--set", "finetune.metric_alphas=[1.0]",
+    "--set", "interpolate.alphas=[0.0,0.5,1.0]",
+    "--set", "resources.torch_threads=1",
+    "--set", "wandb.enabled=false",
+]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pids_with_env(key: str, value: str) -> list[int]:
+    """Processes whose environment holds ``key=value`` (Ray's agents rename their command
+    line, so only their environment tells which cluster they belong to)."""
+    want = f"{key}={value}".encode()
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if want in f.read().split(b"\0"):
+                    out.append(int(pid))
+        except OSError:
+            continue
+    return out
+
+
+class RayCluster:
+    """Ray processes started by ``ray start`` under a temp dir of their own."""
+
+    def __init__(self, **env: str) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard: str | None = None
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}:{os.environ.get('PATH', '')}",  # the venv, as setup-node.sh does
+            "RAY_TMPDIR": self.tmp,
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONUNBUFFERED": "1",
+            "COLUMNS": "200",
+            **env,
+        }
+        for k in ("RAY_ADDRESS", "RIFT_RAY_FAULTS"):
+            self.env.pop(k, None)
+
+    def ray(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+        proc = subprocess.run(
+            [str(BIN / "ray"), *args], env={**self.env, **(env or {})}, capture_output=True,
+            text=True, timeout=timeout,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    def start_head(self, *extra: str, dashboard: bool = False, env: dict[str, str] | None = None):
+        args = ["start", "--head", "--num-cpus=0", f"--port={self.port}",
+                "--node-ip-address=127.0.0.1", "--object-store-memory=150000000",
+                "--disable-usage-stats", *extra]  # fmt: skip
+        if dashboard:
+            port = free_port()
+            args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={port}"]  # fmt: skip
+            self.dashboard = f"http://127.0.0.1:{port}"
+        else:
+            args.append("--include-dashboard=false")
+        self.ray(*args, env=env)
+
+    def add_worker(self, cpus: int) -> None:
+        self.ray("start", f"--address={self.address}", f"--num-cpus={cpus}",
+                 "--node-ip-address=127.0.0.1", "--object-store-memory=150000000",
+                 "--disable-usage-stats")  # fmt: skip
+
+    def nodes(self) -> list[dict[str, Any]]:
+        code = (
+            "import json, ray; ray.init(address='auto', logging_level='ERROR'); "
+            "print(json.dumps([{'id': n['NodeID'], 'cpu': n['Resources'].get('CPU', 0), "
+            "'alive': n['Alive']} for n in ray.nodes()]))"
+        )
+        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        return list(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def rift(self, *args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+        """``rift-ray ARGS`` as a user on the head runs it: no --address, no RAY_ADDRESS."""
+        return subprocess.run(
+            [str(BIN / "rift-ray"), *args], env={**self.env, **env}, capture_output=True,
+            text=True, timeout=timeout, cwd=ROOT,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in _pids_with_env("RAY_TMPDIR", self.tmp):
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            time.sleep(1)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def table(path: Path) -> list[dict[str, Any]]:
+    return list(pq.read_table(path).to_pylist())
+
+
+# -- (a), (b): a head with 0 CPUs and a worker node with 2; (c), (d): Ray Jobs and S3 -----------
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 with a bucket; the environment that reaches it."""
+    pytest.importorskip("moto")
+    port = free_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                     aws_access_key_id="testing", aws_secret_access_key="testing",
+                     ).create_bucket(Bucket="sweeps")  # fmt: skip
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3: dict[str, str]) -> Iterator[RayCluster]:
+    """Head (0 CPUs, dashboard for Ray Jobs) + one worker node with 2 CPUs. Every node reaches
+    the S3 server, as every node of cluster.yaml has the S3 instance profile."""
+    c = RayCluster(**s3)
+    try:
+        c.start_head(dashboard=True)
+        c.add_worker(cpus=2)
+        yield c
+    finally:
+        c.stop()
+
+
+def test_sweep_joins_the_running_cluster(cluster: RayCluster, tmp_path: Path) -> None:
+    """(a) `rift-ray sweep` run on the head as `ray exec` runs it (no --address, no RAY_ADDRESS)
+    joins the cluster: it finishes, and every MRC trial ran on the worker node."""
+    nodes = cluster.nodes()
+    (worker,) = [n["id"] for n in nodes if n["cpu"] > 0]
+    proc = cluster.rift("sweep", SMOKE, *TINY, "--storage", str(tmp_path), "--name", "a",
+                        "--set", "shared_storage=true")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    joined = rf"joined Ray cluster at [0-9.]+:{cluster.port}: 2 nodes, 2 CPUs, 0 GPUs\n"
+    assert re.search(joined, proc.stderr), proc.stderr[-3000:]
+    assert "started a local Ray instance" not in proc.stderr
+    sweep = tmp_path / "a"
+    assert json.loads((sweep / "summary.json").read_text())["alpha"] is not None
+    rows = table(sweep / "tables/mrc.parquet")
+    assert sorted(r["module"] for r in rows) == ["conv1", "layer1.0.conv1", "layer2.0.conv1",
+                                                 "linear"]  # fmt: skip
+    assert {r["node"] for r in rows} == {worker[:12]}, rows
+    assert {r["device"] for r in rows} == {"cpu"}
+    at = json.loads((sweep / "stages/adv_train.json").read_text())
+    assert at["history"][-1]["devices"] == f"{worker[:12]}:cpu"
+    assert {r["device"] for r in table(sweep / "tables/interpolation.parquet")} == {"cpu"}
+    assert {r["device"] for r in table(sweep / "tables/finetune.parquet")} == {"cpu"}
+
+
+def test_bundle_too_big_is_refused_before_any_compute(cluster: RayCluster, tmp_path: Path) -> None:
+    """(b) A bundle no node can hold: exit 2 at once, one line naming stage, bundle and the
+    largest node; and local storage on a multi-node cluster is refused the same way."""
+    t0 = time.time()
+    proc = cluster.rift("sweep", SMOKE, *TINY, "--storage", str(tmp_path), "--name", "b",
+                        "--set", "shared_storage=true", "--set", "resources.mrc.cpu=3",
+                        timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("rift-ray: error: resources.mrc: one trial of stage mrc needs {CPU: 3}")
+    assert "largest: worker {CPU: 2}" in err
+    print(f"refused after {time.time() - t0:.1f} s")
+    assert not (tmp_path / "b" / "config.yaml").exists()  # nothing written
+    proc = cluster.rift("sweep", SMOKE, *TINY, "--storage", str(tmp_path), "--name", "b2",
+                        timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert "storage: " in proc.stderr and "more than one node" in proc.stderr
+    assert "shared_storage: true" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_ray_job_on_s3_followed_from_a_laptop(
+    cluster: RayCluster, s3: dict[str, str], tmp_path: Path
+) -> None:
+    """(c) + (d) The README's cluster command: a Ray Job runs the smoke sweep with storage on S3;
+    `rift-ray status --follow s3://...` follows it to the end; a re-run reuses every stage;
+    status and report read from s3://."""
+    assert cluster.dashboard
+    uri = "s3://sweeps/rift"
+    follow = subprocess.Popen(
+        [str(BIN / "rift-ray"), "status", f"{uri}/job", "--follow", "--interval", "2"],
+        env={**cluster.env, **s3}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        out = cluster.ray(
+            "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT),
+            "--", "rift-ray", "sweep", "sweeps/smoke.yaml", *TINY, "--storage", uri,
+            "--name", "job", timeout=600,
+        )  # fmt: skip
+        followed, _ = follow.communicate(timeout=120)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    assert "succeeded" in out, out[-3000:]
+    assert re.search(rf"joined Ray cluster at [0-9.]+:{cluster.port}", out)  # the job's driver
+    assert follow.returncode == 0, followed
+    for stage in ("adv_train", "mrc", "finetune", "interpolate"):
+        assert f"{stage} done" in " ".join(followed.split()), followed
+    assert "AT vs RiFT" in followed
+    # a re-run (on the head, no address) reuses every stage from S3
+    proc = cluster.rift("sweep", SMOKE, *TINY, "--storage", uri, "--name", "job")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for n, stage in enumerate(("adv_train", "mrc", "finetune", "interpolate"), 1):
+        assert f"stage {n}/4 {stage}: done earlier" in proc.stderr, proc.stderr[-3000:]
+    status = cluster.rift("status", f"{uri}/job", "--json")
+    assert status.returncode == 0, status.stderr
+    assert [s["status"] for s in json.loads(status.stdout)["stages"]] == ["done"] * 4
+    report = cluster.rift("report", f"{uri}/job", "--format", "csv", "-o", str(tmp_path / "csv"))
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "csv" / "mrc.csv").is_file()
+
+
+# -- (e) an autoscaling cluster: Ray's fake multi-node provider ---------------------------------
+
+
+def fake_autoscaling_config(port: int, worker: dict[str, Any]) -> dict[str, Any]:
+    """An autoscaling config for Ray's fake provider whose node types mirror cluster.yaml."""
+    return {
+        "cluster_name": "fake",
+        "max_workers": worker["max_workers"],
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True,
+                     "gcs_address": f"127.0.0.1:{port}"},  # fmt: skip
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "gpu_worker": {**worker, "node_config": {}, "min_workers": 0},
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 5, "docker": {},
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    }  # fmt: skip
+
+
+def test_autoscaling_cluster_launches_workers_from_zero(tmp_path: Path) -> None:
+    """(e) Worker nodes as cluster.yaml declares them (CPU count, a GPU stand-in), none running:
+    the preflight checks the bundles against the node types, and adversarial training's
+    two workers make the autoscaler launch two nodes. A bundle above the node type, or more
+    AT workers than the type's max_workers can hold, is refused at once."""
+    import yaml
+
+    declared = yaml.safe_load((ROOT / "cluster.yaml").read_text())["available_node_types"]
+    worker = {"resources": {**declared["gpu_worker"]["resources"],
+                            "object_store_memory": 150_000_000}, "max_workers": 2}  # fmt: skip
+    c = RayCluster(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    config = tmp_path / "autoscaling.yaml"
+    config.write_text(yaml.safe_dump(fake_autoscaling_config(c.port, worker)))
+    cpus = int(worker["resources"]["CPU"])
+    try:
+        c.start_head(f"--autoscaling-config={config}")
+        assert [n for n in c.nodes() if n["cpu"] > 0] == []  # no worker yet
+        at = ["--set", f"resources.adv_train.cpus_per_worker={cpus}"]
+        # more AT workers than two nodes hold: refused against the node types, no compute
+        proc = c.rift("sweep", SMOKE, *TINY, *at, "--storage", str(tmp_path), "--name", "e",
+                      "--set", "resources.adv_train.num_workers=3",
+                      "--set", "shared_storage=true", timeout=120)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "resources.adv_train: stage adv_train runs 3 AT workers" in proc.stderr
+        assert "holds at most 2" in proc.stderr
+        assert [n for n in c.nodes() if n["cpu"] > 0] == []
+        proc = c.rift("sweep", SMOKE, *TINY, *at, "--storage", str(tmp_path), "--name", "e",
+                      "--set", "resources.adv_train.num_workers=2",
+                      "--set", "shared_storage=true", "--until", "adv_train")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        assert f"autoscaling: gpu_worker {{CPU: {cpus}, GPU: 1}} up to 2" in proc.stderr
+        workers = [n["id"] for n in c.nodes() if n["cpu"] > 0]
+        assert len(workers) == 2  # launched by the autoscaler for the two AT workers
+        rec = json.loads((tmp_path / "e/stages/adv_train.json").read_text())
+        ranks = rec["history"][-1]["devices"].split(",")
+        assert sorted(d.split(":")[0] for d in ranks) == sorted(w[:12] for w in workers)
+        # a trial given a (stand-in) GPU that torch cannot use fails, naming node and cause
+        proc = c.rift("sweep", SMOKE, *TINY, *at, "--storage", str(tmp_path), "--name", "e",
+                      "--set", "resources.adv_train.num_workers=2", "--set", "shared_storage=true",
+                      "--set", "resources.mrc.gpu=0.5", "--until", "mrc")  # fmt: skip
+        assert proc.returncode == 1, proc.stderr[-5000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "Ray assigned GPU" in last and "cannot use it" in last, last
+    finally:
+        c.stop()
