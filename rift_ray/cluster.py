@@ -316,14 +316,18 @@ def autoscaler_node_types(gcs_address: str) -> list[tuple[str, float, float, int
 
 def node_types_of(config: dict[str, Any]) -> list[tuple[str, float, float, int]]:
     """The node types of a ``ray up`` / autoscaling config: ``(name, CPUs, GPUs, max count)``
-    from each type's ``resources`` and ``max_workers`` (the head type: one more)."""
+    from each type's ``resources`` and ``max_workers`` (default: the cluster's; the head
+    type: the head, plus its own ``max_workers`` if given)."""
     types = config.get("available_node_types") or {}
     head = config.get("head_node_type")
     default_max = int(config.get("max_workers", 0) or 0)
     out = []
     for name, t in types.items():
         res = t.get("resources") or {}
-        n = int(t.get("max_workers", default_max) or 0) + (1 if name == head else 0)
+        if name == head:  # the head itself, plus workers of its type only when asked for
+            n = 1 + int(t.get("max_workers", 0) or 0)
+        else:
+            n = int(t.get("max_workers", default_max) or 0)
         out.append((str(name), float(res.get("CPU", 0)), float(res.get("GPU", 0)), n))
     return out
 

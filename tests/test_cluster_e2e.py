@@ -79,6 +79,7 @@ class RayCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard: str | None = None
+        self.workers = 0
         self.env = {
             **os.environ,
             "PATH": f"{BIN}:{os.environ.get('PATH', '')}",  # the venv, as setup-node.sh does
@@ -114,9 +115,29 @@ class RayCluster:
         self.ray(*args, env=env)
 
     def add_worker(self, cpus: int) -> None:
+        """A worker node with a temp dir of its own, as on a machine of its own (nodes sharing
+        one session dir also share the runtime-env cache, and one node's clean-up of a Ray
+        Job's working dir then deletes the driver's current directory on the head)."""
+        self.workers += 1
         self.ray("start", f"--address={self.address}", f"--num-cpus={cpus}",
                  "--node-ip-address=127.0.0.1", "--object-store-memory=150000000",
-                 "--disable-usage-stats")  # fmt: skip
+                 f"--temp-dir={self.tmp}/w{self.workers}", "--disable-usage-stats")  # fmt: skip
+
+    def submit(self, *args: str, timeout: float = 600) -> str:
+        """``ray job submit`` to the head's dashboard, once its job agent is up."""
+        assert self.dashboard
+        deadline = time.time() + 90
+        while True:
+            proc = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", self.dashboard, *args],
+                env=self.env, capture_output=True, text=True, timeout=timeout,
+            )  # fmt: skip
+            out = proc.stdout + proc.stderr
+            if "No available agent to submit job" in out and time.time() < deadline:
+                time.sleep(2)
+                continue
+            assert proc.returncode == 0, out[-5000:]
+            return out
 
     def nodes(self) -> list[dict[str, Any]]:
         code = (
@@ -255,10 +276,9 @@ def test_ray_job_on_s3_followed_from_a_laptop(
         env={**cluster.env, **s3}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        out = cluster.ray(
-            "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT),
-            "--", "rift-ray", "sweep", "sweeps/smoke.yaml", *TINY, "--storage", uri,
-            "--name", "job", timeout=600,
+        out = cluster.submit(
+            "--working-dir", str(ROOT), "--", "rift-ray", "sweep", "sweeps/smoke.yaml", *TINY,
+            "--storage", uri, "--name", "job",
         )  # fmt: skip
         followed, _ = follow.communicate(timeout=120)
     finally:

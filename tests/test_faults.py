@@ -586,7 +586,7 @@ cluster.shutdown()
 @e2e
 def test_node_removed_during_mrc(start_ckpt: str, tmp_path: Path) -> None:
     args = [*TINY, *FOUR_MODULES, *NO_WANDB, "--set", f"adv_train.checkpoint={start_ckpt}",
-            "--until", "mrc"]  # fmt: skip
+            "--set", "shared_storage=true", "--until", "mrc"]  # fmt: skip
     info_file = tmp_path / "info.json"
     proc = subprocess.run(
         [sys.executable, "-c", CLUSTER, SMOKE, str(tmp_path), str(info_file), *args],
