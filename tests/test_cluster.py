@@ -141,14 +141,25 @@ def test_node_types_of_an_autoscaling_config() -> None:
 def test_gpu_assigned_but_unusable_fails_with_node_and_cause(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import ray
     import torch
 
     from rift_ray.stages.common import GPUUnavailableError, trial_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # outside Ray: the GPUs CUDA_VISIBLE_DEVICES names
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert trial_device() == torch.device("cpu")  # no GPU given: the CPU, silently right
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(GPUUnavailableError):
+        trial_device()
+    # in a Ray worker: the GPUs Ray assigned, whatever the environment says
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    assert trial_device() == torch.device("cpu")
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(GPUUnavailableError) as e:
         trial_device()
     msg = str(e.value)

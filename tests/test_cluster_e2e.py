@@ -101,10 +101,20 @@ class RayCluster:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout + proc.stderr
 
+    @staticmethod
+    def node_ports() -> list[str]:
+        """Ports of a node's agents: free ones, not Ray's defaults, which another Ray instance
+        on this machine (the test session's own) may hold; a head whose dashboard agent cannot
+        bind its port takes no Ray Jobs ("No available agent to submit job")."""
+        return ["--node-ip-address=127.0.0.1", "--object-store-memory=150000000",
+                "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}",
+                f"--metrics-export-port={free_port()}"]  # fmt: skip
+
     def start_head(self, *extra: str, dashboard: bool = False, env: dict[str, str] | None = None):
-        args = ["start", "--head", "--num-cpus=0", f"--port={self.port}",
-                "--node-ip-address=127.0.0.1", "--object-store-memory=150000000",
-                "--disable-usage-stats", *extra]  # fmt: skip
+        args = ["start", "--head", "--num-cpus=0", f"--port={self.port}", *self.node_ports(),
+                *extra]  # fmt: skip
         if dashboard:
             port = free_port()
             args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -119,9 +129,8 @@ class RayCluster:
         one session dir also share the runtime-env cache, and one node's clean-up of a Ray
         Job's working dir then deletes the driver's current directory on the head)."""
         self.workers += 1
-        self.ray("start", f"--address={self.address}", f"--num-cpus={cpus}",
-                 "--node-ip-address=127.0.0.1", "--object-store-memory=150000000",
-                 f"--temp-dir={self.tmp}/w{self.workers}", "--disable-usage-stats")  # fmt: skip
+        self.ray("start", f"--address={self.address}", f"--num-cpus={cpus}", *self.node_ports(),
+                 f"--temp-dir={self.tmp}/w{self.workers}")  # fmt: skip
 
     def submit(self, *args: str, timeout: float = 600) -> str:
         """``ray job submit`` to the head's dashboard, once its job agent is up."""
@@ -219,18 +228,26 @@ def cluster(s3: dict[str, str]) -> Iterator[RayCluster]:
         c.stop()
 
 
-def test_sweep_joins_the_running_cluster(cluster: RayCluster, tmp_path: Path) -> None:
-    """(a) `rift-ray sweep` run on the head as `ray exec` runs it (no --address, no RAY_ADDRESS)
-    joins the cluster: it finishes, and every MRC trial ran on the worker node."""
-    nodes = cluster.nodes()
-    (worker,) = [n["id"] for n in nodes if n["cpu"] > 0]
-    proc = cluster.rift("sweep", SMOKE, *TINY, "--storage", str(tmp_path), "--name", "a",
+@pytest.fixture(scope="module")
+def joined(cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(a)'s sweep: `rift-ray sweep` run on the head as `ray exec` runs it (no --address, no
+    RAY_ADDRESS), storage a local path every node shares (they are one machine here)."""
+    storage = tmp_path_factory.mktemp("joined")
+    proc = cluster.rift("sweep", SMOKE, *TINY, "--storage", str(storage), "--name", "a",
                         "--set", "shared_storage=true")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-5000:]
-    joined = rf"joined Ray cluster at [0-9.]+:{cluster.port}: 2 nodes, 2 CPUs, 0 GPUs\n"
-    assert re.search(joined, proc.stderr), proc.stderr[-3000:]
-    assert "started a local Ray instance" not in proc.stderr
-    sweep = tmp_path / "a"
+    return storage / "a", proc.stderr
+
+
+def test_sweep_joins_the_running_cluster(cluster: RayCluster, joined: tuple[Path, str]) -> None:
+    """(a) The sweep joins the cluster: it finishes, and every MRC trial (every AT worker,
+    every fine-tuning trial and interpolation task) ran on the worker node."""
+    sweep, stderr = joined
+    nodes = cluster.nodes()
+    (worker,) = [n["id"] for n in nodes if n["cpu"] > 0]
+    joined_line = rf"joined Ray cluster at [0-9.]+:{cluster.port}: 2 nodes, 2 CPUs, 0 GPUs\n"
+    assert re.search(joined_line, stderr), stderr[-3000:]
+    assert "started a local Ray instance" not in stderr
     assert json.loads((sweep / "summary.json").read_text())["alpha"] is not None
     rows = table(sweep / "tables/mrc.parquet")
     assert sorted(r["module"] for r in rows) == ["conv1", "layer1.0.conv1", "layer2.0.conv1",
@@ -264,13 +281,14 @@ def test_bundle_too_big_is_refused_before_any_compute(cluster: RayCluster, tmp_p
 
 
 def test_ray_job_on_s3_followed_from_a_laptop(
-    cluster: RayCluster, s3: dict[str, str], tmp_path: Path
+    cluster: RayCluster, s3: dict[str, str], joined: tuple[Path, str], tmp_path: Path
 ) -> None:
-    """(c) + (d) The README's cluster command: a Ray Job runs the smoke sweep with storage on S3;
-    `rift-ray status --follow s3://...` follows it to the end; a re-run reuses every stage;
-    status and report read from s3://."""
+    """(c) + (d) The README's cluster command: a Ray Job runs the smoke sweep with storage on S3
+    (from (a)'s AT model, to save a Ray Train start); `rift-ray status --follow s3://...`
+    follows it to the end; a re-run reuses every stage; status and report read from s3://."""
     assert cluster.dashboard
     uri = "s3://sweeps/rift"
+    start = ["--set", f"adv_train.checkpoint={joined[0] / 'checkpoints/at.pt'}"]
     follow = subprocess.Popen(
         [str(BIN / "rift-ray"), "status", f"{uri}/job", "--follow", "--interval", "2"],
         env={**cluster.env, **s3}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -278,7 +296,7 @@ def test_ray_job_on_s3_followed_from_a_laptop(
     try:
         out = cluster.submit(
             "--working-dir", str(ROOT), "--", "rift-ray", "sweep", "sweeps/smoke.yaml", *TINY,
-            "--storage", uri, "--name", "job",
+            *start, "--storage", uri, "--name", "job",
         )  # fmt: skip
         followed, _ = follow.communicate(timeout=120)
     finally:
@@ -291,7 +309,7 @@ def test_ray_job_on_s3_followed_from_a_laptop(
         assert f"{stage} done" in " ".join(followed.split()), followed
     assert "AT vs RiFT" in followed
     # a re-run (on the head, no address) reuses every stage from S3
-    proc = cluster.rift("sweep", SMOKE, *TINY, "--storage", uri, "--name", "job")
+    proc = cluster.rift("sweep", SMOKE, *TINY, *start, "--storage", uri, "--name", "job")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for n, stage in enumerate(("adv_train", "mrc", "finetune", "interpolate"), 1):
         assert f"stage {n}/4 {stage}: done earlier" in proc.stderr, proc.stderr[-3000:]
@@ -370,5 +388,6 @@ def test_autoscaling_cluster_launches_workers_from_zero(tmp_path: Path) -> None:
         assert proc.returncode == 1, proc.stderr[-5000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert "Ray assigned GPU" in last and "cannot use it" in last, last
+        print(last)
     finally:
         c.stop()
