@@ -272,7 +272,27 @@ def run_sweep(
     """Run (or resume) the whole sweep; return the summary that is also written to summary.json.
 
     ``until``: stop once this stage (one of ``store.STAGES``) is done; the summary is then
-    ``{"stopped_after": stage, "storage": ...}`` and a later run without it goes on."""
+    ``{"stopped_after": stage, "storage": ...}`` and a later run without it goes on.
+
+    A task or worker that Ray gave a GPU torch cannot use stops the sweep with that one line
+    (SweepError); the stage it was in is recorded as failed, finished stages are kept."""
+    from rift_ray.stages.common import GPUUnavailableError
+
+    try:
+        return _run_sweep(cfg, address=address, restart=restart, until=until)
+    except GPUUnavailableError as e:
+        cause = getattr(e, "cause", None) or e  # a RayTaskError carries the worker's exception
+        msg = " ".join(str(cause).split())
+        store = Store.open(cfg.storage, cfg.name)
+        for stage in layout.STAGES:
+            if (store.read_stage(stage) or {}).get("status") == "running":
+                store.write_stage(stage, status="failed", error=msg)
+        raise SweepError(msg) from None
+
+
+def _run_sweep(
+    cfg: SweepConfig, *, address: str | None, restart: bool, until: str | None
+) -> dict[str, Any]:
     import ray
 
     if until is not None and until not in layout.STAGES:

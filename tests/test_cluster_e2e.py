@@ -387,7 +387,13 @@ def test_autoscaling_cluster_launches_workers_from_zero(tmp_path: Path) -> None:
                       "--set", "resources.mrc.gpu=0.5", "--until", "mrc")  # fmt: skip
         assert proc.returncode == 1, proc.stderr[-5000:]
         last = proc.stderr.strip().splitlines()[-1]
-        assert "Ray assigned GPU" in last and "cannot use it" in last, last
+        assert re.match(
+            r"rift-ray: error: node \S+: Ray assigned GPU 0 but torch \S+ \(built "
+            r"for CUDA [^)]*\) cannot use it; ",
+            last,
+        ), last
         print(last)
+        mrc = json.loads((tmp_path / "e/stages/mrc.json").read_text())
+        assert mrc["status"] == "failed" and "cannot use it" in mrc["error"]
     finally:
         c.stop()
