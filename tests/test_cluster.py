@@ -193,3 +193,22 @@ def test_cluster_yaml_without_resources_is_refused(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="node type gpu_worker declares no resources.CPU"):
         cl.shape_of_cluster_yaml(str(path))
+
+
+def test_node_types_from_ray_cluster_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autoscaler v2 reports the node groups to the GCS; they come first when present."""
+    from ray._private import state
+    from ray.core.generated import autoscaler_pb2
+
+    groups = [
+        autoscaler_pb2.NodeGroupConfig(name="head", resources={"CPU": 0}, max_count=1),
+        autoscaler_pb2.NodeGroupConfig(name="gpu", resources={"CPU": 8, "GPU": 2}, max_count=-1),
+    ]
+    config = autoscaler_pb2.ClusterConfig(node_group_configs=groups)
+    monkeypatch.setattr(state.state, "get_cluster_config", lambda: config)
+    assert cl.autoscaler_node_types("127.0.0.1:1") == [
+        ("head", 0.0, 0.0, 1),
+        ("gpu", 8.0, 2.0, 10**6),  # -1: no limit
+    ]
+    monkeypatch.setattr(state.state, "get_cluster_config", lambda: None)
+    assert cl.autoscaler_node_types("127.0.0.1:1") == []  # no v2, no monitor for that port
