@@ -283,10 +283,11 @@ def run_sweep(
     except GPUUnavailableError as e:
         cause = getattr(e, "cause", None) or e  # a RayTaskError carries the worker's exception
         msg = " ".join(str(cause).split())
-        store = Store.open(cfg.storage, cfg.name)
-        for stage in layout.STAGES:
-            if (store.read_stage(stage) or {}).get("status") == "running":
-                store.write_stage(stage, status="failed", error=msg)
+        top = Store.open(cfg.storage, cfg.name)
+        for store in [top, *(top.for_seed(s) for s in top.seed_dirs())]:
+            for stage in layout.STAGES:
+                if (store.read_stage(stage) or {}).get("status") == "running":
+                    store.write_stage(stage, status="failed", error=msg)
         raise SweepError(msg) from None
 
 

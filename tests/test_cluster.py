@@ -212,3 +212,29 @@ def test_node_types_from_ray_cluster_state(monkeypatch: pytest.MonkeyPatch) -> N
     ]
     monkeypatch.setattr(state.state, "get_cluster_config", lambda: None)
     assert cl.autoscaler_node_types("127.0.0.1:1") == []  # no v2, no monitor for that port
+
+
+def test_gpu_failure_marks_the_running_stages_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU torch cannot use, met in a Ray task, ends the sweep with its one line; the stage
+    records that say running (the top level's and each seed's) say failed, done ones stay."""
+    from rift_ray import pipeline
+    from rift_ray.stages.common import GPUUnavailableError
+    from rift_ray.store import Store
+
+    cfg = load_config(SMOKE, storage=str(tmp_path))
+    top = Store.open(cfg.storage, cfg.name)
+    top.write_stage("adv_train", status="done", hash="h")
+    seed = top.for_seed(3)
+    seed.write_stage("mrc", status="running", hash="h")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise GPUUnavailableError("node n1: Ray assigned GPU 0 but torch cannot use it")
+
+    monkeypatch.setattr(pipeline, "_run_sweep", broken)
+    with pytest.raises(pipeline.SweepError, match=r"^node n1: Ray assigned GPU 0 but torch"):
+        pipeline.run_sweep(cfg)
+    assert top.read_stage("adv_train")["status"] == "done"
+    rec = seed.read_stage("mrc")
+    assert rec["status"] == "failed" and rec["error"].startswith("node n1: Ray assigned GPU 0")
