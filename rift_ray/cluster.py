@@ -63,6 +63,8 @@ class ClusterShape:
     autoscaling: bool = False
     private: bool = False
     """A local instance rift-ray started itself (one node)."""
+    declared: bool = False
+    """Node types a ``ray up`` config declares (``--dry-run --cluster``), nothing running."""
 
     @property
     def multi_node(self) -> bool:
@@ -72,6 +74,10 @@ class ClusterShape:
         return max(self.nodes, key=lambda n: (n.gpu, n.cpu), default=None)
 
     def describe(self) -> str:
+        if self.declared:
+            return f"the node types of {self.address}: " + ", ".join(
+                f"{n.text()} up to {n.max_count}" for n in self.nodes
+            )
         alive = [n for n in self.nodes if n.alive]
         n_nodes = sum(n.alive for n in alive)
         cpus = sum(n.cpu * n.alive for n in alive)
@@ -356,7 +362,7 @@ def shape_of_cluster_yaml(path: str) -> ClusterShape:
     nodes = tuple(
         NodeShape(name, cpu, gpu, 1 if name == head else 0, n) for name, cpu, gpu, n in types
     )
-    return ClusterShape(nodes, address=path, autoscaling=True)
+    return ClusterShape(nodes, address=path, autoscaling=True, declared=True)
 
 
 def _monitor_config_path(gcs_address: str) -> str | None:

@@ -176,7 +176,8 @@ def test_dry_run_shows_packing_on_cluster_yaml(
             "--set", "resources.finetune.cpu=4", "--set", "resources.finetune.gpu=0.5"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "packing on Ray cluster at " in out
+    assert "packing on the node types of " in out
+    assert "head {CPU: 0} up to 1, gpu_worker {CPU: 4, GPU: 1} up to 8:" in out
     assert "mrc         " in out and "4 per gpu_worker (GPU idle 0%)" in out
     assert "1 per gpu_worker (GPU idle 50%)" in out  # finetune: 4 CPUs leave half the GPU
     # a bundle no node type holds: the packing, then exit 2 with the one line
