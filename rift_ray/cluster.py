@@ -118,8 +118,6 @@ class Bundle:
 def stage_bundles(cfg: SweepConfig, n_modules: int, *, adv_train: bool = True) -> list[Bundle]:
     """Every bundle a sweep asks Ray for, per stage (``adv_train=False``: stage 1 is skipped,
     it starts from a checkpoint or is done)."""
-    from rift_ray.plan import module_sets
-
     r = cfg.resources
     out: list[Bundle] = []
     if adv_train:
@@ -129,7 +127,7 @@ def stage_bundles(cfg: SweepConfig, n_modules: int, *, adv_train: bool = True) -
             Bundle("adv_train", "resources.adv_train", "AT worker", a.cpus_per_worker, gpu,
                    a.num_workers, gang=True)
         )  # fmt: skip
-    trials = module_sets(cfg) * len(cfg.finetune.lrs)
+    trials = cfg.finetune.max_module_sets() * len(cfg.finetune.lrs)
     out.append(Bundle("mrc", "resources.mrc", "trial", r.mrc.cpu, r.mrc.gpu, n_modules))
     out.append(Bundle("finetune", "resources.finetune", "trial", r.finetune.cpu, r.finetune.gpu,
                       trials))  # fmt: skip

@@ -218,6 +218,17 @@ class FinetuneConfig(_Section):
             )
         return self
 
+    def max_module_sets(self) -> int:
+        """Module sets stage 3 fine-tunes, at most (sets two strategies share are fine-tuned
+        once); times ``len(lrs)`` it bounds the number of fine-tuning trials."""
+        per = {
+            "lowest": self.top_k + (1 if self.joint and self.top_k > 1 else 0),
+            "greedy": 1,
+            "random": self.random_draws,
+            "highest": 1,
+        }
+        return sum(per[s] for s in self.strategies)
+
     def selection_settings(self) -> dict[str, Any]:
         """What the module selection depends on beyond top_k/joint; {} for the default
         (``strategies: [lowest]``), so sweeps from before the option keep their stage hashes."""

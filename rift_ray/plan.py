@@ -34,18 +34,6 @@ def time_per_image(cfg: SweepConfig, spec: Any, batch: int = 32, repeats: int = 
     return (time.perf_counter() - t0) / (repeats * batch)
 
 
-def module_sets(cfg: SweepConfig) -> int:
-    """Module sets stage 3 fine-tunes, at most (sets two strategies share are fine-tuned once)."""
-    f = cfg.finetune
-    per = {
-        "lowest": f.top_k + (1 if f.joint and f.top_k > 1 else 0),
-        "greedy": 1,
-        "random": f.random_draws,
-        "highest": 1,
-    }
-    return sum(per[s] for s in f.strategies)
-
-
 def joint_sets(cfg: SweepConfig) -> int:
     """Module sets the greedy strategy scores by joint MRC, at most (0 without it)."""
     g = cfg.finetune.greedy
@@ -68,7 +56,7 @@ def estimate(
     mrc = (
         n_adv * k * t_img + n_modules * cfg.mrc.epochs * n_adv * 1.3 * t_img
     )  # ascent + a forward pass per epoch
-    groups = module_sets(cfg)
+    groups = cfg.finetune.max_module_sets()
     trials = groups * len(cfg.finetune.lrs)
     metric = (len(cfg.finetune.metric_alphas) * min(n_val, cfg.finetune.metric_subset) * k) * t_img
     ft = trials * cfg.finetune.epochs * (n_train * t_img + metric)
@@ -115,7 +103,7 @@ def print_plan(cfg: SweepConfig, cluster: Any = None) -> None:
             st = prep.store.for_seed(seed)
             hs = stage_hashes(cfg, seed)
             runs.append((seed, st, {k: st.stage_done(k, hs[k]) for k in STAGES_2_4}))
-    groups = module_sets(cfg)
+    groups = cfg.finetune.max_module_sets()
     alphas = [a for a in cfg.interpolate.alphas if a > 0]
     tasks = math.ceil(len(alphas) / cfg.interpolate.alphas_per_task)
     print(f"sweep {cfg.name} -> {prep.store.uri}")
