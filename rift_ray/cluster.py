@@ -187,7 +187,7 @@ def packing_lines(cluster: ClusterShape, bundles: list[Bundle]) -> list[str]:
     """``--dry-run``: per stage, how its units pack onto the cluster's kinds of node."""
     lines = []
     for b in bundles:
-        fits = [(n, per_node(b, n)) for n in cluster.nodes if per_node(b, n)]
+        fits = [(n, k) for n in cluster.nodes if (k := per_node(b, n))]
         if not fits:
             lines.append(f"{b.stage:<11} {b.units} x {b.text()}: fits no node")
             continue
@@ -212,9 +212,10 @@ def check_storage(cfg: SweepConfig, cluster: ClusterShape) -> None:
     """A local storage path on a cluster of more than one node is refused (one line), unless
     the config says every node mounts it (``shared_storage: true``, e.g. NFS): Ray Train and
     Tune write their checkpoints from the node a worker runs on."""
+    from rift_ray.store import is_local_storage
+
     storage = cfg.storage
-    local = "://" not in storage or storage.startswith("file://")
-    if local and cluster.multi_node and not cfg.shared_storage:
+    if is_local_storage(storage) and cluster.multi_node and not cfg.shared_storage:
         raise ConfigError(
             f"storage: {storage!r} is a local path, but the Ray cluster has more than one node "
             "and each writes its checkpoints there; use s3://... or gs://..., or set "

@@ -179,7 +179,8 @@ def print_plan(cfg: SweepConfig, cluster: Any = None) -> None:
         f"remaining compute ~{_fmt(total)} on one such device (ASHA usually cuts fine-tuning)"
     )
     if cluster is not None:
-        bundles = cl.stage_bundles(cfg, len(prep.modules), adv_train=not cfg.adv_train.checkpoint)
+        at_runs = not (cfg.adv_train.checkpoint or done["adv_train"])  # as the sweep checks
+        bundles = cl.stage_bundles(cfg, len(prep.modules), adv_train=at_runs)
         print(f"packing on {cluster.describe()}:")
         for line in cl.packing_lines(cluster, bundles):
             print(f"  {line}")

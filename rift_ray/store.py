@@ -90,6 +90,12 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
+def is_local_storage(storage: str) -> bool:
+    """Whether a ``storage`` setting is this machine's file system (a path or ``file://``),
+    as :meth:`Store.open` reads it, rather than an object store every node can reach."""
+    return not _is_uri(storage) or storage.startswith("file://")
+
+
 @dataclass
 class Store:
     """A sweep directory ``<root>`` on a pyarrow filesystem."""
