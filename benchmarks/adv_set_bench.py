@@ -3,7 +3,7 @@
     nice python -m benchmarks.adv_set_bench                # small_resnet, 1024 images, 5 epochs
 
 One adversarial set (PGD-10 on real CIFAR-10 validation images, seeded small_resnet as in
-mrc_bench) is encoded in each format of ``rift_ray.rift.encode_adversarial_set``
+mrc_bench) is encoded in each format of ``rift_ray.advset.encode_adversarial_set``
 (``mrc.adv_set_format``), decoded, and the MRC of every module is computed on it (fast
 path, same seed and batches). Reported: bytes, the largest pixel error, the largest
 |dMRC| and |d end-of-epoch loss| against float32, and whether the MRC ranking (and so
@@ -18,13 +18,9 @@ import os
 import torch
 
 from benchmarks.common import cifar10, machine, random_subset, seeded_model
+from rift_ray.advset import decode_adversarial_set, encode_adversarial_set
 from rift_ray.models import mrc_candidates
-from rift_ray.rift.mrc import (
-    adversarial_set,
-    decode_adversarial_set,
-    encode_adversarial_set,
-    module_robust_criticality,
-)
+from rift_ray.rift.mrc import MRCOptions, adversarial_set, robust_criticality
 
 
 def main() -> None:
@@ -39,7 +35,7 @@ def main() -> None:
     model = seeded_model(args.arch, splits)
     x, y = adversarial_set(model, random_subset(splits.val, args.n), batch_size=256)
     modules = mrc_candidates(model)
-    kw = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": 0}
+    opts = MRCOptions(epochs=args.epochs, batch_size=args.batch_size, seed=0)
     results = {}
     print(f"machine: {machine()}; load average {os.getloadavg()}")
     print(f"{args.arch}, {args.n} images, {args.epochs} epochs, batch {args.batch_size}\n")
@@ -52,7 +48,7 @@ def main() -> None:
         size = blob["inputs"].numel() * blob["inputs"].element_size()
         xs = decode_adversarial_set(blob)
         err = float(((xs.float() / 255) if xs.dtype == torch.uint8 else xs).sub(x).abs().max())
-        results[fmt] = {m: module_robust_criticality(model, m, xs, y, **kw) for m in modules}
+        results[fmt] = {m: robust_criticality(model, m, xs, y, opts) for m in modules}
         ref = results["float32"]
         d_mrc = max(abs(results[fmt][m].mrc - ref[m].mrc) for m in modules)
         d_loss = max(

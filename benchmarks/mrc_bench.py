@@ -3,7 +3,7 @@
     nice python benchmarks/mrc_bench.py                      # small_resnet, 1024 images, 10 epochs
     nice python benchmarks/mrc_bench.py --arch small_cnn --n 512 --epochs 3
 
-Reference = ``module_robust_criticality(..., fast=False)``: the procedure of RIFT.md in one
+Reference = ``robust_criticality(..., MRCOptions(fast=False))``: the procedure of RIFT.md in one
 process (a full forward and backward per step, a full evaluation pass per epoch). Same
 model, fixed adversarial set (PGD-10 on validation images of real CIFAR-10), seed and
 batches for every mode; the modes run interleaved module by module, ``--repeats`` times
@@ -30,12 +30,14 @@ from rift_ray.memory import PeakMemory
 from rift_ray.models import mrc_candidates
 from rift_ray.rift.mrc import (
     MRCBase,
+    MRCOptions,
     MRCResult,
     adversarial_set,
-    module_robust_criticality,
     mrc_base,
+    robust_criticality,
 )
 
+# MRCOptions fields per mode; "base": the mode also passes the shared MRCBase
 MODES: dict[str, dict[str, Any]] = {
     "reference": {"fast": False},
     # block-input caching only, no evaluation reuse (the first fast path)
@@ -56,11 +58,16 @@ SHORT = {
 
 
 def peak_mib(
-    model: torch.nn.Module, name: str, x: torch.Tensor, y: torch.Tensor, **kw: Any
+    model: torch.nn.Module,
+    name: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    opts: MRCOptions,
+    base: MRCBase | None,
 ) -> float:
     """Peak MiB of tensors allocated by one trial (rift_ray.memory.PeakMemory, CPU method)."""
     with PeakMemory("cpu") as mem:
-        module_robust_criticality(model, name, x, y, **kw)
+        robust_criticality(model, name, x, y, opts, base=base)
     return mem.peak_bytes / 2**20
 
 
@@ -88,24 +95,19 @@ def main() -> None:
     x, y = adversarial_set(model, random_subset(splits.val, args.n), batch_size=256)
     adv_s = time.perf_counter() - t0
     modules = mrc_candidates(model)
-    kw = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": 0}
-    module_robust_criticality(model, modules[-1], x, y, **kw | {"epochs": 1})  # warm-up
+    common = MRCOptions(epochs=args.epochs, batch_size=args.batch_size, seed=0)
+    robust_criticality(model, modules[-1], x, y, dataclasses.replace(common, epochs=1))  # warm-up
+
+    def opts(m: str) -> MRCOptions:
+        return dataclasses.replace(common, **{k: v for k, v in MODES[m].items() if k != "base"})
 
     bases: dict[str, MRCBase] = {}
     base_s: dict[str, float] = {}
     for _ in range(args.repeats):  # the shared base of the modes that use one, once per stage
-        for m, opts in MODES.items():
-            if opts.get("base"):
+        for m, mode in MODES.items():
+            if mode.get("base"):
                 cpu0, wall0 = time.process_time(), time.perf_counter()
-                bases[m] = mrc_base(
-                    model,
-                    modules,
-                    x,
-                    y,
-                    batch_size=args.batch_size,
-                    seed=0,
-                    channels_last=opts.get("channels_last", False),
-                )
+                bases[m] = mrc_base(model, modules, x, y, opts(m))
                 took = (
                     time.process_time() - cpu0
                     if args.clock == "cpu"
@@ -113,8 +115,8 @@ def main() -> None:
                 )
                 base_s[m] = min(base_s.get(m, took), took)
 
-    def options(m: str) -> dict[str, Any]:
-        return MODES[m] | ({"base": bases[m]} if MODES[m].get("base") else {})
+    def base(m: str) -> MRCBase | None:
+        return bases[m] if MODES[m].get("base") else None
 
     rows = []
     modes = list(MODES)
@@ -124,7 +126,7 @@ def main() -> None:
             k = (i + r) % len(modes)
             for m in modes[k:] + modes[:k]:
                 cpu0 = time.process_time()
-                out = module_robust_criticality(model, name, x, y, **kw, **options(m))
+                out = robust_criticality(model, name, x, y, opts(m), base=base(m))
                 if args.clock == "cpu":  # CPU seconds of this process: robust to other jobs' load
                     out = dataclasses.replace(out, seconds=time.process_time() - cpu0)
                 if m not in res or out.seconds < res[m].seconds:
@@ -136,7 +138,7 @@ def main() -> None:
     if not args.no_memory:  # deterministic: the same computation allocates the same tensors
         for name in modules:
             for m in ("reference", "fast"):
-                memory[name, m] = peak_mib(model, name, x, y, **kw, **options(m))
+                memory[name, m] = peak_mib(model, name, x, y, opts(m), base(m))
 
     print(f"\nmachine: {machine()}; load average {os.getloadavg()}")
     print(

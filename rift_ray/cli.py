@@ -45,7 +45,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from rift_ray.pipeline import SweepError, run_sweep
+    from rift_ray.errors import SweepError
+    from rift_ray.pipeline import run_sweep
 
     cfg = _config(args)
     if args.cluster and not args.dry_run:
@@ -89,6 +90,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from rift_ray.results import STRATEGY_COLUMNS, pct
+
     console = Console(highlight=False)
     mods = "+".join(summary["modules"])
     console.print(
@@ -106,20 +109,23 @@ def print_summary(summary: dict[str, Any]) -> None:
             table.add_row(
                 label,
                 split,
-                *(_pct(m.get(k)) for k in ("clean_acc", "robust_acc", "corruption_acc")),
+                *(
+                    pct(m.get(k), finite_only=False)
+                    for k in ("clean_acc", "robust_acc", "corruption_acc")
+                ),
             )
     console.print(table)
     strategies = summary.get("strategies") or []
     if len(strategies) > 1:  # the comparison of module selections (finetune.strategies)
         comp = Table(title="Module selection strategies (best trial each, accuracy %)")
-        comp.add_column("strategy")
-        for col in ("lr", "alpha*", "val clean", "val PGD", "test clean", "test PGD", "test corr."):
-            comp.add_column(col, justify="right")
+        first, *cols = [c for c in STRATEGY_COLUMNS if c.short]  # the strategy, then figures
+        comp.add_column(first.short)
+        for c in cols:
+            comp.add_column(c.short, justify="right")
         for r in strategies:
             comp.add_row(
-                r["strategy"] + (" *" if r.get("primary") else ""),
-                *("-" if r.get(k) is None else f"{r[k]:g}" for k in ("lr", "alpha")),
-                *(_pct(r.get(f"{split}_{k}")) for split, k in STRATEGY_CELLS),
+                r[first.key] + (" *" if r.get("primary") else ""),
+                *(_strategy_cell(r.get(c.key), c.accuracy) for c in cols),
             )
         console.print(comp)
         for r in strategies:
@@ -151,6 +157,7 @@ def print_seeds_summary(summary: dict[str, Any]) -> None:
 
     from rift_ray.aggregate import lookup
     from rift_ray.aggregate import mean_std_text as pm
+    from rift_ray.results import pct
 
     console = Console(highlight=False, soft_wrap=True)
     n, chosen = summary.get("n"), summary.get("chosen") or {}
@@ -192,9 +199,10 @@ def print_seeds_summary(summary: dict[str, Any]) -> None:
         rift, at = lookup(s, "rift", "test") or {}, lookup(s, "at", "test") or {}
         console.print(
             f"  seed {s.get('seed')}: {'+'.join(s.get('modules') or [])}, lr {s.get('lr'):g}, "
-            f"alpha* {s.get('alpha'):g}; test clean {_pct(at.get('clean_acc'))} -> "
-            f"{_pct(rift.get('clean_acc'))}, PGD {_pct(at.get('robust_acc'))} -> "
-            f"{_pct(rift.get('robust_acc'))}"
+            f"alpha* {s.get('alpha'):g}; test clean {pct(at.get('clean_acc'), finite_only=False)} -> "
+            f"{pct(rift.get('clean_acc'), finite_only=False)}, "
+            f"PGD {pct(at.get('robust_acc'), finite_only=False)} -> "
+            f"{pct(rift.get('robust_acc'), finite_only=False)}"
         )
     for f in summary.get("failures") or []:
         line = escape(f"seed {f.get('seed')}: {f['stage']} failed: {f['name']}: {f['error']}")
@@ -203,16 +211,16 @@ def print_seeds_summary(summary: dict[str, Any]) -> None:
     console.print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in secs.items()))
 
 
-STRATEGY_CELLS = [("val", "clean_acc"), ("val", "robust_acc"), ("test", "clean_acc"),
-                  ("test", "robust_acc"), ("test", "corruption_acc")]  # fmt: skip
+def _strategy_cell(v: float | None, accuracy: bool) -> str:
+    """A cell of the printed strategy comparison (accuracies as in the AT vs RiFT table)."""
+    from rift_ray.results import pct
 
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
+    return pct(v, finite_only=False) if accuracy else "-" if v is None else f"{v:g}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from rift_ray.report import open_sweep, status_lines, sweep_status
+    from rift_ray.results import open_sweep
+    from rift_ray.status import status_lines, sweep_status
 
     if args.follow:
         return follow_status(args.sweep_dir, args.interval)
@@ -232,7 +240,8 @@ def follow_status(sweep_dir: str, interval: float) -> int:
     with the summary once it is written, 1 when a stage failed."""
     import time
 
-    from rift_ray.report import open_sweep, status_lines, sweep_status
+    from rift_ray.results import open_sweep
+    from rift_ray.status import status_lines, sweep_status
     from rift_ray.store import StorageError
 
     seen: set[str] = set()
@@ -263,13 +272,8 @@ def follow_status(sweep_dir: str, interval: float) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from rift_ray.report import (
-        SweepResults,
-        export_tables,
-        open_sweep,
-        table_records,
-        write_report,
-    )
+    from rift_ray.report import export_tables, table_records, write_report
+    from rift_ray.results import SweepResults, open_sweep
 
     store = open_sweep(args.sweep_dir)
     if args.format == "html":

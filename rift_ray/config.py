@@ -10,8 +10,6 @@ use environment variables (``root: ${RIFT_CIFAR10_ARCHIVE}``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -164,6 +162,7 @@ class ASHAConfig(_Section):
 
 
 Strategy = Literal["lowest", "greedy", "random", "highest"]
+"""The closed set of module-selection strategies; what each means: ``rift_ray.rift.selection``."""
 
 
 class GreedyConfig(_Section):
@@ -217,17 +216,6 @@ class FinetuneConfig(_Section):
                 f"primary: {self.primary!r} is not one of finetune.strategies {self.strategies}"
             )
         return self
-
-    def max_module_sets(self) -> int:
-        """Module sets stage 3 fine-tunes, at most (sets two strategies share are fine-tuned
-        once); times ``len(lrs)`` it bounds the number of fine-tuning trials."""
-        per = {
-            "lowest": self.top_k + (1 if self.joint and self.top_k > 1 else 0),
-            "greedy": 1,
-            "random": self.random_draws,
-            "highest": 1,
-        }
-        return sum(per[s] for s in self.strategies)
 
     def selection_settings(self) -> dict[str, Any]:
         """What the module selection depends on beyond top_k/joint; {} for the default
@@ -416,16 +404,6 @@ class SweepConfig(_Section):
         own ``seed`` and are made before this copy is used.
         """
         return self.model_copy(update={"seed": seed})
-
-    def config_hash(self) -> str:
-        d = self.to_dict()
-        for k in ("name", "storage", "shared_storage", "wandb", "resources"):
-            d.pop(k, None)
-        if d.get("compute") == ComputeConfig().model_dump(mode="json"):
-            d.pop("compute")  # the defaults: hashes as before the section existed
-        if d["mrc"].get("adv_set_format") == "float32":
-            del d["mrc"]["adv_set_format"]
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _MESSAGES = {

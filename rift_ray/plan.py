@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from rift_ray.config import SweepConfig
+from rift_ray.rift.selection import max_module_sets
 
 STAGES_2_4 = ("mrc", "finetune", "interpolate")
 
@@ -56,7 +57,7 @@ def estimate(
     mrc = (
         n_adv * k * t_img + n_modules * cfg.mrc.epochs * n_adv * 1.3 * t_img
     )  # ascent + a forward pass per epoch
-    groups = cfg.finetune.max_module_sets()
+    groups = max_module_sets(cfg.finetune)
     trials = groups * len(cfg.finetune.lrs)
     metric = (len(cfg.finetune.metric_alphas) * min(n_val, cfg.finetune.metric_subset) * k) * t_img
     ft = trials * cfg.finetune.epochs * (n_train * t_img + metric)
@@ -83,18 +84,16 @@ def print_plan(cfg: SweepConfig, cluster: Any = None) -> None:
     """The plan; with ``cluster`` (a ``rift_ray.cluster.ClusterShape``) also how each stage's
     bundles pack onto its nodes, ending in ConfigError when one fits no node."""
     from rift_ray import cluster as cl
-    from rift_ray.pipeline import prepare
-
-    prep = prepare(cfg)
+    from rift_ray.checks import preflight
+    from rift_ray.hashing import stage_hashes
     from rift_ray.stages.common import ModelSpec
 
+    prep = preflight(cfg)
     spec = ModelSpec.of(prep.splits)
     s, r = prep.splits, cfg.resources
     t_img = time_per_image(cfg, spec)
     est = estimate(cfg, len(s.train), len(s.val), len(s.test), len(prep.modules), t_img)
-    from rift_ray.pipeline import stage_hashes
-
-    done = {stage: prep.store.stage_done(stage, h) for stage, h in prep.hashes.items()}
+    done = {stage: prep.store.stage_done(stage, h) for stage, h in stage_hashes(cfg).items()}
     # a seeds sweep: stages 2-4 once per seed, each in seeds/<s>/ with its own hashes
     runs: list[tuple[int | None, Any, dict[str, bool]]] = [(None, prep.store, done)]
     if cfg.seeds is not None:
@@ -103,7 +102,7 @@ def print_plan(cfg: SweepConfig, cluster: Any = None) -> None:
             st = prep.store.for_seed(seed)
             hs = stage_hashes(cfg, seed)
             runs.append((seed, st, {k: st.stage_done(k, hs[k]) for k in STAGES_2_4}))
-    groups = cfg.finetune.max_module_sets()
+    groups = max_module_sets(cfg.finetune)
     alphas = [a for a in cfg.interpolate.alphas if a > 0]
     tasks = math.ceil(len(alphas) / cfg.interpolate.alphas_per_task)
     print(f"sweep {cfg.name} -> {prep.store.uri}")

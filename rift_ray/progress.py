@@ -4,7 +4,7 @@
         for ref in finished_tasks():
             bar.advance(points_in(ref))
 
-    print(epoch_line("adv_train", metrics, total_epochs=10))   # one line per epoch
+    log("stage 2/4 mrc: 12 modules, one Tune trial each")   # one line, "[rift-ray] ..."
 
 A bar is drawn (rich) only when stderr is a terminal, ``TERM`` is not ``dumb`` and
 ``CI`` is not set; otherwise a line is printed for the first and last item, each
@@ -17,6 +17,11 @@ import os
 import sys
 import time
 from typing import IO, Any
+
+
+def log(msg: str) -> None:
+    """One line for the person running the sweep, on stderr: ``[rift-ray] <msg>``."""
+    print(f"[rift-ray] {msg}", file=sys.stderr, flush=True)
 
 
 def duration(seconds: float | None) -> str:
@@ -120,33 +125,3 @@ class Progress:
     def __exit__(self, *exc: Any) -> None:
         if self._bar is not None:
             self._bar.stop()
-
-
-_EPOCH_FIELDS = (
-    ("train_loss", "loss {:.3f}"),
-    ("train_clean_acc", "train clean {:.2f}"),
-    ("train_adv_acc", "adv {:.2f}"),
-    ("train_acc", "train acc {:.2f}"),
-    ("val_clean_acc", "val clean {:.2f}"),
-    ("val_robust_acc", "PGD {:.2f}"),
-    ("val_score", "score {:+.2f}"),
-    ("lr", "lr {:.3g}"),
-    ("images_per_s", "{:.0f} img/s"),
-)
-
-
-def epoch_line(stage: str, metrics: dict[str, Any], total_epochs: int | None = None) -> str:
-    """One log line per epoch (only the fields present), e.g.::
-
-    [adv_train] epoch 3/10  loss 1.985  train clean 52.60  adv 29.51  val clean 59.50
-        PGD 29.25  lr 0.05  374 img/s  3.1s        (on one line)
-    """
-    epoch = metrics.get("epoch", "?")
-    parts = [f"[{stage}] epoch {epoch}" + (f"/{total_epochs}" if total_epochs else "")]
-    for key, template in _EPOCH_FIELDS:
-        v = metrics.get(key)
-        if isinstance(v, (int, float)) and v == v and abs(v) != float("inf"):
-            parts.append(template.format(v))
-    if isinstance(metrics.get("seconds"), (int, float)):
-        parts.append(f"{metrics['seconds']:.1f}s")
-    return "  ".join(parts)

@@ -18,6 +18,7 @@ Everything a sweep produces lives under ``<storage>/<name>/`` (a local path, or
     checkpoints/rift.pt         the final RiFT model (interpolated at alpha*)
     checkpoints/finetune/<trial>.pt  best epoch of each surviving fine-tuning trial
     artifacts/adv_set.pt        the fixed adversarial set used by MRC
+    artifacts/autoattack/<name>/shard-<i>.json  AutoAttack results, shard by shard
     ray/<stage>-<hash>/         Ray Train / Tune run directories (resume state)
 
 With ``seeds: [s, ...]`` the AT model and its records stay at the top, each seed's RiFT
@@ -41,6 +42,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -67,14 +69,46 @@ RIFT_CHECKPOINT = "checkpoints/rift.pt"
 ADV_SET = "artifacts/adv_set.pt"
 MRC_BASE = "artifacts/mrc_base.pt"
 STAGES = ("adv_train", "mrc", "finetune", "interpolate")
+RAY_DIR = "ray"
+SWEEP_DIRS = ("stages", "tables", "checkpoints", "artifacts", RAY_DIR)
+"""The directories of a sweep's results (what ``--restart`` removes, with the seeds, the
+manifest and the summary)."""
 
 
 class StorageError(RuntimeError):
     """Storage that cannot be used (unwritable, unreachable, malformed URI)."""
 
 
+RAY_EXPERIMENTS = {"adv_train": "at", "mrc": "mrc", "finetune": "finetune"}
+"""The stages that run under Ray Train / Tune, and the prefix of their run directory."""
+
+
 def finetune_checkpoint(trial: str) -> str:
     return f"checkpoints/finetune/{trial}.pt"
+
+
+def trial_name(modules: list[str] | tuple[str, ...], lr: float) -> str:
+    """A fine-tuning trial's name: its modules joined by ``+`` (characters a file name cannot
+    hold replaced by ``_``) and its learning rate, e.g. ``layer2.1.conv2_lr0.01``."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", "+".join(modules)) + f"_lr{lr:g}"
+
+
+def experiment_name(stage: str, stage_hash: str, strategy: str | None = None) -> str:
+    """The Ray Train / Tune run name of ``stage`` at ``stage_hash`` (``ray/<name>/``):
+    ``at-<hash>``, ``mrc-<hash>``, ``finetune-<hash>``; a fine-tuning strategy other than
+    the primary one runs in ``finetune-<hash>-<strategy>``."""
+    name = f"{RAY_EXPERIMENTS[stage]}-{stage_hash}"
+    return f"{name}-{strategy}" if strategy else name
+
+
+def experiment_dir(name: str) -> str:
+    """The run directory of the Ray experiment ``name``, relative to the sweep directory."""
+    return f"{RAY_DIR}/{name}"
+
+
+def autoattack_shard(name: str, i: int) -> str:
+    """Where the AutoAttack result of shard ``i`` of the evaluation ``name`` is kept."""
+    return f"artifacts/autoattack/{name}/shard-{i}.json"
 
 
 def seed_dir(seed: int) -> str:
@@ -136,8 +170,8 @@ class Store:
     def ray_storage(self) -> tuple[str, pafs.FileSystem | None]:
         """(storage_path, storage_filesystem) for Ray Train / Tune RunConfig."""
         if self.is_local:
-            return self.path("ray"), None
-        return self.path("ray"), self.fs
+            return self.path(RAY_DIR), None
+        return self.path(RAY_DIR), self.fs
 
     # -- checks --------------------------------------------------------------
     def check_writable(self) -> None:

@@ -34,30 +34,23 @@ logging off. Online needs ``WANDB_API_KEY`` in the environment; the key is read 
 wandb itself, never by this module, and never printed or stored. Without a key, or
 when W&B cannot be reached, the tracker warns once, logs offline and prints the
 ``wandb sync`` command at the end. Offline runs land in ``<sweep dir>/wandb/``
-(``$WANDB_DIR`` when set). :func:`read_offline_run` reads a run back (tests, debugging).
+(``$WANDB_DIR`` when set); ``tests/wandb_offline.py`` reads a run back.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
-import struct
 import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from rift_ray.config import SweepConfig
+from rift_ray.results import is_finite
 from rift_ray.store import RIFT_CHECKPOINT, Store
 
 _MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline"}
-
-
-def _numeric(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def metric_key(name: str) -> str:
@@ -72,7 +65,7 @@ def _history_row(row: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, f
     """Numeric, finite entries of a stage row under W&B keys (``seconds`` -> ``epoch_seconds``)."""
     out = {}
     for k, v in row.items():
-        if k in skip or not _numeric(v):
+        if k in skip or not is_finite(v):
             continue
         out["epoch_seconds" if k == "seconds" else metric_key(k)] = v
     return out
@@ -234,7 +227,7 @@ class Tracker:
             for k in ("val_clean_acc", "val_robust_acc"):
                 if k in best:
                     run.summary[f"best/{k}"] = best[k]
-            from rift_ray.report import fig_adv_train
+            from rift_ray.figures import fig_adv_train
 
             self._log_figure(run, wandb, "at/figure", fig_adv_train(history))
 
@@ -245,11 +238,11 @@ class Tracker:
         """The MRC run: the per-module table, a bar chart by module and the report figure."""
 
         def fn(run: Any, wandb: Any) -> None:
-            from rift_ray.report import fig_mrc
+            from rift_ray.figures import fig_mrc
 
             run.log({"mrc/table": _table(wandb, rows)})
             ok = sorted(
-                (r for r in rows if r.get("status") == "done" and _numeric(r.get("mrc"))),
+                (r for r in rows if r.get("status") == "done" and is_finite(r.get("mrc"))),
                 key=lambda r: r["mrc"],
             )
             bar = wandb.Table(columns=["module", "mrc"], data=[[r["module"], r["mrc"]] for r in ok])
@@ -321,7 +314,8 @@ class Tracker:
     def _interp(
         self, run: Any, wandb: Any, table: list[dict[str, Any]], summary: dict[str, Any]
     ) -> None:
-        from rift_ray.report import METRICS, fig_interpolation
+        from rift_ray.figures import fig_interpolation
+        from rift_ray.results import METRICS
 
         run.log({"interp/table": _table(wandb, table)})
         if summary.get("choices"):
@@ -330,7 +324,7 @@ class Tracker:
         best, alpha = summary.get("trial"), summary.get("alpha")
         for split in ("val", "test"):
             for metric in METRICS:
-                pts = [r for r in table if r["split"] == split and _numeric(r.get(metric))]
+                pts = [r for r in table if r["split"] == split and is_finite(r.get(metric))]
                 if not pts:
                     continue
                 xs, ys, keys = [], [], []
@@ -356,7 +350,8 @@ class Tracker:
         run.summary["modules"] = "+".join(summary.get("modules") or [])
 
     def _summary(self, run: Any, wandb: Any, summary: dict[str, Any]) -> None:
-        from rift_ray.report import fig_before_after, summary_rows
+        from rift_ray.figures import fig_before_after
+        from rift_ray.results import summary_rows
 
         run.log({"summary/before_after": _table(wandb, summary_rows(summary))})
         if len(summary.get("strategies") or []) > 1:  # the module-selection comparison
@@ -370,7 +365,7 @@ class Tracker:
                     run.summary[f"at/{split}/{k}"] = at[k]
                 if k in rift:
                     run.summary[f"rift/{split}/{k}"] = rift[k]
-                if _numeric(at.get(k)) and _numeric(rift.get(k)):
+                if is_finite(at.get(k)) and is_finite(rift.get(k)):
                     run.summary[f"delta/{split}/{k}"] = rift[k] - at[k]
         for k in ("alpha", "trial", "lr", "reason"):
             if summary.get(k) is not None:
@@ -396,7 +391,8 @@ class Tracker:
         each module / lr was chosen, the per-seed and mean/std before/after tables."""
 
         def fn(run: Any, wandb: Any) -> None:
-            from rift_ray.report import fig_before_after_seeds, per_seed_rows, summary_rows
+            from rift_ray.figures import fig_before_after_seeds
+            from rift_ray.results import per_seed_rows, summary_rows
 
             for part in ("mean", "std", "count"):
                 for key, v in _flatten(summary.get(part) or {}).items():
@@ -434,7 +430,7 @@ class Tracker:
 
         from PIL import Image
 
-        from rift_ray.report import png_bytes
+        from rift_ray.figures import png_bytes
 
         run.log({key: wandb.Image(Image.open(io.BytesIO(png_bytes(fig))))})
 
@@ -474,136 +470,3 @@ def _cell(v: Any) -> Any:
     if isinstance(v, (list, dict)):
         return json.dumps(v)
     return v
-
-
-# -- reading offline runs back ------------------------------------------------------------------
-
-
-@dataclass
-class OfflineRun:
-    """What one offline W&B run directory holds: run info, config, history, summary, artifacts."""
-
-    path: str
-    info: dict[str, Any] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
-    artifacts: list[dict[str, Any]] = field(default_factory=list)
-    exit_code: int | None = None
-
-    def table(self, key: str) -> list[dict[str, Any]]:
-        """Rows of the ``wandb.Table`` logged as ``key`` (a chart's data: ``<key>_table``)."""
-        for row in reversed(self.history):
-            v = row.get(key)
-            if isinstance(v, dict) and "path" in v:
-                with open(os.path.join(self.path, "files", v["path"])) as f:
-                    data = json.load(f)
-                return [dict(zip(data["columns"], r)) for r in data["data"]]
-        raise KeyError(f"no table {key!r} in {self.path}")
-
-    def values(self, key: str) -> list[Any]:
-        """Every logged value of ``key``, in order."""
-        return [row[key] for row in self.history if key in row]
-
-
-def _leveldb_records(path: str) -> Iterator[bytes]:
-    """Records of a ``.wandb`` file: a 7-byte W&B header, then LevelDB-log blocks of 32 KiB."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{path}: not a W&B run file")
-    pos, block, pending = 7, 32768, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0 and length == 0:
-            pos += left
-            continue
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind == 1:  # full
-            yield chunk
-        elif kind == 2:  # first
-            pending = chunk
-        elif kind == 3:  # middle
-            pending += chunk
-        elif kind == 4:  # last
-            yield pending + chunk
-            pending = b""
-
-
-def _put(target: dict[str, Any], item: Any) -> None:
-    keys = list(item.nested_key) or [item.key]
-    for k in keys[:-1]:
-        target = target.setdefault(k, {})
-    target[keys[-1]] = json.loads(item.value_json)
-
-
-def read_offline_run(run_dir: str, wait: float = 0.0) -> OfflineRun:
-    """Read an offline run directory (``.../wandb/offline-run-<time>-<id>``) back.
-
-    W&B's service writes the run file in the background and may still be flushing it
-    after ``run.finish()`` returns (seen on a loaded machine); ``wait`` gives it that many
-    seconds to hold both its run record and its exit record.
-    """
-    deadline = time.monotonic() + wait
-    while True:
-        out = _read_offline_run(run_dir)
-        if (out.info and out.exit_code is not None) or time.monotonic() >= deadline:
-            return out
-        time.sleep(0.2)
-
-
-def _read_offline_run(run_dir: str) -> OfflineRun:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-    out = OfflineRun(run_dir)
-    for raw in _leveldb_records(path):
-        rec = pb.Record()
-        rec.ParseFromString(raw)
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            r = rec.run
-            out.info = {
-                "id": r.run_id,
-                "name": r.display_name,
-                "project": r.project,
-                "entity": r.entity,
-                "group": r.run_group,
-                "job_type": r.job_type,
-                "tags": list(r.tags),
-            }
-            for item in r.config.update:
-                _put(out.config, item)
-        elif kind == "config":
-            for item in rec.config.update:
-                _put(out.config, item)
-        elif kind == "history":
-            row: dict[str, Any] = {}
-            for item in rec.history.item:
-                _put(row, item)
-            out.history.append(row)
-        elif kind == "summary":
-            for item in rec.summary.update:
-                _put(out.summary, item)
-        elif kind == "artifact":
-            a = rec.artifact
-            out.artifacts.append(
-                {
-                    "name": a.name,
-                    "type": a.type,
-                    "metadata": json.loads(a.metadata) if a.metadata else {},
-                    "files": {c.path: c.local_path for c in a.manifest.contents},
-                }
-            )
-        elif kind == "exit":
-            out.exit_code = rec.exit.exit_code
-    return out
-
-
-def offline_run_dirs(wandb_dir: str) -> list[str]:
-    """The offline run directories under a ``wandb/`` directory, oldest first."""
-    return sorted(glob.glob(os.path.join(wandb_dir, "offline-run-*")))

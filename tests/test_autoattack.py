@@ -75,9 +75,9 @@ def test_sharded_runner_matches_and_resumes(ray_session, trained, tmp_path) -> N
     pytest.importorskip("torchattacks")
     from rift_ray.autoattack import autoattack_accuracy
     from rift_ray.config import SweepConfig
-    from rift_ray.stages.autoattack import run_autoattack, shard_path
+    from rift_ray.stages.autoattack import run_autoattack
     from rift_ray.stages.common import ModelSpec
-    from rift_ray.store import Store
+    from rift_ray.store import Store, autoattack_shard
 
     model, data = trained
     cfg = SweepConfig.model_validate(
@@ -98,7 +98,7 @@ def test_sharded_runner_matches_and_resumes(ray_session, trained, tmp_path) -> N
     assert res["robust_acc"] == pytest.approx(ref["robust_acc"])
     assert res["clean_acc"] == pytest.approx(ref["clean_acc"])
 
-    files = [store.path(shard_path("at", i)) for i in range(3)]
+    files = [store.path(autoattack_shard("at", i)) for i in range(3)]
     mtimes = [os.stat(f).st_mtime_ns for f in files]
     os.remove(files[1])  # an interrupted run: one shard missing
     again = run_autoattack(cfg, store, spec, data, state, "at", shard_size=16, **FAST)

@@ -5,7 +5,7 @@ checks: exit code 2, stderr is exactly one line ``rift-ray: error: <field>...``,
 storage directory was never created (the writability probe removes what it made).
 No case starts Ray or computes anything: config errors are found when the YAML is
 validated, everything else (paths, checkpoints, module names, storage) in
-``pipeline.prepare`` before any compute.
+``checks.preflight`` before any compute.
 
 Unit tests elsewhere: checkpoint loading (weights-only, crafted pickles, truncated
 files) in tests/test_checkpoint.py, archive members escaping the extraction dir in
@@ -256,7 +256,8 @@ def test_unknown_until_stage_is_refused(capfd: pytest.CaptureFixture[str]) -> No
     last = capfd.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("rift-ray: error: argument --until: invalid choice: 'evaluate'")
     from rift_ray.config import load_config
-    from rift_ray.pipeline import SweepError, run_sweep
+    from rift_ray.errors import SweepError
+    from rift_ray.pipeline import run_sweep
 
     with pytest.raises(SweepError, match=r"^until: must be one of adv_train, mrc, finetune"):
         run_sweep(load_config(SMOKE), until="evaluate")

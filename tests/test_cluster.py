@@ -12,6 +12,8 @@ import yaml
 from rift_ray import cluster as cl
 from rift_ray.cli import main
 from rift_ray.config import ConfigError, load_config
+from rift_ray.errors import SweepError
+from rift_ray.hashing import config_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "sweeps" / "smoke.yaml")
@@ -102,9 +104,7 @@ def test_local_storage_on_a_multi_node_cluster() -> None:
     cl.check_storage(load_config(SMOKE, storage="s3://bucket/x"), multi)
     cl.check_storage(local, shape(cl.NodeShape("local", 2, 0), private=True))
     # not part of any hash: declaring the storage shared recomputes nothing
-    assert (
-        load_config(SMOKE, overrides=["shared_storage=true"]).config_hash() == local.config_hash()
-    )
+    assert config_hash(load_config(SMOKE, overrides=["shared_storage=true"])) == config_hash(local)
 
 
 def test_address_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -234,7 +234,7 @@ def test_gpu_failure_marks_the_running_stages_failed(
         raise GPUUnavailableError("node n1: Ray assigned GPU 0 but torch cannot use it")
 
     monkeypatch.setattr(pipeline, "_run_sweep", broken)
-    with pytest.raises(pipeline.SweepError, match=r"^node n1: Ray assigned GPU 0 but torch"):
+    with pytest.raises(SweepError, match=r"^node n1: Ray assigned GPU 0 but torch"):
         pipeline.run_sweep(cfg)
     assert top.read_stage("adv_train")["status"] == "done"
     rec = seed.read_stage("mrc")

@@ -23,7 +23,12 @@ import torch
 from rift_ray.config import DataConfig, SyntheticConfig
 from rift_ray.data import batches, load_dataset
 from rift_ray.models import build_model, mrc_candidates
-from rift_ray.rift import adversarial_set, adversarial_train_epoch, module_robust_criticality
+from rift_ray.rift import (
+    MRCOptions,
+    adversarial_set,
+    adversarial_train_epoch,
+    robust_criticality,
+)
 
 ATTACK = {"eps": 8 / 255, "step_size": 2 / 255, "steps": 3}
 
@@ -45,7 +50,7 @@ def mrc_table(seed: int = 0, threads: int = 1) -> dict[str, object]:
     adversarial_train_epoch(model, train, opt, **ATTACK, generator=gen)
     x, y = adversarial_set(model, splits.val, **ATTACK, batch_size=64, seed=seed)
     rows = [
-        module_robust_criticality(model, m, x, y, epochs=2, batch_size=32, seed=seed)
+        robust_criticality(model, m, x, y, MRCOptions(epochs=2, batch_size=32, seed=seed))
         for m in mrc_candidates(model)
     ]
     rows.sort(key=lambda r: r.mrc)

@@ -13,12 +13,8 @@ from torch import nn
 from rift_ray.models import ARCHITECTURES, build_model, model_blocks, mrc_candidates, run_blocks
 from rift_ray.models.preact_resnet import PreActResNet
 from rift_ray.rift.interpolate import search_alpha, select_alpha
-from rift_ray.rift.mrc import (
-    MRCResult,
-    freeze_batch_norms,
-    module_robust_criticality,
-    mrc_base,
-)
+from rift_ray.rift.mrc import MRCOptions, MRCResult, mrc_base, robust_criticality
+from rift_ray.rift.mrc_fast import freeze_batch_norms
 
 GRID = [round(0.1 * i, 1) for i in range(11)]
 
@@ -44,7 +40,8 @@ def fixed_set() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _mrc(model: nn.Module, name: str, data: tuple[torch.Tensor, torch.Tensor], **kw: object):
     args = {"epochs": 2, "batch_size": 16, "lr": 5.0, "seed": 3} | kw
-    return module_robust_criticality(model, name, *data, **args)  # type: ignore[arg-type]
+    base = args.pop("base", None)
+    return robust_criticality(model, name, *data, MRCOptions(**args), base=base)  # type: ignore[arg-type]
 
 
 def _assert_same(a: MRCResult, b: MRCResult, tol: float = 1e-5) -> None:
@@ -131,7 +128,7 @@ def test_shared_base_gives_the_reference_bit_for_bit(
     # its first backward, and must still get exactly what the reference computes alone.
     model = _model(arch)
     modules = mrc_candidates(model)
-    base = mrc_base(model, modules, *fixed_set, batch_size=16, seed=3, shuffle=shuffle)
+    base = mrc_base(model, modules, *fixed_set, MRCOptions(batch_size=16, seed=3, shuffle=shuffle))
     assert set(base.first_grads) == set(modules)
     for name in modules:
         assert base.first_grads[name].shape == model.get_submodule(name).weight.shape
@@ -178,7 +175,7 @@ def test_frozen_batch_norms_give_the_same_forward_and_input_gradient(channels_la
 
 def test_shared_base_must_match_the_trial(fixed_set: tuple[torch.Tensor, torch.Tensor]) -> None:
     model = _model("small_resnet")
-    base = mrc_base(model, ["conv1", "linear"], *fixed_set, batch_size=16, seed=3)
+    base = mrc_base(model, ["conv1", "linear"], *fixed_set, MRCOptions(batch_size=16, seed=3))
     with pytest.raises(ValueError, match="seed, shuffle"):
         _mrc(model, "conv1", fixed_set, base=base, seed=4)
     with pytest.raises(ValueError, match="seed, shuffle"):
@@ -325,12 +322,12 @@ def _eval(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], **kw: objec
 
 def test_compute_defaults_keep_results_and_hashes() -> None:
     from rift_ray.config import SweepConfig
-    from rift_ray.pipeline import stage_hashes
+    from rift_ray.hashing import config_hash, stage_hashes
 
     default = SweepConfig()
     explicit = SweepConfig.model_validate({"compute": {"amp": "none", "channels_last": False}})
     assert stage_hashes(explicit) == stage_hashes(default)
-    assert explicit.config_hash() == default.config_hash()
+    assert config_hash(explicit) == config_hash(default)
     bf16 = SweepConfig.model_validate({"compute": {"amp": "bf16"}})
     assert all(a != b for a, b in zip(stage_hashes(bf16).values(), stage_hashes(default).values()))
     # amp="none" is a no-op: the same numbers as a call without the argument
@@ -479,7 +476,7 @@ def test_stage_rows_record_peak_memory() -> None:
 
 
 def test_compact_adversarial_set_formats(fixed_set: tuple[torch.Tensor, torch.Tensor]) -> None:
-    from rift_ray.rift.mrc import decode_adversarial_set, encode_adversarial_set
+    from rift_ray.advset import decode_adversarial_set, encode_adversarial_set
 
     x = fixed_set[0]
     sizes, errors = {}, {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,18 +17,12 @@ import pytest
 from rift_ray import store as layout
 from rift_ray.cli import main
 from rift_ray.config import SweepConfig, to_yaml
-from rift_ray.progress import Progress, epoch_line
-from rift_ray.report import (
-    SUMMARY_SCHEMA,
-    SUMMARY_TABLE,
-    SweepResults,
-    fig_interpolation,
-    open_sweep,
-    render_html,
-    summary_table,
-    sweep_status,
-)
-from rift_ray.store import Store
+from rift_ray.figures import fig_interpolation
+from rift_ray.progress import Progress
+from rift_ray.report import render_html
+from rift_ray.results import SUMMARY_SCHEMA, SweepResults, open_sweep, summary_table
+from rift_ray.status import sweep_status
+from rift_ray.store import SUMMARY_TABLE, Store
 
 TRIALS = {"conv1_lr0.01": "finished", "conv1_lr0.1": "stopped", "fc_lr0.01": "failed"}
 
@@ -331,13 +324,3 @@ def test_progress_lines_when_not_a_terminal() -> None:
     assert lines[0].startswith("[rift-ray] interpolate: 1/40 alpha points (2%)")
     assert lines[-1].startswith("[rift-ray] interpolate: 40/40 alpha points (100%)")
     assert len(lines) == 11  # the first item, then every 10 %
-
-
-def test_epoch_line() -> None:
-    line = epoch_line(
-        "adv_train",
-        {"epoch": 3, "train_loss": 1.98541, "val_robust_acc": 29.25, "lr": 0.05, "seconds": 3.14},
-        total_epochs=10,
-    )
-    assert line == "[adv_train] epoch 3/10  loss 1.985  PGD 29.25  lr 0.05  3.1s"
-    assert os.linesep not in line

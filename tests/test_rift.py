@@ -12,13 +12,14 @@ from torch import nn
 from rift_ray.attacks import evaluate
 from rift_ray.rift import (
     AlphaChoice,
+    MRCOptions,
     adversarial_set,
     adversarial_train_epoch,
     finetune,
     interpolate,
-    module_robust_criticality,
     mrc_table,
     project_l2_ball,
+    robust_criticality,
     select_alpha,
 )
 
@@ -97,7 +98,8 @@ def test_mrc_nonnegative_and_exact_difference(
 ) -> None:
     model, xa, ya = adv
     results = [
-        module_robust_criticality(model, m, xa, ya, epochs=3, batch_size=16) for m in CANDIDATES
+        robust_criticality(model, m, xa, ya, MRCOptions(epochs=3, batch_size=16))
+        for m in CANDIDATES
     ]
     for r in results:
         assert r.mrc >= 0
@@ -115,7 +117,7 @@ def test_mrc_leaves_callers_model_alone(adv: tuple[nn.Module, torch.Tensor, torc
     model.train()
     model[0].bias.requires_grad_(False)
     before = snapshot(model)
-    module_robust_criticality(model, "4", xa, ya, epochs=2, batch_size=16, lr=10.0)
+    robust_criticality(model, "4", xa, ya, MRCOptions(epochs=2, batch_size=16, lr=10.0))
     after = snapshot(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.training and not model[0].bias.requires_grad and model[4].weight.requires_grad
@@ -128,7 +130,9 @@ def test_mrc_zero_radius_moves_nothing(adv: tuple[nn.Module, torch.Tensor, torch
     """With a zero-radius ball only a perturbation of something else could change the loss."""
     model, xa, ya = adv
     for name in CANDIDATES:  # bias, BN and running statistics would all show up here
-        r = module_robust_criticality(model, name, xa, ya, epsilon=0.0, epochs=2, batch_size=16)
+        r = robust_criticality(
+            model, name, xa, ya, MRCOptions(epsilon=0.0, epochs=2, batch_size=16)
+        )
         assert r.mrc == 0.0 and r.loss_after == r.loss_before and r.acc_after == r.acc_before
 
 
@@ -153,8 +157,12 @@ def test_mrc_only_weight_moves_and_step_projection_stays_in_ball(
         seen.clear()
         handle = model.register_forward_pre_hook(watch)
         try:
-            module_robust_criticality(
-                model, "4", xa, ya, epochs=2, batch_size=8, lr=50.0, projection=projection
+            robust_criticality(
+                model,
+                "4",
+                xa,
+                ya,
+                MRCOptions(epochs=2, batch_size=8, lr=50.0, projection=projection),
             )
         finally:
             handle.remove()
@@ -183,7 +191,9 @@ def test_mrc_matches_closed_form_for_binary_linear_model() -> None:
         - F.softplus(torch.tensor(m)).item()
     )
     for projection in ("step", "epoch"):
-        res = module_robust_criticality(model, "", x, y, epochs=3, lr=100.0, projection=projection)
+        res = robust_criticality(
+            model, "", x, y, MRCOptions(epochs=3, lr=100.0, projection=projection)
+        )
         assert res.mrc == pytest.approx(expected, rel=1e-4)
 
 
@@ -199,8 +209,8 @@ def test_mrc_never_exceeds_the_bound_on_many_samples() -> None:
     )
     r = 0.1 * model.weight.norm().item()
     bound = F.softplus(m + math.sqrt(2) * r * x.double().norm(dim=1)).mean().item()
-    res = module_robust_criticality(
-        model, "", x, y, epochs=5, batch_size=8, lr=5.0, projection="step"
+    res = robust_criticality(
+        model, "", x, y, MRCOptions(epochs=5, batch_size=8, lr=5.0, projection="step")
     )
     assert 0 < res.mrc and res.loss_after <= bound + 1e-5
 
@@ -208,20 +218,20 @@ def test_mrc_never_exceeds_the_bound_on_many_samples() -> None:
 def test_mrc_is_reproducible(adv: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
     model, xa, ya = adv
     kw = dict(epochs=2, batch_size=16, lr=5.0)
-    a = module_robust_criticality(model, "0", xa, ya, shuffle=False, **kw)
-    b = module_robust_criticality(model, "0", xa, ya, shuffle=False, **kw)
+    a = robust_criticality(model, "0", xa, ya, MRCOptions(shuffle=False, **kw))
+    b = robust_criticality(model, "0", xa, ya, MRCOptions(shuffle=False, **kw))
     assert a.epoch_losses == b.epoch_losses and a.mrc == b.mrc
-    c = module_robust_criticality(model, "0", xa, ya, shuffle=True, seed=7, **kw)
-    d = module_robust_criticality(model, "0", xa, ya, shuffle=True, seed=7, **kw)
+    c = robust_criticality(model, "0", xa, ya, MRCOptions(shuffle=True, seed=7, **kw))
+    d = robust_criticality(model, "0", xa, ya, MRCOptions(shuffle=True, seed=7, **kw))
     assert c.epoch_losses == d.epoch_losses and c.acc_after == d.acc_after
 
 
 def test_mrc_rejects_unknown_module(adv: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
     model, xa, ya = adv
     with pytest.raises(ValueError, match="layer9"):
-        module_robust_criticality(model, "layer9", xa, ya)
+        robust_criticality(model, "layer9", xa, ya)
     with pytest.raises(ValueError, match="2"):  # ReLU: no weight
-        module_robust_criticality(model, "2", xa, ya)
+        robust_criticality(model, "2", xa, ya)
 
 
 # ---------------------------------------------------------------- fine-tuning

@@ -15,16 +15,10 @@ from rift_ray import store as layout
 from rift_ray.aggregate import aggregate, mean_std, mean_std_text, seeds_summary
 from rift_ray.cli import main, print_summary
 from rift_ray.config import ConfigError, SweepConfig, load_config, to_yaml
-from rift_ray.pipeline import stage_hashes
-from rift_ray.report import (
-    SEEDS_SCHEMA,
-    SEEDS_SUMMARY_SCHEMA,
-    SweepResults,
-    render_html,
-    status_lines,
-    summary_table,
-    sweep_status,
-)
+from rift_ray.hashing import config_hash, stage_hashes
+from rift_ray.report import render_html
+from rift_ray.results import SEEDS_SCHEMA, SEEDS_SUMMARY_SCHEMA, SweepResults, summary_table
+from rift_ray.status import status_lines, sweep_status
 from rift_ray.store import Store
 
 SMOKE = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
@@ -55,7 +49,7 @@ def test_bad_seeds_are_one_line_errors_naming_seeds(override: str, message: str)
 def test_unset_seeds_change_nothing() -> None:
     """Without seeds the config dict and YAML have no seeds key, and the stage hashes are those
     from before seeds existed (the values of commit 558e6d1 for sweeps/smoke.yaml: fields added
-    since then leave the hashes alone at their defaults, pipeline.NEW_DEFAULTS, so stored
+    since then leave the hashes alone at their defaults, hashing.NEW_DEFAULTS, so stored
     sweeps stay valid)."""
     cfg = load_config(SMOKE)
     assert cfg.seeds is None and "seeds" not in cfg.to_dict() and "seeds" not in to_yaml(cfg)
@@ -234,13 +228,13 @@ def make_seeds_sweep(root: Path) -> Store:
         s.put_json(layout.SUMMARY, summ)
         s.write_stage("interpolate", status="done", hash=f"i{seed}", seconds=3.0)
     summary = seeds_summary(
-        {"name": "fake", "seed": 0, "seeds": [0, 1], "config_hash": cfg.config_hash()},
+        {"name": "fake", "seed": 0, "seeds": [0, 1], "config_hash": config_hash(cfg)},
         per_seed,
         {"adv_train": 10.0, "seed 0": 6.0, "seed 1": 6.0, "total": 22.0},
     )
     store.put_json(layout.SUMMARY, summary)
     store.put_table(layout.SUMMARY_TABLE, summary_table(summary))
-    from rift_ray.report import seeds_table
+    from rift_ray.results import seeds_table
 
     store.put_table(layout.SEEDS_TABLE, seeds_table(summary))
     return store
@@ -301,7 +295,9 @@ def test_html_status_and_printed_summary_show_mean_and_std(
 def test_wandb_summary_run_logs_mean_and_std(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from rift_ray.tracking import Tracker, offline_run_dirs, read_offline_run
+    from wandb_offline import offline_run_dirs, read_offline_run
+
+    from rift_ray.tracking import Tracker
 
     wb = tmp_path / "wb"
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):

@@ -16,11 +16,11 @@ from torch import nn
 from rift_ray.config import ConfigError, load_config
 from rift_ray.models import build_model
 from rift_ray.rift import (
+    MRCOptions,
     adversarial_set,
     greedy_joint_selection,
-    joint_robust_criticality,
-    module_robust_criticality,
     random_modules,
+    robust_criticality,
 )
 
 
@@ -40,14 +40,14 @@ def _same(single: object, joint: object) -> None:
 
 
 @pytest.mark.parametrize("projection", ["epoch", "step"])
-def test_one_module_set_reproduces_module_robust_criticality(
+def test_one_module_set_reproduces_the_module_alone(
     adv: tuple[nn.Module, torch.Tensor, torch.Tensor], projection: str
 ) -> None:
     model, xa, ya = adv
     kw = dict(epochs=3, batch_size=16, lr=20.0, projection=projection, seed=5)
     for name in CANDIDATES:
-        single = module_robust_criticality(model, name, xa, ya, **kw)  # type: ignore[arg-type]
-        joint = joint_robust_criticality(model, [name], xa, ya, **kw)  # type: ignore[arg-type]
+        single = robust_criticality(model, name, xa, ya, MRCOptions(**kw))  # type: ignore[arg-type]
+        joint = robust_criticality(model, [name], xa, ya, MRCOptions(**kw))  # type: ignore[arg-type]
         _same(single, joint)
         assert joint.modules == (name,)
 
@@ -61,14 +61,14 @@ def test_one_module_set_reproduces_the_fast_path_of_a_resnet() -> None:
     kw = dict(epochs=2, batch_size=8, lr=5.0, seed=1)
     for name in ("layer2.0.conv2", "linear"):
         for fast in (True, False):
-            single = module_robust_criticality(model, name, x, y, fast=fast, **kw)  # type: ignore[arg-type]
-            joint = joint_robust_criticality(model, [name], x, y, fast=fast, **kw)  # type: ignore[arg-type]
+            single = robust_criticality(model, name, x, y, MRCOptions(fast=fast, **kw))  # type: ignore[arg-type]
+            joint = robust_criticality(model, [name], x, y, MRCOptions(fast=fast, **kw))  # type: ignore[arg-type]
             _same(single, joint)
             assert bool(joint.cached_block) == fast
     # a set caches the input of its earliest block, and is the same with or without the cache
     names = ["linear", "layer2.0.conv2"]
-    fast = joint_robust_criticality(model, names, x, y, **kw)  # type: ignore[arg-type]
-    slow = joint_robust_criticality(model, names, x, y, fast=False, **kw)  # type: ignore[arg-type]
+    fast = robust_criticality(model, names, x, y, MRCOptions(**kw))  # type: ignore[arg-type]
+    slow = robust_criticality(model, names, x, y, MRCOptions(fast=False, **kw))  # type: ignore[arg-type]
     assert fast.cached_block == "layer2.0" and slow.cached_block == ""
     assert fast.mrc == pytest.approx(slow.mrc, rel=1e-5, abs=1e-6)
     assert fast.num_params == sum(model.get_submodule(n).weight.numel() for n in names)
@@ -80,8 +80,12 @@ def test_every_perturbation_stays_in_its_own_ball(
 ) -> None:
     model, xa, ya = adv
     before = snapshot(model)
-    res = joint_robust_criticality(
-        model, CANDIDATES, xa, ya, epochs=3, batch_size=16, lr=50.0, projection=projection
+    res = robust_criticality(
+        model,
+        CANDIDATES,
+        xa,
+        ya,
+        MRCOptions(epochs=3, batch_size=16, lr=50.0, projection=projection),
     )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
     assert res.radii == pytest.approx(
@@ -98,7 +102,9 @@ def test_every_perturbation_stays_in_its_own_ball(
 
 def test_zero_radius_moves_nothing(adv: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
     model, xa, ya = adv
-    res = joint_robust_criticality(model, CANDIDATES, xa, ya, epsilon=0.0, epochs=2, batch_size=16)
+    res = robust_criticality(
+        model, CANDIDATES, xa, ya, MRCOptions(epsilon=0.0, epochs=2, batch_size=16)
+    )
     assert res.mrc == 0.0 and res.acc_after == res.acc_before
     assert all(n == 0.0 for norms in res.delta_norms for n in norms)
 
@@ -130,12 +136,14 @@ def test_joint_mrc_matches_closed_form_for_two_linear_modules() -> None:
     lift = math.sqrt(2) * (ra * x[0, :3].norm().item() + rb * x[0, 3:].norm().item())
     expected = F.softplus(torch.tensor(m + lift)).item() - F.softplus(torch.tensor(m)).item()
     for projection in ("step", "epoch"):
-        res = joint_robust_criticality(
-            model, ["a", "b"], x, y, epochs=3, lr=100.0, projection=projection
+        res = robust_criticality(
+            model, ["a", "b"], x, y, MRCOptions(epochs=3, lr=100.0, projection=projection)
         )
         assert res.mrc == pytest.approx(expected, rel=1e-4)
         alone = [
-            module_robust_criticality(model, n, x, y, epochs=3, lr=100.0, projection=projection)
+            robust_criticality(
+                model, n, x, y, MRCOptions(epochs=3, lr=100.0, projection=projection)
+            )
             for n in ("a", "b")
         ]
         assert res.mrc > max(a.mrc for a in alone)
@@ -144,15 +152,15 @@ def test_joint_mrc_matches_closed_form_for_two_linear_modules() -> None:
 def test_joint_mrc_rejects_bad_sets(adv: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
     model, xa, ya = adv
     with pytest.raises(ValueError, match="at least one"):
-        joint_robust_criticality(model, [], xa, ya)
+        robust_criticality(model, [], xa, ya)
     with pytest.raises(ValueError, match="4: listed twice"):
-        joint_robust_criticality(model, ["4", "0", "4"], xa, ya)
+        robust_criticality(model, ["4", "0", "4"], xa, ya)
     with pytest.raises(ValueError, match="layer9"):
-        joint_robust_criticality(model, ["0", "layer9"], xa, ya)
+        robust_criticality(model, ["0", "layer9"], xa, ya)
     tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     tied[1].weight = tied[0].weight
     with pytest.raises(ValueError, match="shares its weight"):
-        joint_robust_criticality(tied, ["0", "1"], torch.rand(2, 4), torch.tensor([0, 1]))
+        robust_criticality(tied, ["0", "1"], torch.rand(2, 4), torch.tensor([0, 1]))
 
 
 # ---------------------------------------------------------------- greedy selection
@@ -216,11 +224,11 @@ def test_greedy_ties_failures_and_running_out() -> None:
 def test_greedy_with_the_real_joint_mrc(adv: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
     model, xa, ya = adv
     kw = dict(epochs=2, batch_size=16, lr=5.0)
-    single = {m: module_robust_criticality(model, m, xa, ya, **kw).mrc for m in CANDIDATES}  # type: ignore[arg-type]
+    single = {m: robust_criticality(model, m, xa, ya, MRCOptions(**kw)).mrc for m in CANDIDATES}  # type: ignore[arg-type]
     ranked = sorted(CANDIDATES, key=single.__getitem__)
 
     def score(sets: list[tuple[str, ...]]) -> list[float | None]:
-        return [joint_robust_criticality(model, s, xa, ya, **kw).mrc for s in sets]  # type: ignore[arg-type]
+        return [robust_criticality(model, s, xa, ya, MRCOptions(**kw)).mrc for s in sets]  # type: ignore[arg-type]
 
     chosen, records = greedy_joint_selection(ranked, 2, 2, score, first_mrc=single[ranked[0]])
     assert chosen[0] == ranked[0] and chosen[1] in ranked[1:]
@@ -267,7 +275,8 @@ def test_selection_config_errors_name_the_field(overrides: list[str], message: s
 def test_default_selection_keeps_the_stage_hashes() -> None:
     """The default (strategies [lowest]) hashes as before the option existed, so finished
     sweeps are reused; a strategy changes the fine-tuning hash, the primary only stage 4's."""
-    from rift_ray.pipeline import _hash, stage_hashes
+    from rift_ray.hashing import stable_hash as _hash
+    from rift_ray.hashing import stage_hashes
 
     cfg = load_config(None)
     h = stage_hashes(cfg)
@@ -300,7 +309,7 @@ def _mrc_rows(names: list[str]) -> list[dict[str, object]]:
 
 
 def test_module_groups_of_the_strategies_without_greedy() -> None:
-    from rift_ray.stages.selection import module_groups
+    from rift_ray.rift.selection import SelectionInput, strategy_sets
 
     forward = ["conv1", "l1", "l2", "l3", "linear"]
     ranked = ["l2", "l1", "linear", "conv1", "l3"]  # by MRC
@@ -308,7 +317,8 @@ def test_module_groups_of_the_strategies_without_greedy() -> None:
 
     def groups(*overrides: str) -> tuple[dict[str, list[list[str]]], list[list[str]]]:
         cfg = load_config(None, list(overrides))
-        return module_groups(cfg, None, None, None, {}, rows, forward, "h")  # type: ignore[arg-type]
+        ranked_done = [r["module"] for r in rows if r["status"] == "done"]
+        return strategy_sets(SelectionInput(ranked_done, forward, cfg.finetune, cfg.seed))
 
     by, sets = groups()  # the default: the paper's single lowest-MRC module
     assert by == {"lowest": [["l2"]]} and sets == [["l2"]]
@@ -402,7 +412,7 @@ def test_report_and_printed_summary_show_the_comparison(
 
 
 def test_selection_larger_than_the_model_is_refused_before_compute() -> None:
-    from rift_ray.stages.selection import check_selection
+    from rift_ray.checks import check_selection
 
     mods = ["a", "b", "c"]
     check_selection(load_config(None, ["finetune.strategies=[lowest,greedy,random]"]), mods)
@@ -449,9 +459,10 @@ class _FakeRay:
 def test_greedy_stage_stores_every_set_and_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import rift_ray.stages.mrc as mrc_stage
     import rift_ray.stages.selection as sel
+    from rift_ray.hashing import joint_mrc_hash
     from rift_ray.models import mrc_candidates
+    from rift_ray.stages.base import SweepContext
     from rift_ray.stages.common import ModelSpec, new_model
     from rift_ray.store import JOINT_MRC_TABLE, Store
 
@@ -470,7 +481,7 @@ def test_greedy_stage_stores_every_set_and_resumes(
     monkeypatch.setattr(sel, "_joint_mrc_task", Task())
     g = torch.Generator().manual_seed(0)
     adv = torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
-    monkeypatch.setattr(mrc_stage, "build_adversarial_set", lambda *a: adv)
+    monkeypatch.setattr(sel, "build_adversarial_set", lambda *a: adv)
 
     cfg = load_config(None, ["model.arch=small_cnn", "mrc.epochs=1", "mrc.batch_size=8",
                              "finetune.strategies=[lowest,greedy]", "finetune.greedy.size=3",
@@ -482,26 +493,27 @@ def test_greedy_stage_stores_every_set_and_resumes(
     mrc_rows = [{"module": m, "mrc": 0.01 * i, "status": "done", "robust_acc_drop": 1.0}
                 for i, m in enumerate(modules)]  # fmt: skip
     store = Store.open(str(tmp_path), "s")
-    chosen, rows, computed = sel.run_greedy(cfg, store, None, spec, at_state, mrc_rows, "h2")
+    ctx = SweepContext(cfg, store, None, None, spec, {"mrc": "h2"}, modules, None, "t", 0)  # type: ignore[arg-type]
+    chosen, rows, computed = sel.run_greedy(ctx, at_state, mrc_rows)
     assert len(chosen) == 3 and chosen[0] == modules[0] and computed == 4 == len(fake.sets)
     assert [(r["step"], r["size"]) for r in rows] == [(1, 1), (2, 2), (2, 2), (3, 3), (3, 3)]
     assert [r["added"] for r in rows[1:3]] == modules[1:3]
     assert all(r["status"] == "done" for r in rows)
     assert all(r["node"] == "fake-node-01" for r in rows[1:])
     assert rows[0]["mrc"] == 0.0 and rows[0]["robust_acc_drop"] == 1.0  # from mrc.parquet
-    h = sel.joint_mrc_hash(cfg, "h2")
+    h = joint_mrc_hash(cfg, "h2")
     assert store.get_table(JOINT_MRC_TABLE).to_pylist() == rows and store.valid(JOINT_MRC_TABLE, h)
     # a re-run scores nothing again; one lost set (say the driver died mid-step) is rescored
     fake.sets.clear()
-    assert sel.run_greedy(cfg, store, None, spec, at_state, mrc_rows, "h2") == (chosen, rows, 0)
+    assert sel.run_greedy(ctx, at_state, mrc_rows) == (chosen, rows, 0)
     store.put_table(JOINT_MRC_TABLE, rows[:-1], stage_hash=h)
-    again = sel.run_greedy(cfg, store, None, spec, at_state, mrc_rows, "h2")
+    again = sel.run_greedy(ctx, at_state, mrc_rows)
     assert again[2] == 1 and fake.sets == [rows[-1]["modules"].split("+")]
     assert [r["mrc"] for r in again[1]] == [r["mrc"] for r in rows]  # deterministic
     # a joint MRC that fails is a row with its error, and is never kept
     bad = [{**r, "module": "nope"} if i == 2 else r for i, r in enumerate(mrc_rows)]
     store.delete(JOINT_MRC_TABLE)
-    chosen2, rows2, _ = sel.run_greedy(cfg, store, None, spec, at_state, bad, "h2")
+    chosen2, rows2, _ = sel.run_greedy(ctx, at_state, bad)
     failed = [r for r in rows2 if r["status"] == "failed"]
     assert failed and all("nope" in r["modules"] and "nope" in r["error"] for r in failed)
     assert "nope" not in chosen2 and not any(r["chosen"] for r in failed)
@@ -514,7 +526,6 @@ def test_mrc_stage_shared_base_is_stored_reused_and_optional(
     missing a module is recomputed; a failing task only warns; mrc.fast=false skips it."""
     import rift_ray.stages.mrc as mrc_stage
     from rift_ray.models import mrc_candidates
-    from rift_ray.rift import module_robust_criticality
     from rift_ray.stages.common import ModelSpec, new_model
     from rift_ray.store import MRC_BASE, Store
 
@@ -550,10 +561,10 @@ def test_mrc_stage_shared_base_is_stored_reused_and_optional(
 
     base = mrc_stage.build_mrc_base(cfg, store, spec, at_state, adv, modules, "h2")
     assert base is not None and calls == [modules] and store.valid(MRC_BASE, "h2")
-    kw = mrc_stage.ascent_kwargs(cfg)
+    opts = mrc_stage.mrc_options(cfg)
     for name in modules:  # what the trials get from it: the reference's answer
-        ref = module_robust_criticality(model, name, *adv, **kw | {"fast": False})
-        got = module_robust_criticality(model, name, *adv, **kw, base=base)
+        ref = robust_criticality(model, name, *adv, dataclasses.replace(opts, fast=False))
+        got = robust_criticality(model, name, *adv, opts, base=base)
         assert (got.mrc, got.epoch_losses) == (ref.mrc, ref.epoch_losses), name
     again = mrc_stage.build_mrc_base(cfg, store, spec, at_state, adv, modules, "h2")
     assert calls == [modules] and again is not None  # read back, not recomputed
@@ -566,6 +577,9 @@ def test_mrc_stage_shared_base_is_stored_reused_and_optional(
     assert calls == [modules, modules]
     fake_task.fail = True
     assert mrc_stage.build_mrc_base(cfg, store, spec, at_state, adv, modules, "h3") is None
-    assert "shared first step failed (RuntimeError: second line)" in capsys.readouterr().err
+    assert (
+        "shared first step failed (RuntimeError: worker died second line)"
+        in capsys.readouterr().err
+    )
     off = load_config(None, ["model.arch=small_cnn", "mrc.fast=false"])
     assert mrc_stage.build_mrc_base(off, store, spec, at_state, adv, modules, "h2") is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -88,19 +89,20 @@ def test_mrc_table_covers_every_module(smoke_run: Path) -> None:
         (base["loss_before"], base["acc_before"])
     }
     # ... and got the reference procedure's answer, computed here alone for every module
+    from rift_ray.advset import decode_adversarial_set
     from rift_ray.checkpoint import load_checkpoint
     from rift_ray.config import validate_config
-    from rift_ray.rift import decode_adversarial_set, module_robust_criticality
-    from rift_ray.stages.mrc import ascent_kwargs
+    from rift_ray.rift import robust_criticality
+    from rift_ray.stages.mrc import mrc_options
 
     cfg = validate_config(yaml.safe_load((smoke_run / "config.yaml").read_text()))
     blob = torch.load(smoke_run / "artifacts/adv_set.pt", weights_only=True)
     model = build_model("small_resnet", 10)
     model.load_state_dict(load_checkpoint(smoke_run / "checkpoints/at.pt")[0])
-    kw = ascent_kwargs(cfg) | {"fast": False}
+    opts = dataclasses.replace(mrc_options(cfg), fast=False)
     for r in rows:
-        ref = module_robust_criticality(
-            model, r["module"], decode_adversarial_set(blob), blob["targets"], **kw
+        ref = robust_criticality(
+            model, r["module"], decode_adversarial_set(blob), blob["targets"], opts
         )
         assert r["mrc"] == pytest.approx(ref.mrc, rel=1e-6, abs=1e-9), r["module"]
         assert r["acc_after"] == ref.acc_after, r["module"]
@@ -305,7 +307,7 @@ def test_changed_config_recomputes_only_later_stages() -> None:
     """A changed field invalidates its stage and the later ones only (the pipeline skips a
     stage whose stored hash matches; test_default_strategy_result_is_unchanged runs that)."""
     from rift_ray.config import load_config
-    from rift_ray.pipeline import stage_hashes
+    from rift_ray.hashing import stage_hashes
 
     base = stage_hashes(load_config(SMOKE))
     order = ["adv_train", "mrc", "finetune", "interpolate"]

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from wandb_offline import OfflineRun, offline_run_dirs, read_offline_run
 
 from rift_ray.config import SweepConfig
 from rift_ray.store import RIFT_CHECKPOINT, Store
-from rift_ray.tracking import OfflineRun, Tracker, offline_run_dirs, read_offline_run
+from rift_ray.tracking import Tracker
 
 KEY = "0123456789abcdef0123456789abcdef01234567"  # a made-up 40-character API key
 

@@ -13,6 +13,7 @@ To add an architecture: write it in a module here, then add it to ``_BUILDERS``;
 from __future__ import annotations
 
 import difflib
+import fnmatch
 from collections.abc import Callable, Sequence
 
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "module_by_name",
     "mrc_candidates",
     "run_blocks",
+    "select_modules",
 ]
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -103,6 +105,14 @@ def mrc_candidates(model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32)
             h.remove()
         model.train(was_training)
     return order
+
+
+def select_modules(all_modules: list[str], include: list[str], exclude: list[str]) -> list[str]:
+    """Candidates filtered by fnmatch patterns (empty include = all), forward order kept."""
+    chosen = [
+        m for m in all_modules if not include or any(fnmatch.fnmatchcase(m, p) for p in include)
+    ]
+    return [m for m in chosen if not any(fnmatch.fnmatchcase(m, p) for p in exclude)]
 
 
 def module_by_name(model: nn.Module, name: str) -> nn.Module:

@@ -1,7 +1,8 @@
 """The RiFT method in plain PyTorch (no Ray), one stage per file:
 
 1. ``train.py``        adversarial training, one epoch at a time (PGD-AT, TRADES)
-2. ``mrc.py``          fixed adversarial set; module robust criticality of one module (or a set)
+2. ``mrc.py``          fixed adversarial set; robust criticality of one module or a set
+   ``mrc_fast.py``     its fast path: frozen batch norms, the cache, evaluation passes
    ``selection.py``    which module set(s) to fine-tune: lowest / greedy by joint MRC / random / highest
 3. ``finetune.py``     fine-tune the chosen modules on clean data, one dict per epoch
 4. ``interpolate.py``  interpolate AT and fine-tuned weights; choose alpha
@@ -16,17 +17,14 @@ from rift_ray.rift.interpolate import (
     select_alpha,
 )
 from rift_ray.rift.mrc import (
-    JointMRCResult,
     MRCBase,
+    MRCOptions,
     MRCResult,
     adversarial_set,
-    decode_adversarial_set,
-    encode_adversarial_set,
-    joint_robust_criticality,
-    module_robust_criticality,
     mrc_base,
     mrc_table,
     project_l2_ball,
+    robust_criticality,
 )
 from rift_ray.rift.selection import (
     STRATEGIES,
@@ -39,24 +37,21 @@ from rift_ray.rift.train import adversarial_train_epoch
 __all__ = [
     "AlphaChoice",
     "AlphaSearch",
-    "JointMRCResult",
     "MRCBase",
+    "MRCOptions",
     "MRCResult",
     "STRATEGIES",
     "ScoredSet",
     "adversarial_set",
     "adversarial_train_epoch",
-    "decode_adversarial_set",
-    "encode_adversarial_set",
     "finetune",
     "greedy_joint_selection",
     "interpolate",
-    "joint_robust_criticality",
-    "module_robust_criticality",
     "mrc_base",
     "mrc_table",
     "project_l2_ball",
     "random_modules",
+    "robust_criticality",
     "search_alpha",
     "select_alpha",
     "trainable_parameters",

@@ -202,3 +202,21 @@ def _epochs(
             p.requires_grad_(flag)
         for m, training in saved_modes:
             m.training = training
+
+
+def asha_score(rows: Sequence[dict[str, float]], tolerance: float, penalty: float) -> float:
+    """max over alpha > 0 of (clean gain - penalty x robust drop beyond the tolerance), in points.
+
+    ``rows[0]`` is the AT model (alpha = 0), the others interpolated models (dicts with
+    ``clean_acc``, ``robust_acc`` in percent). For a feasible alpha the term is the clean
+    gain itself, so the score equals the paper's selection rule whenever that rule finds
+    a gain. Where it finds none the score is 0 or negative and still ranks trials by how
+    close they come, instead of tying them all at 0 (a validation subset of a few hundred
+    images moves in steps larger than the 0.1-point tolerance).
+    """
+    base = rows[0]
+    return max(
+        (r["clean_acc"] - base["clean_acc"])
+        - penalty * max(0.0, base["robust_acc"] - r["robust_acc"] - tolerance)
+        for r in rows[1:]
+    )

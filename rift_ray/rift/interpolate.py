@@ -9,7 +9,7 @@ choice = select_alpha(rows, tolerance=0.1)       # largest clean gain, robust dr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +122,26 @@ def select_alpha(
         True,
         f"alpha={float(best['alpha']):g}: clean {gain:+.2f} points, robust {-drop:+.2f} points (tolerance {tolerance:g})",
         dict(best),
+    )
+
+
+def best_trial(
+    choices: Iterable[Mapping[str, Any]], among: Container[str] | None = None
+) -> Mapping[str, Any] | None:
+    """The winning trial by the paper's rule: of the feasible per-trial choices (dicts with
+    ``trial``, ``alpha``, ``clean_gain``, ``robust_drop``, ``feasible``; those in ``among``
+    when given), the largest clean gain; ties to the smaller robust drop, then the trial
+    name, so the winner does not depend on the order in which trials finished. None when
+    no trial has a feasible alpha."""
+    feasible = [
+        c
+        for c in choices
+        if c["feasible"] and c["alpha"] is not None and (among is None or c["trial"] in among)
+    ]
+    return min(
+        feasible,
+        key=lambda c: (-(c["clean_gain"] or 0.0), c["robust_drop"] or 0.0, c["trial"]),
+        default=None,
     )
 
 

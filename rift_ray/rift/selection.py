@@ -3,7 +3,7 @@
 The paper fine-tunes the single lowest-MRC module and compares it with the most critical
 module and with a random one; it leaves open how to score several modules together.
 :func:`greedy_joint_selection` grows a set greedily by the joint MRC
-(:func:`rift_ray.rift.mrc.joint_robust_criticality`) of the set with each candidate added:
+(:func:`rift_ray.rift.mrc.robust_criticality`) of the set with each candidate added:
 
     chosen, scored = greedy_joint_selection(ranked, size=3, candidates=4, score=score_sets)
     # ranked: modules by single-module MRC, lowest first
@@ -11,6 +11,12 @@ module and with a random one; it leaves open how to score several modules togeth
 
 The scoring function gets one step's candidate sets at once, so a caller can score them
 in parallel (the Ray stage does); each step depends on the set chosen by the previous one.
+
+What each strategy of ``finetune.strategies`` (``config.Strategy``) means is
+:data:`STRATEGIES`, here and nowhere else: its module sets (:func:`strategy_sets`) and how
+many it yields at most (:func:`max_module_sets`, what ``--dry-run`` and the cluster check
+count). To add a strategy, add its name to ``config.Strategy`` and its entry to
+:data:`STRATEGIES`.
 """
 
 from __future__ import annotations
@@ -19,12 +25,9 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import get_args
 
-Strategy = Literal["lowest", "greedy", "random", "highest"]
-STRATEGIES: tuple[Strategy, ...] = ("lowest", "greedy", "random", "highest")
-"""``lowest``: the lowest-MRC module (the paper's RiFT); ``greedy``: a set chosen by joint MRC;
-``random``: seeded random module(s) (the paper's ablation); ``highest``: the most critical module."""
+from rift_ray.config import FinetuneConfig, Strategy
 
 
 @dataclass(frozen=True)
@@ -100,4 +103,93 @@ def random_modules(modules: Sequence[str], count: int, seed: int) -> list[str]:
     return random.Random(seed).sample(list(modules), count)
 
 
-__all__ = ["STRATEGIES", "ScoredSet", "Strategy", "greedy_joint_selection", "random_modules"]
+@dataclass(frozen=True)
+class SelectionInput:
+    """What a strategy chooses from. ``ranked``: the modules with an MRC, lowest first;
+    ``forward``: every candidate module in forward order; ``greedy``: runs the greedy joint-MRC
+    selection and returns its set (the caller scores the sets, e.g. as Ray tasks)."""
+
+    ranked: list[str]
+    forward: list[str]
+    settings: FinetuneConfig
+    seed: int
+    greedy: Callable[[], Sequence[str]] | None = None
+
+
+def _lowest(inp: SelectionInput) -> list[list[str]]:
+    """The paper's RiFT: each of the ``top_k`` lowest-MRC modules, and with ``joint`` them together."""
+    f = inp.settings
+    top = inp.ranked[: f.top_k]
+    return [[m] for m in top] + ([top] if f.joint and len(top) > 1 else [])
+
+
+def _highest(inp: SelectionInput) -> list[list[str]]:
+    """The paper's ablation: the most critical module."""
+    return [[inp.ranked[-1]]]
+
+
+def _random(inp: SelectionInput) -> list[list[str]]:
+    """The paper's ablation: ``random_draws`` seeded random modules, each alone."""
+    pool = [m for m in inp.forward if m in inp.ranked]
+    return [[m] for m in random_modules(pool, min(inp.settings.random_draws, len(pool)), inp.seed)]
+
+
+def _greedy(inp: SelectionInput) -> list[list[str]]:
+    """One set grown by joint MRC (:func:`greedy_joint_selection`)."""
+    if inp.greedy is None:
+        raise ValueError("the greedy strategy needs a joint-MRC selection (SelectionInput.greedy)")
+    return [list(inp.greedy())]
+
+
+@dataclass(frozen=True)
+class StrategyDef:
+    """One strategy: its module sets, and how many it yields at most for given settings."""
+
+    sets: Callable[[SelectionInput], list[list[str]]]
+    max_sets: Callable[[FinetuneConfig], int]
+
+
+STRATEGIES: dict[Strategy, StrategyDef] = {
+    "lowest": StrategyDef(_lowest, lambda f: f.top_k + (1 if f.joint and f.top_k > 1 else 0)),
+    "greedy": StrategyDef(_greedy, lambda f: 1),
+    "random": StrategyDef(_random, lambda f: f.random_draws),
+    "highest": StrategyDef(_highest, lambda f: 1),
+}
+if set(STRATEGIES) != set(get_args(Strategy)):  # the closed set of names lives in config
+    raise ImportError(f"STRATEGIES {sorted(STRATEGIES)} != config.Strategy {get_args(Strategy)}")
+
+
+def strategy_sets(
+    inp: SelectionInput,
+) -> tuple[dict[str, list[list[str]]], list[list[str]]]:
+    """(strategy -> its module sets, the distinct sets to fine-tune, in order) for every
+    strategy of ``inp.settings.strategies``.
+
+    A set chosen by two strategies (say ``random`` drawing the lowest-MRC module) is
+    fine-tuned once and counts for both; sets equal up to order are the same set.
+    """
+    by_strategy: dict[str, list[list[str]]] = {
+        s: STRATEGIES[s].sets(inp) for s in inp.settings.strategies
+    }
+    canonical: dict[frozenset[str], list[str]] = {}
+    for name, groups in by_strategy.items():
+        by_strategy[name] = [canonical.setdefault(frozenset(g), g) for g in groups]
+    return by_strategy, list(canonical.values())
+
+
+def max_module_sets(settings: FinetuneConfig) -> int:
+    """Module sets stage 3 fine-tunes, at most (sets two strategies share are fine-tuned
+    once); times ``len(lrs)`` it bounds the number of fine-tuning trials."""
+    return sum(STRATEGIES[s].max_sets(settings) for s in settings.strategies)
+
+
+__all__ = [
+    "STRATEGIES",
+    "ScoredSet",
+    "SelectionInput",
+    "StrategyDef",
+    "greedy_joint_selection",
+    "max_module_sets",
+    "random_modules",
+    "strategy_sets",
+]

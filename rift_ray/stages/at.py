@@ -26,7 +26,9 @@ from ray.train.torch import TorchTrainer
 from rift_ray.attacks import evaluate
 from rift_ray.config import SweepConfig
 from rift_ray.data import DatasetSplits, batches
+from rift_ray.errors import StageFailed, one_line
 from rift_ray.rift import adversarial_train_epoch
+from rift_ray.stages.base import Stage, SweepContext, SweepState
 from rift_ray.stages.common import (
     attack_kwargs,
     cpu_state,
@@ -35,7 +37,7 @@ from rift_ray.stages.common import (
     setup_worker,
     worker_model,
 )
-from rift_ray.store import Store
+from rift_ray.store import AT_CHECKPOINT, experiment_name
 
 
 def _sharded_eval(
@@ -224,23 +226,22 @@ def worker_devices(device: torch.device, world: int) -> str:
     return ",".join(str(d) for d in everyone)
 
 
-def run_adv_train(
-    cfg: SweepConfig, store: Store, splits_ref: Any, run_name: str
-) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+def run_adv_train(ctx: SweepContext) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Run PGD-AT under Ray Train; return (best state dict, per-epoch history)."""
+    cfg = ctx.cfg
     r = cfg.resources.adv_train
-    storage_path, storage_fs = store.ray_storage()
+    storage_path, storage_fs = ctx.store.ray_storage()
     resources = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
         resources["GPU"] = r.gpus_per_worker or 1.0
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "splits": splits_ref},
+        train_loop_config={"cfg": cfg.to_dict(), "splits": ctx.splits_ref},
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
-            name=run_name,
+            name=experiment_name("adv_train", ctx.hashes["adv_train"]),
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.adv_train.max_failures),
@@ -255,3 +256,38 @@ def run_adv_train(
     history = [dict(h) for h in state["history"]]
     best = state["best_state"] if state["best_state"] is not None else state["model"]
     return best, history
+
+
+class AdvTrainStage(Stage):
+    """Stage 1: the robust model the RiFT stages start from, trained now or given."""
+
+    name = "adv_train"
+    reuses = AT_CHECKPOINT
+
+    def load(self, ctx: SweepContext, st: SweepState) -> None:
+        st.at_state = ctx.load_state(AT_CHECKPOINT)
+        st.at_history = (ctx.store.read_stage(self.name) or {}).get("history", [])
+
+    def compute(self, ctx: SweepContext, st: SweepState) -> dict[str, Any]:
+        cfg = ctx.cfg
+        if cfg.adv_train.checkpoint:
+            self.say(f"starting from {cfg.adv_train.checkpoint}")
+            assert ctx.start_state is not None
+            st.at_state, st.at_history = ctx.start_state, []
+        else:
+            self.say(
+                f"{cfg.adv_train.method} for {cfg.adv_train.epochs} epochs on "
+                f"{cfg.resources.adv_train.num_workers} worker(s)"
+            )
+            try:
+                st.at_state, st.at_history = run_adv_train(ctx)
+            except Exception as e:
+                err = one_line(e, typed=True)
+                raise StageFailed(f"adversarial training failed: {err}", error=err) from e
+        ctx.store.put(
+            AT_CHECKPOINT, ctx.checkpoint_bytes(st.at_state), stage_hash=ctx.hashes[self.name]
+        )
+        return {"history": st.at_history}
+
+    def track(self, ctx: SweepContext, st: SweepState) -> None:
+        ctx.tracker.log_adv_train(st.at_history)

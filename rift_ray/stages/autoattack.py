@@ -25,12 +25,8 @@ import torch
 from rift_ray.autoattack import ATTACKS, autoattack_accuracy
 from rift_ray.config import SweepConfig, TrialResources
 from rift_ray.data import DatasetSplits, ImageData
-from rift_ray.stages.common import ModelSpec, new_model, setup_worker
-from rift_ray.store import Store
-
-
-def shard_path(name: str, i: int) -> str:
-    return f"artifacts/autoattack/{name}/shard-{i}.json"
+from rift_ray.stages.common import ModelSpec, start_worker
+from rift_ray.store import Store, autoattack_shard
 
 
 def _images(data: DatasetSplits | ImageData, subset: int | None) -> ImageData:
@@ -63,11 +59,7 @@ def _shard_task(
     settings: dict[str, Any],
     cpus: float,
 ) -> dict[str, Any]:
-    cfg = SweepConfig.model_validate(cfg_dict)
-    device = setup_worker(cfg, cpus, cfg.seed)
-    model = new_model(cfg, spec)
-    model.load_state_dict(state)
-    model.to(device)
+    _cfg, device, model = start_worker(cfg_dict, cpus, spec, state, compute=False)
     shard = _images(data, settings["subset"]).subset(torch.arange(start, stop))
     t0 = time.time()
     res = autoattack_accuracy(
@@ -180,9 +172,9 @@ def run_autoattack_points(
     for name, state_dict in points.items():
         keys[name] = key = _key(state_dict, images, settings)
         results[name] = {
-            i: store.get_json(shard_path(name, i))
+            i: store.get_json(autoattack_shard(name, i))
             for i in range(len(bounds))
-            if store.valid(shard_path(name, i), key)
+            if store.valid(autoattack_shard(name, i), key)
         }
         todo[name] = [i for i in range(len(bounds)) if i not in results[name]]
         if not todo[name]:
@@ -199,7 +191,7 @@ def run_autoattack_points(
         for ref in ready:
             name, i = jobs[ref]
             results[name][i] = ray.get(ref) | {"key": keys[name]}
-            store.put_json(shard_path(name, i), results[name][i], stage_hash=keys[name])
+            store.put_json(autoattack_shard(name, i), results[name][i], stage_hash=keys[name])
             print(
                 f"[autoattack:{name}] {len(results[name])}/{len(bounds)} shards done",
                 file=sys.stderr,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import io
 import os
 import time
 import warnings
@@ -81,6 +80,34 @@ def setup_worker(cfg: SweepConfig, cpus: float, seed: int) -> torch.device:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     return trial_device()
+
+
+def start_worker(
+    cfg_dict: dict[str, Any],
+    cpus: float | str,
+    spec: ModelSpec | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+    *,
+    compute: bool = True,
+) -> tuple[SweepConfig, torch.device, torch.nn.Module | None]:
+    """The prologue of a Ray task or trial: (the config, validated; the device Ray gave, with
+    threads sized to ``cpus``, the CPU share it was scheduled with (a ``resources`` section
+    name: that section's ``cpu``), and the seed set; the model, when ``spec`` is given, else
+    None).
+
+    The model is built with the ``compute`` switches applied (:func:`worker_model`; plain
+    :func:`new_model` with ``compute=False``), loaded with ``state`` when given and moved to
+    the device.
+    """
+    cfg = SweepConfig.model_validate(cfg_dict)
+    share = float(getattr(cfg.resources, cpus).cpu) if isinstance(cpus, str) else cpus
+    device = setup_worker(cfg, share, cfg.seed)
+    if spec is None:
+        return cfg, device, None
+    model = worker_model(cfg, spec) if compute else new_model(cfg, spec)
+    if state is not None:
+        model.load_state_dict(state)
+    return cfg, device, model.to(device)
 
 
 def trial_device() -> torch.device:
@@ -213,16 +240,6 @@ def attack_kwargs(cfg: SweepConfig) -> dict[str, Any]:
         "steps": a.steps,
         "random_start": a.random_start,
     }
-
-
-def state_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
-    return buf.getvalue()
-
-
-def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
-    return dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ alpha in ``finetune.metric_alphas`` whose PGD accuracy stays within
 ``interpolate.tolerance`` of the AT model, on ``finetune.metric_subset``
 validation images (``val_gain``, 0 when no alpha qualifies). ASHA stops trials on ``val_score``,
 the same quantity with infeasible alphas penalised instead of discarded (see
-:func:`asha_score`); each trial checkpoints its latest epoch (to resume) together with its
+:func:`rift_ray.rift.finetune.asha_score`); each trial checkpoints its latest epoch (to resume) together with its
 best epoch by the same metric (the state that goes on to interpolation).
 """
 
@@ -27,7 +27,11 @@ from ray.tune.schedulers import ASHAScheduler
 
 from rift_ray.config import SweepConfig
 from rift_ray.data import DatasetSplits, ImageData
+from rift_ray.errors import StageFailed, one_line
+from rift_ray.progress import log
 from rift_ray.rift import finetune, interpolate, select_alpha
+from rift_ray.rift.finetune import asha_score
+from rift_ray.stages.base import Stage, SweepContext, SweepState, failures
 from rift_ray.stages.common import (
     GPUUnavailableError,
     cpu_state,
@@ -36,9 +40,18 @@ from rift_ray.stages.common import (
     fault,
     fault_sleep,
     setup_worker,
+    start_worker,
     worker_model,
 )
+from rift_ray.stages.selection import module_groups
 from rift_ray.stages.tuning import prune_checkpoints, run_tune
+from rift_ray.store import (
+    FINETUNE_EPOCHS_TABLE,
+    FINETUNE_TABLE,
+    experiment_name,
+    finetune_checkpoint,
+    trial_name,
+)
 
 
 def metric_subset(cfg: SweepConfig, splits: DatasetSplits) -> ImageData:
@@ -58,28 +71,9 @@ def _baseline_task(
     cfg_dict: dict[str, Any], spec: Any, splits: DatasetSplits, at_state: dict[str, torch.Tensor]
 ) -> dict[str, float]:
     """The AT model's clean and PGD accuracy on the metric subset (the alpha = 0 point)."""
-    cfg = SweepConfig.model_validate(cfg_dict)
-    device = setup_worker(cfg, cfg.resources.finetune.cpu, cfg.seed)
-    model = worker_model(cfg, spec)
-    model.load_state_dict(at_state)
-    return _eval(cfg, model.to(device), metric_subset(cfg, splits), device)
-
-
-def asha_score(rows: list[dict[str, float]], tolerance: float, penalty: float) -> float:
-    """max over alpha > 0 of (clean gain - penalty x robust drop beyond the tolerance), in points.
-
-    ``rows[0]`` is the AT model (alpha = 0). For a feasible alpha the term is the clean
-    gain itself, so the score equals the paper's selection rule whenever that rule finds
-    a gain. Where it finds none the score is 0 or negative and still ranks trials by how
-    close they come, instead of tying them all at 0 (a validation subset of a few hundred
-    images moves in steps larger than the 0.1-point tolerance).
-    """
-    base = rows[0]
-    return max(
-        (r["clean_acc"] - base["clean_acc"])
-        - penalty * max(0.0, base["robust_acc"] - r["robust_acc"] - tolerance)
-        for r in rows[1:]
-    )
+    cfg, device, model = start_worker(cfg_dict, "finetune", spec, at_state)
+    assert model is not None
+    return _eval(cfg, model, metric_subset(cfg, splits), device)
 
 
 def interpolated_gain(
@@ -144,8 +138,6 @@ def finetune_trial(
     run_token: str = "",
 ) -> None:
     """Tune function trial: fine-tune ``config["modules"]`` with ``config["lr"]``, report every epoch."""
-    from rift_ray.pipeline import trial_name
-
     assert (
         cfg_dict is not None
         and splits is not None
@@ -165,7 +157,7 @@ def finetune_trial(
                 "lr": lr,
                 "status": "failed",
                 "run_token": run_token,
-                "error": f"{type(e).__name__}: {e}".splitlines()[0][:300],
+                "error": one_line(e, typed=True),
                 "traceback": traceback.format_exc()[-2000:],
                 "val_score": float("-inf"),
                 "seconds": seconds,
@@ -281,40 +273,34 @@ def finetune_trial(
         report_failure(e, time.time() - t0)
 
 
-def finetune_baseline(
-    cfg: SweepConfig, spec: Any, splits_ref: Any, at_state: dict[str, torch.Tensor]
-) -> dict[str, float]:
+def finetune_baseline(ctx: SweepContext, at_state: dict[str, torch.Tensor]) -> dict[str, float]:
     """The AT model on the ASHA metric's subset (one Ray task): every trial's alpha = 0 point."""
-    r = cfg.resources.finetune
+    r = ctx.cfg.resources.finetune
     return ray.get(
         _baseline_task.options(num_cpus=r.cpu, num_gpus=r.gpu).remote(
-            cfg.to_dict(), spec, splits_ref, at_state
+            ctx.cfg.to_dict(), ctx.spec, ctx.splits_ref, at_state
         )
     )
 
 
 def run_finetune(
-    cfg: SweepConfig,
-    store: Any,
-    splits_ref: Any,
-    spec: Any,
+    ctx: SweepContext,
     at_state: dict[str, torch.Tensor],
     groups: list[list[str]],
-    stage_hash: str,
-    run_token: str,
+    experiment: str,
     baseline: dict[str, float],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], int]:
-    """Run the ASHA grid; return (trial rows, epoch rows, surviving trials with best states, trials computed now).
+    """Run the ASHA grid of ``groups`` x ``finetune.lrs`` as the Tune experiment ``experiment``;
+    return (trial rows, epoch rows, surviving trials with best states, trials computed now).
 
     ``baseline``: :func:`finetune_baseline` (the same for every strategy, so measured once)."""
-    from rift_ray.pipeline import trial_name
-
+    cfg, store, run_token = ctx.cfg, ctx.store, ctx.run_token
     f, r = cfg.finetune, cfg.resources.finetune
     trainable = tune.with_parameters(
         finetune_trial,
         cfg_dict=cfg.to_dict(),
-        spec=spec,
-        splits=splits_ref,
+        spec=ctx.spec,
+        splits=ctx.splits_ref,
         at_state=at_state,
         baseline=baseline,
         run_token=run_token,
@@ -329,7 +315,7 @@ def run_finetune(
         trainable,
         {"modules": tune.grid_search(groups), "lr": tune.grid_search(list(f.lrs))},
         store=store,
-        name=f"finetune-{stage_hash}",
+        name=experiment,
         resources={"cpu": r.cpu, "gpu": r.gpu},
         max_concurrent=cfg.resources.max_concurrent_trials,
         metric="val_score",
@@ -375,8 +361,7 @@ def run_finetune(
                 "last_val_score": history[-1]["val_score"] if history else None,
                 "seconds": sum(h.get("seconds", 0.0) for h in history),
                 "device": history[-1].get("device") if history else None,
-                "error": met.get("error")
-                or (str(res.error).strip().splitlines()[-1][:300] if res.error else ""),
+                "error": met.get("error") or (one_line(res.error, typed=True) if res.error else ""),
             }
         )
         if finished and best["state"] is not None:
@@ -387,8 +372,122 @@ def run_finetune(
         print(
             f"[rift-ray] warning: pruning old fine-tuning checkpoints failed: {e}", file=sys.stderr
         )
+    sort_trials(trial_rows, survivors)
+    return trial_rows, epoch_rows, survivors, computed
+
+
+def sort_trials(trial_rows: list[dict[str, Any]], survivors: list[dict[str, Any]]) -> None:
+    """Trial rows best ASHA score first (failed trials last); survivors by name."""
     survivors.sort(key=lambda t: t["trial"])
     trial_rows.sort(
         key=lambda t: -(t["best_val_score"] if t["best_val_score"] is not None else float("-inf"))
     )
+
+
+def finetune_strategies(
+    ctx: SweepContext, at_state: dict[str, torch.Tensor], by_strategy: dict[str, list[list[str]]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], int]:
+    """:func:`run_finetune` once per strategy, each its own Tune experiment under its own
+    ASHA, the primary strategy first (experiment ``finetune-<hash>``, as a sweep without
+    other strategies names it; the others ``finetune-<hash>-<strategy>``).
+
+    Why not one grid: ASHA stops a trial by comparing it with the other trials at the same
+    epoch, so in one grid the comparison strategies' trials would change which of the
+    primary's trials survive (the default result would depend on what else runs), and a
+    strategy whose trials all rank low could lose every trial (no comparison row). A set
+    two strategies share is fine-tuned once, in the experiment of the first of them.
+    Returns what ``run_finetune`` does, over all experiments.
+    """
+    cfg = ctx.cfg
+    primary = cfg.finetune.primary
+    order = [primary, *[s for s in by_strategy if s != primary]]
+    trial_rows: list[dict[str, Any]] = []
+    epoch_rows: list[dict[str, Any]] = []
+    survivors: list[dict[str, Any]] = []
+    computed, seen = 0, set()
+    baseline = None  # the same for every strategy: measured once
+    for strategy in order:
+        groups = [g for g in by_strategy.get(strategy, []) if frozenset(g) not in seen]
+        seen |= {frozenset(g) for g in groups}
+        if not groups:
+            continue
+        if len(by_strategy) > 1:
+            log(
+                f"stage 3/4 finetune: strategy {strategy}: {len(groups)} module set(s) x "
+                f"{len(cfg.finetune.lrs)} lr(s) under its own ASHA"
+            )
+        name = experiment_name(
+            "finetune", ctx.hashes["finetune"], None if strategy == primary else strategy
+        )
+        if baseline is None:
+            baseline = finetune_baseline(ctx, at_state)
+        t, e, s, c = run_finetune(ctx, at_state, groups, name, baseline)
+        trial_rows += t
+        epoch_rows += e
+        survivors += s
+        computed += c
+    sort_trials(trial_rows, survivors)
     return trial_rows, epoch_rows, survivors, computed
+
+
+class FinetuneStage(Stage):
+    """Stage 3: the module sets of every strategy, fine-tuned over ``finetune.lrs`` under ASHA;
+    the best epoch of every trial that ran to the end goes on to interpolation."""
+
+    name = "finetune"
+    reuses = FINETUNE_TABLE
+
+    def load(self, ctx: SweepContext, st: SweepState) -> None:
+        record = ctx.store.read_stage(self.name) or {}
+        st.ft_rows = ctx.store.get_table(FINETUNE_TABLE).to_pylist()
+        st.survivors = [
+            {
+                **r,
+                "modules": r["modules"].split("+"),
+                "state": ctx.load_state(finetune_checkpoint(r["trial"])),
+            }
+            for r in st.ft_rows
+            if r["trial"] in record["survivors"]
+        ]
+        st.by_strategy = record.get("strategies") or {
+            "lowest": [m.split("+") for m in dict.fromkeys(r["modules"] for r in st.ft_rows)]
+        }  # a record from before finetune.strategies: every set was `lowest`
+
+    def compute(self, ctx: SweepContext, st: SweepState) -> dict[str, Any]:
+        cfg, store, h = ctx.cfg, ctx.store, ctx.hashes[self.name]
+        t0 = time.time()
+        st.by_strategy, groups = module_groups(ctx, st.at_state, st.mrc_rows)
+        self.say(
+            f"{len(groups)} module set(s) x {len(cfg.finetune.lrs)} lr(s) under ASHA"
+            + (f" (strategies: {', '.join(st.by_strategy)})" if len(st.by_strategy) > 1 else "")
+        )
+        st.ft_rows, st.epoch_rows, st.survivors, computed = finetune_strategies(
+            ctx, st.at_state, st.by_strategy
+        )
+        failed = failures(st.ft_rows, "trial")
+        if failed:
+            self.say(f"{len(failed)} trial(s) failed and are left out: " + "; ".join(failed))
+        if not st.survivors:
+            store.put_table(FINETUNE_TABLE, st.ft_rows, stage_hash=h)
+            first = f" (first: {failed[0]})" if failed else ""
+            raise StageFailed(
+                f"fine-tuning produced no usable trial{first}; see tables/finetune.parquet",
+                error="no fine-tuning trial finished",
+            )
+        for s in st.survivors:
+            store.put(
+                finetune_checkpoint(s["trial"]),
+                ctx.checkpoint_bytes(s["state"], trial=s["trial"]),
+                stage_hash=h,
+            )
+        store.put_table(FINETUNE_EPOCHS_TABLE, st.epoch_rows, stage_hash=h)
+        store.put_table(FINETUNE_TABLE, st.ft_rows, stage_hash=h)
+        return {
+            "seconds": time.time() - t0,
+            "computed": computed,
+            "survivors": [s["trial"] for s in st.survivors],
+            "strategies": st.by_strategy,
+        }
+
+    def track(self, ctx: SweepContext, st: SweepState) -> None:
+        ctx.tracker.log_finetune(st.ft_rows, st.epoch_rows)

@@ -11,6 +11,7 @@ the paper's rule; the trial with the largest feasible clean gain is the final mo
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import ray
@@ -19,14 +20,27 @@ import torch
 from rift_ray.attacks import corruption_accuracy
 from rift_ray.config import SweepConfig, expand_path
 from rift_ray.data import DatasetSplits, ImageData, load_cifar_c
-from rift_ray.progress import Progress
+from rift_ray.errors import StageFailed
+from rift_ray.hashing import config_hash
+from rift_ray.progress import Progress, log
+from rift_ray.results import ACCURACIES, environment_info, summary_table, versions
 from rift_ray.rift import interpolate, search_alpha, select_alpha
+from rift_ray.rift.interpolate import best_trial
+from rift_ray.stages.base import Stage, SweepContext, SweepState
 from rift_ray.stages.common import (
     device_name,
     evaluate_pgd,
     peak_memory,
-    setup_worker,
-    worker_model,
+    start_worker,
+)
+from rift_ray.stages.selection import strategy_table
+from rift_ray.store import (
+    INTERPOLATION_TABLE,
+    RIFT_CHECKPOINT,
+    STRATEGIES_TABLE,
+    SUMMARY,
+    SUMMARY_TABLE,
+    trial_name,
 )
 
 
@@ -107,9 +121,8 @@ def _alpha_task(
     alphas: list[float],
     cdata: dict[Any, ImageData] | None = None,
 ) -> list[dict[str, Any]]:
-    cfg = SweepConfig.model_validate(cfg_dict)
-    device = setup_worker(cfg, cfg.resources.interpolate.cpu, cfg.seed)
-    model = worker_model(cfg, spec)
+    cfg, device, model = start_worker(cfg_dict, "interpolate", spec)
+    assert model is not None
     sets = eval_sets(cfg, splits)
     rows = []
     for alpha in alphas:
@@ -129,9 +142,8 @@ def _search_task(
 ) -> list[dict[str, Any]]:
     """``interpolate.search: monotone``: search_alpha on validation for one trial; every
     evaluated alpha is measured on each set (test too), like a grid task's rows."""
-    cfg = SweepConfig.model_validate(cfg_dict)
-    device = setup_worker(cfg, cfg.resources.interpolate.cpu, cfg.seed)
-    model = worker_model(cfg, spec)
+    cfg, device, model = start_worker(cfg_dict, "interpolate", spec)
+    assert model is not None
     sets = eval_sets(cfg, splits)
     rows: list[dict[str, Any]] = []
 
@@ -269,22 +281,188 @@ def run_interpolation(
                 "reason": c.reason,
             }
         )
-    feasible = [
-        c
-        for c in choices
-        if c["feasible"]
-        and c["alpha"] is not None
-        and (finalists is None or c["trial"] in finalists)
-    ]
-    # largest clean gain; ties to the smaller robust drop, then the trial name, so the
-    # winner does not depend on the order in which trials finished
-    best = min(
-        feasible,
-        key=lambda c: (-(c["clean_gain"] or 0.0), c["robust_drop"] or 0.0, c["trial"]),
-        default=None,
-    )
+    best = best_trial(choices, finalists)
     for row in table:
         row["selected"] = (
             best is not None and row["trial"] == best["trial"] and row["alpha"] == best["alpha"]
         )
     return table, {"choices": choices, "best": best}
+
+
+class InterpolateStage(Stage):
+    """Stage 4: the alpha grid of every surviving trial, alpha*, the final model and the
+    summary (with AutoAttack and the strategy comparison where configured)."""
+
+    name = "interpolate"
+    reuses = SUMMARY
+
+    def load(self, ctx: SweepContext, st: SweepState) -> None:
+        st.summary = ctx.store.get_json(SUMMARY)
+        st.summary["reused"] = True
+
+    def compute(self, ctx: SweepContext, st: SweepState) -> dict[str, Any]:
+        cfg, store, h = ctx.cfg, ctx.store, ctx.hashes[self.name]
+        t0 = time.time()
+        self.say(f"{len(cfg.interpolate.alphas)} alphas x {len(st.survivors)} trial(s)")
+        primary = cfg.finetune.primary  # its best trial is the final model; others compare
+        finalists = {
+            trial_name(g, lr) for g in st.by_strategy.get(primary, []) for lr in cfg.finetune.lrs
+        }
+        table, choice = run_interpolation(
+            cfg,
+            ctx.spec,
+            ctx.splits_ref,
+            st.at_state,
+            st.survivors,
+            ctx.splits,
+            data_seed=ctx.data_seed,
+            finalists=finalists or None,
+        )
+        best = choice["best"]
+        if best is None:
+            raise StageFailed(
+                "no trial"
+                + (f" of finetune.primary ({primary})" if len(st.by_strategy) > 1 else "")
+                + " has an alpha within interpolate.tolerance of the AT robust accuracy",
+                error="no alpha satisfies the robust-accuracy constraint",
+            )
+        winner = next(s for s in st.survivors if s["trial"] == best["trial"])
+        rift_state = interpolate(st.at_state, winner["state"], best["alpha"])
+        aa_curve = self._autoattack(ctx, st, table, winner, best)
+        store.put_table(INTERPOLATION_TABLE, table, stage_hash=h)
+        store.put(
+            RIFT_CHECKPOINT,
+            ctx.checkpoint_bytes(rift_state, trial=best["trial"], alpha=best["alpha"]),
+            stage_hash=h,
+        )
+        st.timings[self.name] = time.time() - t0
+        summary = build_summary(
+            cfg,
+            st.mrc_rows,
+            st.ft_rows,
+            table,
+            choice,
+            winner,
+            st.timings,
+            time.time() - st.t_start,
+        )
+        summary["primary"] = primary
+        summary["strategies"] = strategy_table(ctx, st.by_strategy, st.mrc_rows, choice, table)
+        if aa_curve:
+            add_autoattack(summary, aa_curve, best)
+        summary["environment"] = environment_info(
+            ray.cluster_resources(), sum(bool(n["Alive"]) for n in ray.nodes())
+        )
+        store.put_json(SUMMARY, summary, stage_hash=h)
+        store.put_table(SUMMARY_TABLE, summary_table(summary), stage_hash=h)
+        store.put_table(STRATEGIES_TABLE, summary["strategies"], stage_hash=h)
+        st.summary, st.table = summary, table
+        return {"seconds": st.timings[self.name]}
+
+    def _autoattack(
+        self,
+        ctx: SweepContext,
+        st: SweepState,
+        table: list[dict[str, Any]],
+        winner: dict[str, Any],
+        best: Mapping[str, Any],
+    ) -> dict[float, dict[str, Any]]:
+        """AutoAttack of the AT model, alpha* and ``eval.autoattack.alphas`` when enabled;
+        each test row gets ``autoattack_acc`` (alpha 0 for every trial, the rest for the winner)."""
+        aa = ctx.cfg.eval.autoattack
+        curve: dict[float, dict[str, Any]] = {}
+        if aa.enabled:
+            from rift_ray.stages.autoattack import autoattack_curve
+
+            log(
+                f"AutoAttack ({aa.version}) of the AT model, alpha* and "
+                f"{len(aa.alphas)} more alpha(s) of {best['trial']}"
+            )
+            curve = autoattack_curve(
+                ctx.cfg, ctx.store, ctx.spec, ctx.splits_ref, st.at_state, winner["state"],
+                best["alpha"], best["trial"],
+            )  # fmt: skip
+        for row in table:
+            hit = row["split"] == "test" and (row["alpha"] == 0.0 or row["trial"] == best["trial"])
+            point = curve.get(row["alpha"]) if hit else None
+            row["autoattack_acc"] = point["robust_acc"] if point else None
+        return curve
+
+    def track(self, ctx: SweepContext, st: SweepState) -> None:
+        ctx.tracker.log_interpolation(st.table, st.summary)
+
+
+def add_autoattack(
+    summary: dict[str, Any], curve: dict[float, dict[str, Any]], best: Mapping[str, Any]
+) -> None:
+    """The AutoAttack figures of the AT model and of alpha*, and the curve, in the summary."""
+    keep = ("robust_acc", "clean_acc", "n", "after", "settings")
+    summary["autoattack"] = {
+        who: {k: curve[a][k] for k in keep}
+        for who, a in (("at", 0.0), ("rift", float(best["alpha"])))
+    }
+    summary["autoattack_curve"] = [
+        {"alpha": a, "trial": best["trial"], **{k: r[k] for k in ("robust_acc", "n")}}
+        for a, r in sorted(curve.items())
+    ]
+    for who in ("at", "rift"):
+        summary[who].setdefault("test", {})["autoattack_acc"] = summary["autoattack"][who][
+            "robust_acc"
+        ]
+
+
+def build_summary(
+    cfg: SweepConfig,
+    mrc_rows: list[dict[str, Any]],
+    ft_rows: list[dict[str, Any]],
+    table: list[dict[str, Any]],
+    choice: dict[str, Any],
+    winner: dict[str, Any],
+    timings: dict[str, float],
+    wall: float,
+) -> dict[str, Any]:
+    """The sweep's summary (``summary.json``): the chosen trial and alpha*, AT vs RiFT on
+    validation and test, the MRC ranking, failures, timings and versions."""
+    best = choice["best"]
+
+    def metrics(alpha: float, split: str) -> dict[str, Any]:
+        row = next(
+            (
+                r
+                for r in table
+                if r["trial"] == best["trial"] and r["alpha"] == alpha and r["split"] == split
+            ),
+            None,
+        )
+        if row is None:
+            return {}
+        return {k: row.get(k) for k in ACCURACIES if row.get(k) is not None}
+
+    return {
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "config_hash": config_hash(cfg),
+        "modules": winner["modules"],
+        "lr": winner["lr"],
+        "trial": best["trial"],
+        "alpha": best["alpha"],
+        "clean_gain_val": best["clean_gain"],
+        "robust_drop_val": best["robust_drop"],
+        "reason": best["reason"],
+        "mrc_ranking": [
+            {"module": r["module"], "mrc": r.get("mrc"), "status": r["status"]} for r in mrc_rows
+        ],
+        "failed_modules": [r["module"] for r in mrc_rows if r["status"] != "done"],
+        "finetune_trials": len(ft_rows),
+        "failures": [
+            {"stage": stage, "name": r[key], "error": r.get("error") or ""}
+            for stage, rows, key in (("mrc", mrc_rows, "module"), ("finetune", ft_rows, "trial"))
+            for r in rows
+            if r["status"] not in ("done", "finished", "stopped")
+        ],
+        "choices": choice["choices"],
+        "at": {s: metrics(0.0, s) for s in ("val", "test")},
+        "rift": {s: metrics(best["alpha"], s) for s in ("val", "test")},
+        "seconds": {**timings, "total": wall},
+        "versions": versions(),
+    }

@@ -6,13 +6,13 @@ through the object store. With ``mrc.fast`` a second task computes what every tr
 would compute identically before its weight moves (:func:`rift_ray.rift.mrc_base`: the
 unperturbed loss and the first ascent step's gradient of every module), also stored.
 Each trial is a plain Tune function trial computing
-:func:`rift_ray.rift.module_robust_criticality` for one module on its CPU/GPU share.
+:func:`rift_ray.rift.robust_criticality` for one module on its CPU/GPU share. How the set
+is stored: :mod:`rift_ray.advset`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import io
 import sys
 import time
@@ -23,15 +23,11 @@ import ray
 import torch
 from ray import tune
 
+from rift_ray.advset import adversarial_set_bytes, read_adversarial_set
 from rift_ray.config import SweepConfig
-from rift_ray.rift import (
-    MRCBase,
-    adversarial_set,
-    decode_adversarial_set,
-    encode_adversarial_set,
-    module_robust_criticality,
-    mrc_base,
-)
+from rift_ray.errors import StageFailed, one_line
+from rift_ray.rift import MRCBase, MRCOptions, adversarial_set, mrc_base, robust_criticality
+from rift_ray.stages.base import Stage, SweepContext, SweepState, failures
 from rift_ray.stages.common import (
     attack_kwargs,
     device_name,
@@ -42,15 +38,7 @@ from rift_ray.stages.common import (
     setup_worker,
 )
 from rift_ray.stages.tuning import run_tune
-from rift_ray.store import Store
-
-
-def select_modules(all_modules: list[str], include: list[str], exclude: list[str]) -> list[str]:
-    """Candidates filtered by fnmatch patterns (empty include = all), forward order kept."""
-    chosen = [
-        m for m in all_modules if not include or any(fnmatch.fnmatchcase(m, p) for p in include)
-    ]
-    return [m for m in chosen if not any(fnmatch.fnmatchcase(m, p) for p in exclude)]
+from rift_ray.store import MRC_TABLE, Store, experiment_name
 
 
 @ray.remote
@@ -72,10 +60,7 @@ def _adv_set_task(
         device=device,
         seed=cfg.seed,
     )
-    buf = io.BytesIO()
-    blob = encode_adversarial_set(x.cpu(), cfg.mrc.adv_set_format)
-    torch.save(blob | {"targets": y.cpu()}, buf)
-    return buf.getvalue()
+    return adversarial_set_bytes(x, y, cfg.mrc.adv_set_format)
 
 
 def build_adversarial_set(
@@ -98,8 +83,7 @@ def build_adversarial_set(
             )
         )
         store.put(ADV_SET, blob, stage_hash=stage_hash)
-    d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    return decode_adversarial_set(d), d["targets"]
+    return read_adversarial_set(blob)
 
 
 @ray.remote
@@ -114,19 +98,7 @@ def _mrc_base_task(
     device = setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
     model = new_model(cfg, model_spec)
     model.load_state_dict(at_state)
-    kw = ascent_kwargs(cfg)
-    base = mrc_base(
-        model.to(device),
-        modules,
-        adv[0],
-        adv[1],
-        batch_size=kw["batch_size"],
-        shuffle=kw["shuffle"],
-        seed=kw["seed"],
-        device=device,
-        channels_last=kw["channels_last"],
-        amp=cfg.compute.amp,
-    )
+    base = mrc_base(model.to(device), modules, adv[0], adv[1], mrc_options(cfg), device=device)
     buf = io.BytesIO()
     torch.save(vars(base), buf)
     return buf.getvalue()
@@ -164,7 +136,7 @@ def build_mrc_base(
         )
     except Exception as e:  # noqa: BLE001 - the trials can compute it themselves
         print(
-            f"[rift-ray] warning: the MRC trials' shared first step failed ({_one_line(e)}); "
+            f"[rift-ray] warning: the MRC trials' shared first step failed ({one_line(e, typed=True)}); "
             "each trial computes its own",
             file=sys.stderr,
         )
@@ -178,20 +150,22 @@ def _read_base(blob: bytes) -> MRCBase:
     return MRCBase(**d | {"key": tuple(d["key"])})
 
 
-def ascent_kwargs(cfg: SweepConfig) -> dict[str, Any]:
-    """The MRC ascent's settings from the config (single-module and joint MRC alike)."""
-    m = cfg.mrc
-    return {
-        "epsilon": m.epsilon,
-        "epochs": m.epochs,
-        "batch_size": m.batch_size,
-        "lr": m.lr,
-        "projection": m.projection,
-        "shuffle": m.shuffle,
-        "seed": cfg.seed,
-        "fast": m.fast,
-        "channels_last": m.channels_last or cfg.compute.channels_last,
-    }
+def mrc_options(cfg: SweepConfig) -> MRCOptions:
+    """The MRC ascent's options from the config (single-module and joint MRC, the shared base)."""
+    m, c = cfg.mrc, cfg.compute
+    return MRCOptions(
+        epsilon=m.epsilon,
+        epochs=m.epochs,
+        batch_size=m.batch_size,
+        lr=m.lr,
+        projection=m.projection,
+        shuffle=m.shuffle,
+        seed=cfg.seed,
+        fast=m.fast,
+        channels_last=m.channels_last or c.channels_last,
+        amp=c.amp,
+        compile=c.compile,
+    )
 
 
 def mrc_trial(
@@ -225,16 +199,8 @@ def mrc_trial(
             shared = MRCBase(**base | {"first_grads": {name: grad}})
         mem = peak_memory(cfg, device)
         with mem:
-            res = module_robust_criticality(
-                model.to(device),
-                name,
-                adv[0],
-                adv[1],
-                **ascent_kwargs(cfg),
-                device=device,
-                amp=cfg.compute.amp,
-                compile=cfg.compute.compile,
-                base=shared,
+            res = robust_criticality(
+                model.to(device), name, adv[0], adv[1], mrc_options(cfg), base=shared, device=device
             )
         if fault("mrc_nan", module=name):
             res = dataclasses.replace(res, mrc=float("nan"))
@@ -280,16 +246,12 @@ MRC_COLUMNS = [
 
 
 def run_mrc(
-    cfg: SweepConfig,
-    store: Store,
-    splits_ref: Any,
-    model_spec: Any,
-    modules: list[str],
-    at_state: dict[str, torch.Tensor],
-    stage_hash: str,
-    run_token: str,
+    ctx: SweepContext, at_state: dict[str, torch.Tensor]
 ) -> tuple[list[dict[str, Any]], int]:
-    """Run one trial per module; return (rows sorted by MRC, failed ones last; trials computed now)."""
+    """One trial per module of ``ctx.modules``; return (rows sorted by MRC, failed ones last;
+    trials computed now)."""
+    cfg, store, splits_ref, model_spec = ctx.cfg, ctx.store, ctx.splits_ref, ctx.spec
+    modules, stage_hash, run_token = ctx.modules, ctx.hashes["mrc"], ctx.run_token
     adv = build_adversarial_set(cfg, store, splits_ref, at_state, stage_hash)
     base = build_mrc_base(cfg, store, model_spec, at_state, adv, modules, stage_hash)
     shared = None
@@ -309,7 +271,7 @@ def run_mrc(
         trainable,
         {"module": tune.grid_search(modules)},
         store=store,
-        name=f"mrc-{stage_hash}",
+        name=experiment_name("mrc", stage_hash),
         resources={"cpu": r.cpu, "gpu": r.gpu},
         max_concurrent=cfg.resources.max_concurrent_trials,
     )
@@ -323,7 +285,7 @@ def run_mrc(
             met = {
                 "module": module,
                 "status": "failed",
-                "error": _one_line(err) if err else "trial did not report",
+                "error": one_line(err, typed=True) if err else "trial did not report",
             }
         if met.get("run_token") == run_token:
             computed += 1
@@ -340,6 +302,39 @@ def run_mrc(
     return rows, computed
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[-1] if text else ''}"[:300]
+class MRCStage(Stage):
+    """Stage 2: the MRC of every candidate module, one Tune trial each."""
+
+    name = "mrc"
+    reuses = MRC_TABLE
+
+    def load(self, ctx: SweepContext, st: SweepState) -> None:
+        st.mrc_rows = ctx.store.get_table(MRC_TABLE).to_pylist()
+
+    def compute(self, ctx: SweepContext, st: SweepState) -> dict[str, Any]:
+        self.say(f"{len(ctx.modules)} modules, one Tune trial each")
+        t0 = time.time()
+        st.mrc_rows, computed = run_mrc(ctx, st.at_state)
+        ctx.store.put_table(MRC_TABLE, st.mrc_rows, stage_hash=ctx.hashes[self.name])
+        failed = [r for r in st.mrc_rows if r["status"] != "done"]
+        record = {
+            "seconds": time.time() - t0,
+            "computed": computed,
+            "failed": [r["module"] for r in failed],
+        }
+        if failed:
+            self.say(
+                f"{len(failed)} module(s) failed and are left out: "
+                + "; ".join(failures(st.mrc_rows, "module"))
+            )
+        if len(failed) == len(st.mrc_rows):
+            self.track(ctx, st)
+            raise StageFailed(
+                f"MRC failed for every module (first: {failures(st.mrc_rows, 'module')[0]}); "
+                "see tables/mrc.parquet for the errors",
+                **record,
+            )
+        return record
+
+    def track(self, ctx: SweepContext, st: SweepState) -> None:
+        ctx.tracker.log_mrc(st.mrc_rows)

@@ -1,10 +1,9 @@
-"""Which module sets stage 3 fine-tunes: one entry per ``finetune.strategies`` item.
+"""Which module sets stage 3 fine-tunes, on Ray: one entry per ``finetune.strategies`` item.
 
-``lowest`` (the paper's RiFT: the ``top_k`` lowest-MRC modules, plus them together when
-``finetune.joint``), ``highest`` (the most critical module), ``random`` (seeded random
-modules, independent of MRC) and ``greedy``: a set grown by joint MRC, one step at a
+What each strategy means is :mod:`rift_ray.rift.selection`. This file runs the one that
+needs Ray, ``greedy``: a set grown by joint MRC, one step at a
 time, the candidates of a step scored in parallel as Ray tasks
-(:func:`rift_ray.rift.greedy_joint_selection`, :func:`rift_ray.rift.joint_robust_criticality`,
+(:func:`rift_ray.rift.greedy_joint_selection`, :func:`rift_ray.rift.robust_criticality`,
 on the same fixed adversarial set as stage 2). Every scored set is a row of
 ``tables/joint_mrc.parquet``, written after each step under a hash of the MRC stage and
 ``finetune.greedy``: a re-run reuses the sets already scored and continues with the rest.
@@ -23,29 +22,25 @@ import ray
 import torch
 
 from rift_ray.config import SweepConfig
+from rift_ray.hashing import joint_mrc_hash
+from rift_ray.progress import log
 from rift_ray.rift import (
     ScoredSet,
     greedy_joint_selection,
-    joint_robust_criticality,
-    random_modules,
+    robust_criticality,
 )
+from rift_ray.rift.interpolate import best_trial
+from rift_ray.rift.selection import SelectionInput, strategy_sets
+from rift_ray.stages.base import SweepContext
 from rift_ray.stages.common import device_name, new_model, setup_worker
-from rift_ray.stages.mrc import ascent_kwargs
-from rift_ray.store import JOINT_MRC_TABLE, Store
+from rift_ray.stages.mrc import build_adversarial_set, mrc_options
+from rift_ray.store import JOINT_MRC_TABLE, trial_name
 
 JOINT_COLUMNS = [
     "step", "modules", "added", "size", "mrc", "chosen", "loss_before", "loss_after",
     "acc_before", "acc_after", "robust_acc_drop", "best_epoch", "num_params", "seconds",
     "status", "error", "node", "device",
 ]  # fmt: skip
-
-
-def joint_mrc_hash(cfg: SweepConfig, mrc_hash: str) -> str:
-    """What the joint-MRC table depends on: the MRC stage (model, adversarial set, ascent) and
-    ``finetune.greedy``."""
-    from rift_ray.pipeline import _hash
-
-    return _hash(["joint_mrc", mrc_hash, cfg.finetune.greedy.model_dump()])
 
 
 @ray.remote
@@ -65,8 +60,8 @@ def _joint_mrc_task(
         device = setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
         model = new_model(cfg, spec)
         model.load_state_dict(at_state)
-        res = joint_robust_criticality(
-            model.to(device), modules, adv[0], adv[1], **ascent_kwargs(cfg), device=device
+        res = robust_criticality(
+            model.to(device), modules, adv[0], adv[1], mrc_options(cfg), device=device
         )
         if not math.isfinite(res.mrc):
             raise FloatingPointError(f"joint MRC of {'+'.join(modules)} is not finite ({res.mrc})")
@@ -91,17 +86,16 @@ def _joint_mrc_task(
 
 
 def run_greedy(
-    cfg: SweepConfig,
-    store: Store,
-    splits_ref: Any,
-    spec: Any,
-    at_state: dict[str, torch.Tensor],
-    mrc_rows: list[dict[str, Any]],
-    mrc_hash: str,
+    ctx: SweepContext, at_state: dict[str, torch.Tensor], mrc_rows: list[dict[str, Any]]
 ) -> tuple[list[str], list[dict[str, Any]], int]:
     """The greedy set; return (its modules, the joint-MRC table rows, sets scored now)."""
-    from rift_ray.stages.mrc import build_adversarial_set
-
+    cfg, store, splits_ref, spec, mrc_hash = (
+        ctx.cfg,
+        ctx.store,
+        ctx.splits_ref,
+        ctx.spec,
+        ctx.hashes["mrc"],
+    )
     g, r = cfg.finetune.greedy, cfg.resources.mrc
     done = [row for row in mrc_rows if row["status"] == "done"]
     ranked = [row["module"] for row in done]
@@ -161,75 +155,33 @@ def run_greedy(
     return list(chosen), rows_of(records), state["computed"]
 
 
-def check_selection(cfg: SweepConfig, modules: list[str]) -> None:
-    """Bad selection settings for this model, before any compute (ConfigError naming the field)."""
-    from rift_ray.config import ConfigError
-
-    f, n = cfg.finetune, len(modules)
-    if "greedy" in f.strategies and f.greedy.size > n:
-        raise ConfigError(
-            f"finetune.greedy.size: {f.greedy.size} exceeds the {n} candidate modules"
-        )
-    if "random" in f.strategies and f.random_draws > n:
-        raise ConfigError(
-            f"finetune.random_draws: {f.random_draws} exceeds the {n} candidate modules"
-        )
-
-
 def module_groups(
-    cfg: SweepConfig,
-    store: Store,
-    splits_ref: Any,
-    spec: Any,
-    at_state: dict[str, torch.Tensor],
-    mrc_rows: list[dict[str, Any]],
-    forward_modules: list[str],
-    mrc_hash: str,
-    log: Any = print,
+    ctx: SweepContext, at_state: dict[str, torch.Tensor], mrc_rows: list[dict[str, Any]]
 ) -> tuple[dict[str, list[list[str]]], list[list[str]]]:
-    """(strategy -> its module sets, the distinct module sets to fine-tune, in order).
+    """(strategy -> its module sets, the distinct module sets to fine-tune, in order):
+    :func:`rift_ray.rift.selection.strategy_sets`, the greedy strategy's joint MRC scored by
+    Ray tasks (:func:`run_greedy`)."""
+    f = ctx.cfg.finetune
 
-    A set chosen by two strategies (say ``random`` drawing the lowest-MRC module) is
-    fine-tuned once and counts for both; sets equal up to order are the same set.
-    """
-    f = cfg.finetune
+    def greedy() -> list[str]:
+        log(
+            f"stage 3/4 finetune: greedy joint MRC selection of {f.greedy.size} modules "
+            f"({f.greedy.candidates} candidates per step, Ray tasks)"
+        )
+        chosen, rows, computed = run_greedy(ctx, at_state, mrc_rows)
+        kept = ", ".join(
+            f"{r['modules']} {r['mrc']:.4g}" for r in rows if r["chosen"] and r["mrc"] is not None
+        )
+        failed = [f"{r['modules']} ({r['error']})" for r in rows if r["status"] == "failed"]
+        log(
+            f"stage 3/4 finetune: greedy set {'+'.join(chosen)} (joint MRC per step: {kept}; "
+            f"{computed} set(s) scored now, {len(rows) - 1 - computed} reused)"
+            + (f"; failed: {'; '.join(failed)}" if failed else "")
+        )
+        return chosen
+
     ranked = [row["module"] for row in mrc_rows if row["status"] == "done"]
-    by_strategy: dict[str, list[list[str]]] = {}
-    for s in f.strategies:
-        if s == "lowest":
-            top = ranked[: f.top_k]
-            by_strategy[s] = [[m] for m in top] + ([top] if f.joint and len(top) > 1 else [])
-        elif s == "highest":
-            by_strategy[s] = [[ranked[-1]]]
-        elif s == "random":
-            pool = [m for m in forward_modules if m in ranked]
-            by_strategy[s] = [
-                [m] for m in random_modules(pool, min(f.random_draws, len(pool)), cfg.seed)
-            ]
-        else:  # greedy
-            log(
-                f"stage 3/4 finetune: greedy joint MRC selection of {f.greedy.size} modules "
-                f"({f.greedy.candidates} candidates per step, Ray tasks)"
-            )
-            chosen, rows, computed = run_greedy(
-                cfg, store, splits_ref, spec, at_state, mrc_rows, mrc_hash
-            )
-            kept = ", ".join(
-                f"{r['modules']} {r['mrc']:.4g}"
-                for r in rows
-                if r["chosen"] and r["mrc"] is not None
-            )
-            failed = [f"{r['modules']} ({r['error']})" for r in rows if r["status"] == "failed"]
-            log(
-                f"stage 3/4 finetune: greedy set {'+'.join(chosen)} (joint MRC per step: {kept}; "
-                f"{computed} set(s) scored now, {len(rows) - 1 - computed} reused)"
-                + (f"; failed: {'; '.join(failed)}" if failed else "")
-            )
-            by_strategy[s] = [chosen]
-    canonical: dict[frozenset[str], list[str]] = {}
-    for name, groups in by_strategy.items():
-        by_strategy[name] = [canonical.setdefault(frozenset(g), g) for g in groups]
-    return by_strategy, list(canonical.values())
+    return strategy_sets(SelectionInput(ranked, ctx.modules, f, ctx.cfg.seed, greedy))
 
 
 def compare_strategies(
@@ -244,22 +196,11 @@ def compare_strategies(
     feasible clean gain, ties to the smaller robust drop, then the trial name) and that
     trial's accuracy at its alpha* on val and test. ``set_mrc``: modules joined by ``+`` ->
     the set's (joint) MRC where one was measured."""
-    from rift_ray.pipeline import trial_name
-
     by_trial = {c["trial"]: c for c in choices}
     rows = []
     for strategy, groups in by_strategy.items():
         names = {trial_name(g, lr): g for g in groups for lr in lrs}
-        feasible = [
-            c
-            for t, c in by_trial.items()
-            if t in names and c["feasible"] and c["alpha"] is not None
-        ]
-        best = min(
-            feasible,
-            key=lambda c: (-(c["clean_gain"] or 0.0), c["robust_drop"] or 0.0, c["trial"]),
-            default=None,
-        )
+        best = best_trial(by_trial.values(), names)
         row: dict[str, Any] = {
             "strategy": strategy,
             "primary": strategy == primary,
@@ -288,20 +229,19 @@ def compare_strategies(
 
 
 def strategy_table(
-    cfg: SweepConfig,
-    store: Store,
+    ctx: SweepContext,
     by_strategy: dict[str, list[list[str]]],
     mrc_rows: list[dict[str, Any]],
     choice: dict[str, Any],
     table: list[dict[str, Any]],
-    hashes: dict[str, str],
 ) -> list[dict[str, Any]]:
     """:func:`compare_strategies` for a sweep: set MRCs from ``mrc.parquet`` and, when the
     greedy strategy ran, ``joint_mrc.parquet``."""
+    cfg, store = ctx.cfg, ctx.store
     set_mrc: dict[str, float | None] = {
         r["module"]: r.get("mrc") for r in mrc_rows if r["status"] == "done"
     }
-    h = joint_mrc_hash(cfg, hashes["mrc"])
+    h = joint_mrc_hash(cfg, ctx.hashes["mrc"])
     if "greedy" in by_strategy and store.valid(JOINT_MRC_TABLE, h):
         for r in store.get_table(JOINT_MRC_TABLE).to_pylist():
             if r["status"] == "done":
@@ -309,62 +249,3 @@ def strategy_table(
     return compare_strategies(
         by_strategy, cfg.finetune.primary, list(cfg.finetune.lrs), choice["choices"], table, set_mrc
     )
-
-
-def finetune_strategies(
-    cfg: SweepConfig,
-    store: Store,
-    splits_ref: Any,
-    spec: Any,
-    at_state: dict[str, torch.Tensor],
-    by_strategy: dict[str, list[list[str]]],
-    stage_hash: str,
-    run_token: str,
-    log: Any = print,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], int]:
-    """:func:`rift_ray.stages.finetune.run_finetune` once per strategy, each its own Tune
-    experiment under its own ASHA, the primary strategy first (experiment
-    ``finetune-<hash>``, as a sweep without other strategies names it; the others
-    ``finetune-<hash>-<strategy>``).
-
-    Why not one grid: ASHA stops a trial by comparing it with the other trials at the same
-    epoch, so in one grid the comparison strategies' trials would change which of the
-    primary's trials survive (the default result would depend on what else runs), and a
-    strategy whose trials all rank low could lose every trial (no comparison row). A set
-    two strategies share is fine-tuned once, in the experiment of the first of them.
-    Returns what ``run_finetune`` does, over all experiments.
-    """
-    from rift_ray.stages.finetune import finetune_baseline, run_finetune
-
-    primary = cfg.finetune.primary
-    order = [primary, *[s for s in by_strategy if s != primary]]
-    trial_rows: list[dict[str, Any]] = []
-    epoch_rows: list[dict[str, Any]] = []
-    survivors: list[dict[str, Any]] = []
-    computed, seen = 0, set()
-    baseline = None  # the same for every strategy: measured once
-    for strategy in order:
-        groups = [g for g in by_strategy.get(strategy, []) if frozenset(g) not in seen]
-        seen |= {frozenset(g) for g in groups}
-        if not groups:
-            continue
-        if len(by_strategy) > 1:
-            log(
-                f"stage 3/4 finetune: strategy {strategy}: {len(groups)} module set(s) x "
-                f"{len(cfg.finetune.lrs)} lr(s) under its own ASHA"
-            )
-        name = stage_hash if strategy == primary else f"{stage_hash}-{strategy}"
-        if baseline is None:
-            baseline = finetune_baseline(cfg, spec, splits_ref, at_state)
-        t, e, s, c = run_finetune(
-            cfg, store, splits_ref, spec, at_state, groups, name, run_token, baseline
-        )
-        trial_rows += t
-        epoch_rows += e
-        survivors += s
-        computed += c
-    survivors.sort(key=lambda t: t["trial"])
-    trial_rows.sort(
-        key=lambda t: -(t["best_val_score"] if t["best_val_score"] is not None else float("-inf"))
-    )
-    return trial_rows, epoch_rows, survivors, computed
