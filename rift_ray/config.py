@@ -148,7 +148,7 @@ class MRCConfig(_Section):
     adv_set_format: Literal["float32", "uint16", "uint8"] = "float32"
     """How the fixed adversarial set is stored and shipped to trials: float32 (exact),
     uint16 (16-bit fixed point, half the size, values within 7.6e-6) or uint8 (a quarter,
-    the perturbation rounded to the 1/255 grid). rift_ray.rift.encode_adversarial_set."""
+    the perturbation rounded to the 1/255 grid). rift_ray.advset.encode_adversarial_set."""
     adv_set_size: PosInt | None = None
     """Images of the validation split attacked once to form the fixed adversarial set (default: all)."""
     include: list[str] = []

@@ -1,7 +1,7 @@
 """Peak memory of a piece of work, on GPU and on CPU.
 
     with PeakMemory(device) as mem:
-        res = module_robust_criticality(model, "layer2.0.conv2", x_adv, y)
+        res = robust_criticality(model, "layer2.0.conv2", x_adv, y)
     mem.peak_bytes, mem.method
 
 GPU (``cuda``): ``torch.cuda.max_memory_allocated`` above the memory allocated at entry

@@ -14,14 +14,14 @@ from typing import Any
 
 from rift_ray.progress import duration
 from rift_ray.results import SweepResults, is_finite, stage_records
-from rift_ray.store import Store
+from rift_ray.store import Store, experiment_dir, experiment_name, train_snapshot, tune_result
 
 
 def _live_tune(store: Store, experiment: str) -> list[dict[str, Any]]:
     """The last result of every trial of a Tune experiment still running under ray/."""
     out = []
-    for trial in store.list(f"ray/{experiment}"):
-        rel = f"ray/{experiment}/{trial}/result.json"
+    for trial in store.list(experiment_dir(experiment)):
+        rel = tune_result(experiment, trial)
         try:
             lines = store.read_bytes(rel).decode().strip().splitlines() if store.exists(rel) else []
             if lines:
@@ -37,7 +37,7 @@ Figures = tuple[str, dict[str, Any]]  # (one line for a person, the same figures
 def _adv_train_figures(res: SweepResults, rec: dict[str, Any]) -> Figures:
     hist = rec.get("history") or []
     if rec.get("status") == "running":  # the last committed Ray Train checkpoint
-        snap = f"ray/at-{rec.get('hash')}/checkpoint_manager_snapshot.json"
+        snap = train_snapshot(experiment_name("adv_train", str(rec.get("hash"))))
         try:
             hist = [json.loads(res.store.read_bytes(snap))["latest_checkpoint_result"]["metrics"]]
         except (OSError, ValueError, KeyError, TypeError):
@@ -56,7 +56,8 @@ def _adv_train_figures(res: SweepResults, rec: dict[str, Any]) -> Figures:
 
 def _mrc_figures(res: SweepResults, rec: dict[str, Any]) -> Figures:
     running = rec.get("status") == "running"
-    rows = _live_tune(res.store, f"mrc-{rec.get('hash')}") if running else res.rows("mrc")
+    exp = experiment_name("mrc", str(rec.get("hash")))
+    rows = _live_tune(res.store, exp) if running else res.rows("mrc")
     if not rows:
         return "", {}
     ok = sorted((r for r in rows if r.get("status") == "done"), key=lambda r: r["mrc"])
@@ -68,11 +69,9 @@ def _mrc_figures(res: SweepResults, rec: dict[str, Any]) -> Figures:
 
 def _finetune_figures(res: SweepResults, rec: dict[str, Any]) -> Figures:
     if rec.get("status") == "running":
-        exp = f"finetune-{rec.get('hash')}"  # and finetune-<hash>-<strategy> (one per strategy)
         rows = [
             r
-            for name in res.store.list("ray")
-            if name == exp or name.startswith(exp + "-")
+            for name in res.store.experiments("finetune", str(rec.get("hash")))
             for r in _live_tune(res.store, name)
         ]
         line = f"{len(rows)} trial(s) reporting"

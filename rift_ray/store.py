@@ -106,6 +106,16 @@ def experiment_dir(name: str) -> str:
     return f"{RAY_DIR}/{name}"
 
 
+def tune_result(experiment: str, trial: str) -> str:
+    """The result lines Tune writes for ``trial`` of ``experiment`` (one JSON per report)."""
+    return f"{experiment_dir(experiment)}/{trial}/result.json"
+
+
+def train_snapshot(experiment: str) -> str:
+    """Ray Train's record of the last committed checkpoint of ``experiment``."""
+    return f"{experiment_dir(experiment)}/checkpoint_manager_snapshot.json"
+
+
 def autoattack_shard(name: str, i: int) -> str:
     """Where the AutoAttack result of shard ``i`` of the evaluation ``name`` is kept."""
     return f"artifacts/autoattack/{name}/shard-{i}.json"
@@ -174,6 +184,12 @@ class Store:
         return self.path(RAY_DIR), self.fs
 
     # -- checks --------------------------------------------------------------
+    def experiments(self, stage: str, stage_hash: str) -> list[str]:
+        """The Ray experiments of ``stage`` at ``stage_hash`` under ``ray/`` (fine-tuning: one
+        per strategy, :func:`experiment_name`)."""
+        name = experiment_name(stage, stage_hash)
+        return [n for n in self.list(RAY_DIR) if n == name or n.startswith(name + "-")]
+
     def check_writable(self) -> None:
         """Write and delete a probe file; raise StorageError naming the location."""
         probe = f".probe-{uuid.uuid4().hex[:8]}"

@@ -6,7 +6,7 @@
     logits = run_blocks(blocks[k:], feats)       # == model(x)
 
 MRC uses this to cache the input of the perturbed module's block once and run only the
-rest of the network during the ascent (:func:`rift_ray.rift.module_robust_criticality`).
+rest of the network during the ascent (:func:`rift_ray.rift.robust_criticality`).
 A block may also say how to split itself at one of its modules (``Block.split_at``): the
 frozen part before that module (and a frozen shortcut) is computed once, the rest per
 step, so for ``layer2.0.conv2`` only ``conv2`` onward runs.
