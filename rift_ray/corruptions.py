@@ -5,7 +5,7 @@ github.com/hendrycks/robustness, ImageNet-C/create_c/) with CIFAR-10-C's severit
 parameters, in torch (numpy/PIL for JPEG and pixelate). It is *regenerated*, not the
 official data: the random draws differ, and some steps are approximations (see
 ``APPROXIMATE`` and ``docs/evaluation.md``), so headline numbers should come from the
-official files (:func:`rift_ray.data.load_cifar_c`). ``frost`` needs the original frost
+official files (:func:`load_cifar_c`). ``frost`` needs the original frost
 photographs and is not available.
 
     cells = generate_cifar_c(test, ["fog", "contrast"], [1, 2, 3, 4, 5], seed=0)
@@ -22,6 +22,7 @@ import hashlib
 import io
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from rift_ray.data import ImageData
+from rift_ray.data import DataError, ImageData
 
 AVAILABLE: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
@@ -517,4 +518,43 @@ def generate_cifar_c(
             ]
             images = torch.cat(parts) if parts else data.images.clone()
             out[(name, s)] = ImageData(images, data.labels.clone(), list(data.classes))
+    return out
+
+
+def load_cifar_c(
+    root: str | Path,
+    corruptions: Sequence[str],
+    severities: Sequence[int],
+    n_per_severity: int = 10000,
+    classes: Sequence[str] | None = None,
+) -> dict[tuple[str, int], ImageData]:
+    """Corrupted test sets from ``<root>/<corruption>.npy`` (uint8 [5*n, 32, 32, 3]) and ``labels.npy``.
+
+    Severity s (1..5) is rows (s-1)*n_per_severity to s*n_per_severity. Files are memory-mapped,
+    so only the requested rows are read. ``classes`` defaults to "0", "1", ...
+    """
+    root = Path(root).expanduser()
+    labels_file = root / "labels.npy"
+    if not labels_file.is_file():
+        raise DataError(f"{labels_file}: CIFAR-C labels not found")
+    labels = np.load(labels_file)
+    names = list(classes) if classes is not None else [str(i) for i in range(int(labels.max()) + 1)]
+    out: dict[tuple[str, int], ImageData] = {}
+    for corruption in corruptions:
+        f = root / f"{corruption}.npy"
+        if not f.is_file():
+            raise DataError(f"{f}: CIFAR-C file for corruption {corruption!r} not found")
+        arr = np.load(f, mmap_mode="r")
+        for s in severities:
+            if not 1 <= s <= 5:
+                raise ValueError(f"CIFAR-C severity must be in 1..5, got {s}")
+            rows = slice((s - 1) * n_per_severity, s * n_per_severity)
+            if arr.ndim != 4 or arr.shape[0] < rows.stop or len(labels) < rows.stop:
+                raise DataError(
+                    f"{f}: shape {arr.shape} has no rows {rows.start}:{rows.stop} for severity {s}"
+                )
+            images = torch.from_numpy(np.array(arr[rows])).permute(0, 3, 1, 2).contiguous()
+            out[(corruption, s)] = ImageData(
+                images, torch.from_numpy(labels[rows].astype(np.int64)), names
+            )
     return out

@@ -16,13 +16,13 @@ from PIL import Image
 
 from rift_ray import data as data_mod
 from rift_ray.config import DataConfig, SyntheticConfig
+from rift_ray.corruptions import load_cifar_c
 from rift_ray.data import (
     DataError,
     ImageData,
     augment_batch,
     batches,
     extract_archive,
-    load_cifar_c,
     load_dataset,
     load_tinyimagenet,
     num_batches,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -161,6 +160,3 @@ def run_stage(stage: Stage, ctx: SweepContext, st: SweepState) -> None:
         store.write_stage(stage.name, status="done", **record)
         stage.track(ctx, st)
     st.timings[stage.name] = (store.read_stage(stage.name) or {}).get("seconds", time.time() - t0)
-
-
-StageFactory = Callable[[], Stage]

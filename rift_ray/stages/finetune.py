@@ -455,7 +455,6 @@ class FinetuneStage(Stage):
 
     def compute(self, ctx: SweepContext, st: SweepState) -> dict[str, Any]:
         cfg, store, h = ctx.cfg, ctx.store, ctx.hashes[self.name]
-        t0 = time.time()
         st.by_strategy, groups = module_groups(ctx, st.at_state, st.mrc_rows)
         self.say(
             f"{len(groups)} module set(s) x {len(cfg.finetune.lrs)} lr(s) under ASHA"
@@ -483,7 +482,6 @@ class FinetuneStage(Stage):
         store.put_table(FINETUNE_EPOCHS_TABLE, st.epoch_rows, stage_hash=h)
         store.put_table(FINETUNE_TABLE, st.ft_rows, stage_hash=h)
         return {
-            "seconds": time.time() - t0,
             "computed": computed,
             "survivors": [s["trial"] for s in st.survivors],
             "strategies": st.by_strategy,

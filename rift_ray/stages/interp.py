@@ -19,7 +19,8 @@ import torch
 
 from rift_ray.attacks import corruption_accuracy
 from rift_ray.config import SweepConfig, expand_path
-from rift_ray.data import DatasetSplits, ImageData, load_cifar_c
+from rift_ray.corruptions import load_cifar_c
+from rift_ray.data import DatasetSplits, ImageData
 from rift_ray.errors import StageFailed
 from rift_ray.hashing import config_hash
 from rift_ray.progress import Progress, log
