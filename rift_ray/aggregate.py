@@ -18,19 +18,14 @@ summary's ``at``/``rift`` figures shows their means unchanged.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import Counter
 from typing import Any
 
-METRIC_KEYS = ("clean_acc", "robust_acc", "corruption_acc", "autoattack_acc")
-"""Per-split accuracies of a summary's ``at`` / ``rift`` (those absent are skipped)."""
+from rift_ray.metrics import METRICS, is_finite
+
 SCALARS = ("alpha", "clean_gain_val", "robust_drop_val")
 Path = tuple[str, ...]
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def figures(summary: dict[str, Any]) -> dict[Path, float]:
@@ -39,18 +34,18 @@ def figures(summary: dict[str, Any]) -> dict[Path, float]:
     for split in ("val", "test"):
         at = (summary.get("at") or {}).get(split) or {}
         rift = (summary.get("rift") or {}).get(split) or {}
-        for k in METRIC_KEYS:
+        for k in METRICS:  # those a summary's at / rift lack are skipped
             for who, m in (("at", at), ("rift", rift)):
-                if _number(m.get(k)):
+                if is_finite(m.get(k)):
                     out[(who, split, k)] = float(m[k])
-            if _number(at.get(k)) and _number(rift.get(k)):
+            if is_finite(at.get(k)) and is_finite(rift.get(k)):
                 out[("delta", split, k)] = float(rift[k]) - float(at[k])
     for k in SCALARS:
-        if _number(summary.get(k)):
+        if is_finite(summary.get(k)):
             out[(k,)] = float(summary[k])
     for who, aa in (summary.get("autoattack") or {}).items():
         for k in ("robust_acc", "clean_acc"):
-            if _number((aa or {}).get(k)):
+            if is_finite((aa or {}).get(k)):
                 out[("autoattack", who, k)] = float(aa[k])
     return out
 
@@ -128,11 +123,11 @@ def lookup(tree: dict[str, Any] | None, *path: str) -> Any:
 def mean_std_text(summary: dict[str, Any], *path: str, digits: int = 2, n: bool = True) -> str:
     """``81.23 ± 0.45 (n=3)`` for the figure at ``path`` of a seeds summary; ``-`` if absent."""
     m = lookup(summary.get("mean"), *path)
-    if not _number(m):
+    if not is_finite(m):
         return "-"
     sd = lookup(summary.get("std"), *path)
     k = lookup(summary.get("count"), *path)
-    text = f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if _number(sd) else "")
+    text = f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if is_finite(sd) else "")
     return text + (f" (n={k})" if n and k is not None else "")
 
 

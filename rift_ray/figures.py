@@ -9,7 +9,8 @@ import io
 from typing import Any
 
 from rift_ray.aggregate import lookup, mean_std_text
-from rift_ray.results import METRICS, SweepResults, is_finite
+from rift_ray.metrics import METRICS, is_finite
+from rift_ray.results import SweepResults
 
 AT_COLOR, RIFT_COLOR, LIMIT_COLOR = "#7f7f7f", "#d62728", "#b8860b"
 
@@ -139,6 +140,21 @@ def fig_finetune(epochs: list[dict[str, Any]], trials: list[dict[str, Any]]) -> 
     return fig
 
 
+def _trial_curve(
+    ax: Any, pts: list[tuple[float, float]], color: Any, win: bool, faded: bool,
+    alpha_star: float | None, handles: dict[str, Any], label: str,
+) -> None:  # fmt: skip
+    """One trial's accuracy along alpha on ``ax``, with a star at its alpha* (bold: the winner)."""
+    (line,) = ax.plot(*zip(*pts), color=color, lw=2.2 if win else 1.0,
+                      alpha=0.6 if faded else 1.0, marker="o", ms=2.5, zorder=3 if win else 2)  # fmt: skip
+    handles.setdefault(label + (" (alpha* chosen)" if win else ""), line)
+    y = dict(pts).get(alpha_star) if alpha_star is not None else None
+    if y is not None:
+        star = ax.plot(alpha_star, y, marker="*", ms=12 if win else 8, color=color, mec="k",
+                       zorder=4)[0]  # fmt: skip
+        handles.setdefault("alpha* of a trial", star)
+
+
 def fig_interpolation(
     rows: list[dict[str, Any]],
     choices: list[dict[str, Any]] | None = None,
@@ -165,43 +181,14 @@ def fig_interpolation(
     for i, split in enumerate(splits):
         for j, metric in enumerate(metrics):
             ax = axes[i][j]
+            here = [r for r in rows if r["split"] == split and is_finite(r.get(metric))]
             for trial in trials:
-                pts = sorted(
-                    (r["alpha"], r[metric])
-                    for r in rows
-                    if r["trial"] == trial and r["split"] == split and is_finite(r.get(metric))
-                )
-                if not pts:
-                    continue
-                win = trial == best
-                (line,) = ax.plot(
-                    *zip(*pts),
-                    color=colors[trial],
-                    lw=2.2 if win else 1.0,
-                    alpha=1.0 if win or best is None else 0.6,
-                    marker="o",
-                    ms=2.5,
-                    zorder=3 if win else 2,
-                )
-                handles.setdefault(trial + (" (alpha* chosen)" if win else ""), line)
-                a = alpha_star.get(trial)
-                y = dict(pts).get(a) if a is not None else None
-                if y is not None:
-                    star = ax.plot(
-                        a,
-                        y,
-                        marker="*",
-                        ms=12 if win else 8,
-                        color=colors[trial],
-                        mec="k",
-                        zorder=4,
-                    )[0]
-                    handles.setdefault("alpha* of a trial", star)
-            at_pts = [
-                r[metric]
-                for r in rows
-                if r["split"] == split and r["alpha"] == 0.0 and is_finite(r.get(metric))
-            ]
+                pts = sorted((r["alpha"], r[metric]) for r in here if r["trial"] == trial)
+                if pts:
+                    _trial_curve(ax, pts, colors[trial], trial == best,
+                                 trial != best and best is not None, alpha_star.get(trial),
+                                 handles, trial)  # fmt: skip
+            at_pts = [r[metric] for r in here if r["alpha"] == 0.0]
             if metric == "robust_acc" and split == "val" and tolerance is not None and at_pts:
                 limit = at_pts[0] - tolerance
                 handles["constraint: AT - tolerance"] = ax.axhline(

@@ -80,6 +80,59 @@ def _points_per_trial(cfg: SweepConfig) -> int:
     return n
 
 
+def _stage_lines(cfg: SweepConfig, prep: Any) -> list[tuple[str, str]]:
+    """(stage, what it will run) for the four stages."""
+    r, modules = cfg.resources, prep.modules
+    groups = max_module_sets(cfg.finetune)
+    alphas = [a for a in cfg.interpolate.alphas if a > 0]
+    tasks = math.ceil(len(alphas) / cfg.interpolate.alphas_per_task)
+    at_desc = (
+        f"start from {cfg.adv_train.checkpoint}"
+        if cfg.adv_train.checkpoint
+        else f"TorchTrainer, {r.adv_train.num_workers} worker(s) x {{CPU: {r.adv_train.cpus_per_worker:g}"
+        f"{', GPU: %g' % (r.adv_train.gpus_per_worker or 1) if r.adv_train.use_gpu else ''}}}, "
+        f"{cfg.adv_train.method} {cfg.adv_train.epochs} epochs"
+    )
+    mrc_desc = (
+        f"{len(modules)} Tune trials (one per module) x {{CPU: {r.mrc.cpu:g}, GPU: {r.mrc.gpu:g}}}: "
+        + ", ".join(modules[:6])
+        + (" ..." if len(modules) > 6 else "")
+    )
+    ft_desc = (
+        f"{groups} module set(s) x {len(cfg.finetune.lrs)} lr(s) = {groups * len(cfg.finetune.lrs)} Tune trials "
+        f"under ASHA (grace {cfg.finetune.asha.grace_period}, factor {cfg.finetune.asha.reduction_factor:g}) "
+        f"x {{CPU: {r.finetune.cpu:g}, GPU: {r.finetune.gpu:g}}}"
+    )
+    if len(cfg.finetune.strategies) > 1:
+        ft_desc += (
+            f"; strategies {', '.join(cfg.finetune.strategies)} (primary {cfg.finetune.primary})"
+        )
+    if joint_sets(cfg):
+        ft_desc += f"; greedy joint MRC: up to {joint_sets(cfg)} Ray tasks in {cfg.finetune.greedy.size - 1} step(s)"
+    interp_desc = (
+        f"binary search over {len(cfg.interpolate.alphas)} alphas per surviving trial "
+        f"(~{_points_per_trial(cfg)} evaluated when monotone), 1 task per trial + 1 for AT "
+        if cfg.interpolate.search == "monotone"
+        else f"{len(cfg.interpolate.alphas)} alphas per surviving trial, {tasks} task(s) per trial + 1 for AT "
+    ) + f"x {{CPU: {r.interpolate.cpu:g}, GPU: {r.interpolate.gpu:g}}}"
+    return [("adv_train", at_desc), ("mrc", mrc_desc), ("finetune", ft_desc),
+            ("interpolate", interp_desc)]  # fmt: skip
+
+
+def _seed_runs(cfg: SweepConfig, store: Any) -> list[tuple[int | None, Any, dict[str, bool]]]:
+    """(seed, its store, which stages are done) for each run of stages 2-4: once, or once per
+    seed of a seeds sweep (each in seeds/<s>/ with its own hashes)."""
+    from rift_ray.hashing import stage_hashes
+
+    if cfg.seeds is None:
+        return [(None, store, {k: store.stage_done(k, h) for k, h in stage_hashes(cfg).items()})]
+    runs = []
+    for seed in cfg.seeds:
+        st, hs = store.for_seed(seed), stage_hashes(cfg, seed)
+        runs.append((seed, st, {k: st.stage_done(k, hs[k]) for k in STAGES_2_4}))
+    return runs
+
+
 def print_plan(cfg: SweepConfig, cluster: Any = None) -> None:
     """The plan; with ``cluster`` (a ``rift_ray.cluster.ClusterShape``) also how each stage's
     bundles pack onto its nodes, ending in ConfigError when one fits no node."""
@@ -90,82 +143,30 @@ def print_plan(cfg: SweepConfig, cluster: Any = None) -> None:
 
     prep = preflight(cfg)
     spec = ModelSpec.of(prep.splits)
-    s, r = prep.splits, cfg.resources
+    s = prep.splits
     t_img = time_per_image(cfg, spec)
     est = estimate(cfg, len(s.train), len(s.val), len(s.test), len(prep.modules), t_img)
-    done = {stage: prep.store.stage_done(stage, h) for stage, h in stage_hashes(cfg).items()}
-    # a seeds sweep: stages 2-4 once per seed, each in seeds/<s>/ with its own hashes
-    runs: list[tuple[int | None, Any, dict[str, bool]]] = [(None, prep.store, done)]
-    if cfg.seeds is not None:
-        runs = []
-        for seed in cfg.seeds:
-            st = prep.store.for_seed(seed)
-            hs = stage_hashes(cfg, seed)
-            runs.append((seed, st, {k: st.stage_done(k, hs[k]) for k in STAGES_2_4}))
-    groups = max_module_sets(cfg.finetune)
-    alphas = [a for a in cfg.interpolate.alphas if a > 0]
-    tasks = math.ceil(len(alphas) / cfg.interpolate.alphas_per_task)
+    at_done = prep.store.stage_done("adv_train", stage_hashes(cfg)["adv_train"])
+    lines = _stage_lines(cfg, prep)
     print(f"sweep {cfg.name} -> {prep.store.uri}")
     print(
         f"data: {cfg.data.dataset} train {len(s.train)} / val {len(s.val)} / test {len(s.test)}, {s.num_classes} classes; "
         f"model {cfg.model.arch}"
     )
-    at_desc = (
-        f"start from {cfg.adv_train.checkpoint}"
-        if cfg.adv_train.checkpoint
-        else f"TorchTrainer, {r.adv_train.num_workers} worker(s) x {{CPU: {r.adv_train.cpus_per_worker:g}"
-        f"{', GPU: %g' % (r.adv_train.gpus_per_worker or 1) if r.adv_train.use_gpu else ''}}}, "
-        f"{cfg.adv_train.method} {cfg.adv_train.epochs} epochs"
-    )
-    lines = [
-        ("adv_train", at_desc),
-        (
-            "mrc",
-            f"{len(prep.modules)} Tune trials (one per module) x {{CPU: {r.mrc.cpu:g}, GPU: {r.mrc.gpu:g}}}: "
-            + ", ".join(prep.modules[:6])
-            + (" ..." if len(prep.modules) > 6 else ""),
-        ),
-        (
-            "finetune",
-            f"{groups} module set(s) x {len(cfg.finetune.lrs)} lr(s) = {groups * len(cfg.finetune.lrs)} Tune trials "
-            f"under ASHA (grace {cfg.finetune.asha.grace_period}, factor {cfg.finetune.asha.reduction_factor:g}) "
-            f"x {{CPU: {r.finetune.cpu:g}, GPU: {r.finetune.gpu:g}}}"
-            + (
-                f"; strategies {', '.join(cfg.finetune.strategies)} (primary {cfg.finetune.primary})"
-                if len(cfg.finetune.strategies) > 1
-                else ""
-            )
-            + (
-                f"; greedy joint MRC: up to {joint_sets(cfg)} Ray tasks in {cfg.finetune.greedy.size - 1} step(s)"
-                if joint_sets(cfg)
-                else ""
-            ),
-        ),
-        (
-            "interpolate",
-            (
-                f"binary search over {len(cfg.interpolate.alphas)} alphas per surviving trial "
-                f"(~{_points_per_trial(cfg)} evaluated when monotone), 1 task per trial + 1 for AT "
-                if cfg.interpolate.search == "monotone"
-                else f"{len(cfg.interpolate.alphas)} alphas per surviving trial, {tasks} task(s) per trial + 1 for AT "
-            )
-            + f"x {{CPU: {r.interpolate.cpu:g}, GPU: {r.interpolate.gpu:g}}}",
-        ),
-    ]
 
     def show(i: int, stage: str, desc: str, is_done: bool, indent: str = "  ") -> None:
         state = "done (will be reused)" if is_done else "to run"
         print(f"{indent}{i}. {stage:<11} [{state}] {desc}; est. {_fmt(est[stage])} device-time")
 
-    show(1, *lines[0], done["adv_train"])
-    total = 0.0 if done["adv_train"] else est["adv_train"]
+    show(1, *lines[0], at_done)
+    total = 0.0 if at_done else est["adv_train"]
     if cfg.seeds is not None:
         print(
             f"  stages 2-4 once per seed ({len(cfg.seeds)} seeds; each seed drives PGD starts, "
             f"MRC batch order, fine-tuning order and augmentation; split and AT model of seed "
             f"{cfg.seed}):"
         )
-    for run_seed, st, dn in runs:
+    for run_seed, st, dn in _seed_runs(cfg, prep.store):
         indent = "  "
         if run_seed is not None:
             print(f"    seed {run_seed} -> {st.uri}")
@@ -178,7 +179,7 @@ def print_plan(cfg: SweepConfig, cluster: Any = None) -> None:
         f"remaining compute ~{_fmt(total)} on one such device (ASHA usually cuts fine-tuning)"
     )
     if cluster is not None:
-        at_runs = not (cfg.adv_train.checkpoint or done["adv_train"])  # as the sweep checks
+        at_runs = not (cfg.adv_train.checkpoint or at_done)  # as the sweep checks
         bundles = cl.stage_bundles(cfg, len(prep.modules), adv_train=at_runs)
         print(f"packing on {cluster.describe()}:")
         for line in cl.packing_lines(cluster, bundles):

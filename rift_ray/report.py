@@ -20,13 +20,12 @@ from typing import Any
 from rift_ray import __version__
 from rift_ray.aggregate import is_seeds_summary, lookup, mean_std_text
 from rift_ray.figures import png_bytes, report_figures
+from rift_ray.metrics import METRICS, is_finite
 from rift_ray.progress import duration
 from rift_ray.results import (
-    METRICS,
     STRATEGY_COLUMNS,
     TABLES,
     SweepResults,
-    is_finite,
     pct,
     per_seed_rows,
     stage_records,
@@ -228,6 +227,54 @@ def _metadata_html(res: SweepResults) -> str:
     return f"<table>{rows}</table>"
 
 
+def _headline_html(s: dict[str, Any], figure: Any) -> list[str]:
+    """What the sweep chose and the before/after table (per seed for a seeds sweep)."""
+    if is_seeds_summary(s):
+        chosen, n = s.get("chosen") or {}, s.get("n")
+        mods = ", ".join(f"{m} ({k} of {n})" for m, k in chosen.get("modules", {}).items())
+        lrs = ", ".join(f"{m} ({k} of {n})" for m, k in chosen.get("lr", {}).items())
+        return [
+            f"<p>The RiFT stages ran once per seed ({_e(', '.join(map(str, s.get('seeds', []))))}) "
+            f"from one AT model (seed {_e(s.get('seed'))}). Fine-tuned module: {_e(mods)}; "
+            f"lr: {_e(lrs)}; <b>alpha* = {_e(mean_std_text(s, 'alpha'))}</b>.</p>",
+            "<h2>Before / after</h2>",
+            _before_after_seeds_html(s),
+            figure("fig-before-after"),
+            "<h2>Per seed</h2>",
+            _html_table(per_seed_rows(s), left=("modules",)),
+        ]
+    if s:
+        mods = "+".join(s.get("modules") or [])
+        return [
+            f"<p>Fine-tuned module <b>{_e(mods)}</b> at lr {_e(fmt(s.get('lr')))}, "
+            f"interpolated at <b>alpha* = {_e(fmt(s.get('alpha')))}</b>. "
+            f"{_e(s.get('reason', ''))}</p>",
+            "<h2>Before / after</h2>",
+            _before_after_html(s),
+            figure("fig-before-after"),
+        ]
+    return ['<p class="muted">The sweep has not finished: no summary yet.</p>']
+
+
+def _strategies_section(res: SweepResults, s: dict[str, Any]) -> list[str]:
+    """The strategy comparison and the greedy joint MRC table, when the sweep has them."""
+    joint = res.rows("joint_mrc")
+    if len(s.get("strategies") or []) <= 1 and not joint:
+        return []
+    parts = [
+        "<h2>Module selection strategies</h2>",
+        f"<p>Each strategy's best trial at its alpha* (accuracy, %). The final model is "
+        f"the primary strategy's (<b>{_e(s.get('primary', 'lowest'))}</b>).</p>",
+        _strategies_html(s.get("strategies") or []),
+    ]
+    if joint:
+        parts += [
+            "<p>Greedy joint selection: every module set scored (joint MRC, nats).</p>",
+            _html_table(joint, left=("modules", "added", "status", "error", "node")),
+        ]
+    return parts
+
+
 def render_html(res: SweepResults) -> str:
     """The whole report as one HTML string, figures embedded as base64 PNG."""
     s = res.summary or {}
@@ -243,38 +290,7 @@ def render_html(res: SweepResults) -> str:
             f"<figcaption>{_e(cap)}</figcaption></figure>"
         )
 
-    parts = [f"<h1>RiFT sweep {_e(res.name)}</h1>"]
-    if is_seeds_summary(s):
-        chosen = s.get("chosen") or {}
-        parts.append(
-            f"<p>The RiFT stages ran once per seed ({_e(', '.join(map(str, s.get('seeds', []))))}) "
-            f"from one AT model (seed {_e(s.get('seed'))}). Fine-tuned module: "
-            + _e(
-                ", ".join(
-                    f"{m} ({k} of {s.get('n')})" for m, k in chosen.get("modules", {}).items()
-                )
-            )
-            + "; lr: "
-            + _e(", ".join(f"{m} ({k} of {s.get('n')})" for m, k in chosen.get("lr", {}).items()))
-            + f"; <b>alpha* = {_e(mean_std_text(s, 'alpha'))}</b>.</p>"
-        )
-        parts += [
-            "<h2>Before / after</h2>",
-            _before_after_seeds_html(s),
-            figure("fig-before-after"),
-            "<h2>Per seed</h2>",
-            _html_table(per_seed_rows(s), left=("modules",)),
-        ]
-    elif s:
-        mods = "+".join(s.get("modules") or [])
-        parts.append(
-            f"<p>Fine-tuned module <b>{_e(mods)}</b> at lr {_e(fmt(s.get('lr')))}, "
-            f"interpolated at <b>alpha* = {_e(fmt(s.get('alpha')))}</b>. "
-            f"{_e(s.get('reason', ''))}</p>"
-        )
-        parts += ["<h2>Before / after</h2>", _before_after_html(s), figure("fig-before-after")]
-    else:
-        parts.append('<p class="muted">The sweep has not finished: no summary yet.</p>')
+    parts = [f"<h1>RiFT sweep {_e(res.name)}</h1>", *_headline_html(s, figure)]
     parts += ["<h2>Stages</h2>", _html_table(_stages_rows(res), left=("stage", "status", "error"))]
     parts += ["<h2>Adversarial training</h2>", figure("fig-adv-train")]
     parts += [
@@ -297,20 +313,7 @@ def render_html(res: SweepResults) -> str:
     ]
     if choices:
         parts.append(_html_table(choices, left=("trial", "reason")))
-    if len(s.get("strategies") or []) > 1 or res.rows("joint_mrc"):
-        parts += [
-            "<h2>Module selection strategies</h2>",
-            f"<p>Each strategy's best trial at its alpha* (accuracy, %). The final model is "
-            f"the primary strategy's (<b>{_e(s.get('primary', 'lowest'))}</b>).</p>",
-            _strategies_html(s.get("strategies") or []),
-        ]
-        if res.rows("joint_mrc"):
-            parts += [
-                "<p>Greedy joint selection: every module set scored (joint MRC, nats).</p>",
-                _html_table(
-                    res.rows("joint_mrc"), left=("modules", "added", "status", "error", "node")
-                ),
-            ]
+    parts += _strategies_section(res, s)
     parts += [
         "<h2>Run metadata</h2>",
         _metadata_html(res),

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import platform
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeGuard
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +23,7 @@ import yaml
 
 from rift_ray import store as layout
 from rift_ray.aggregate import is_seeds_summary, lookup
+from rift_ray.metrics import METRICS, is_finite
 from rift_ray.store import STAGES, SUMMARY_TABLE, StorageError, Store
 
 TABLES = {
@@ -53,14 +53,6 @@ SUMMARY_SCHEMA = pa.schema(
         ("autoattack_acc", pa.float64()),
     ]
 )
-ACCURACIES = ("clean_acc", "robust_acc", "corruption_acc")
-"""The accuracies (percent) every interpolation row measures; METRICS adds AutoAttack."""
-METRICS = {
-    "clean_acc": "clean",
-    "robust_acc": "PGD",
-    "corruption_acc": "corruption",
-    "autoattack_acc": "AutoAttack",
-}
 SEEDS_SUMMARY_SCHEMA = pa.schema(
     [
         *SUMMARY_SCHEMA,
@@ -117,11 +109,6 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-
-
-def is_finite(v: Any) -> TypeGuard[float]:
-    """A number (int or float, not a bool) that is neither NaN nor infinite."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def pct(v: Any, *, finite_only: bool = True) -> str:

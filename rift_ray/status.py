@@ -12,8 +12,9 @@ import json
 import time
 from typing import Any
 
+from rift_ray.metrics import is_finite
 from rift_ray.progress import duration
-from rift_ray.results import SweepResults, is_finite, stage_records
+from rift_ray.results import SweepResults, stage_records
 from rift_ray.store import Store, experiment_dir, experiment_name, train_snapshot, tune_result
 
 

@@ -47,7 +47,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rift_ray.config import SweepConfig
-from rift_ray.results import is_finite
+from rift_ray.metrics import is_finite
 from rift_ray.store import RIFT_CHECKPOINT, Store
 
 _MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline"}
@@ -315,7 +315,7 @@ class Tracker:
         self, run: Any, wandb: Any, table: list[dict[str, Any]], summary: dict[str, Any]
     ) -> None:
         from rift_ray.figures import fig_interpolation
-        from rift_ray.results import METRICS
+        from rift_ray.metrics import METRICS
 
         run.log({"interp/table": _table(wandb, table)})
         if summary.get("choices"):

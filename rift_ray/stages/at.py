@@ -92,6 +92,66 @@ def _with_fault(it: Iterator[Any], epoch: int) -> Iterator[Any]:
         yield item
 
 
+def _resume(model: torch.nn.Module, optimizer: Any, scheduler: Any, rank: int) -> dict[str, Any]:
+    """The loop's progress: from Ray Train's last committed checkpoint (model, optimizer and
+    scheduler loaded from it), else a fresh start."""
+    progress: dict[str, Any] = {
+        "epoch": 0, "best_acc": -1.0, "best_state": None, "best_epoch": 0, "history": []
+    }  # fmt: skip
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return progress
+    with ckpt.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    progress.update(
+        epoch=int(state["epoch"]), best_acc=float(state["best_acc"]),
+        best_state=state["best_state"], best_epoch=int(state["best_epoch"]),
+        history=list(state["history"]),
+    )  # fmt: skip
+    if rank == 0:
+        print(f"[adv_train] resuming from the checkpoint of epoch {progress['epoch']}", flush=True)
+    return progress
+
+
+def _epoch_line(metrics: dict[str, Any], epochs: int) -> str:
+    """One line per epoch: readable in a terminal and in CI logs."""
+    m = metrics
+    val = (
+        f" val clean {m['val_clean_acc']:.2f} PGD {m['val_robust_acc']:.2f}"
+        if "val_robust_acc" in m
+        else ""
+    )
+    return (
+        f"[adv_train] epoch {m['epoch']}/{epochs} lr {m['lr']:.4g} loss {m['train_loss']:.4f} "
+        f"train adv acc {m['train_adv_acc']:.2f}{val} "
+        f"{m['images_per_s']:.0f} img/s (best epoch {m['best_epoch']})"
+    )
+
+
+def _train_epoch(
+    cfg: SweepConfig, model: torch.nn.Module, optimizer: Any, train: Any, epoch: int,
+    rank: int, world: int, device: torch.device, gen: torch.Generator,
+) -> dict[str, float]:  # fmt: skip
+    """One epoch of adversarial training on this worker's shard of ``train``."""
+    at = cfg.adv_train
+    # PGD random starts seeded per (seed, rank, epoch): a resumed run repeats them exactly
+    gen.manual_seed((cfg.seed * 1000 + rank) * 100003 + epoch)
+    train_batches = batches(
+        train, at.batch_size // world if world > 1 else at.batch_size, shuffle=True,
+        augment=cfg.data.augment, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world,
+        drop_last=True, device=device,
+    )  # fmt: skip
+    return adversarial_train_epoch(
+        model, _with_fault(train_batches, epoch + 1), optimizer, eps=cfg.attack.eps,
+        step_size=cfg.attack.step_size, steps=cfg.attack.steps, method=at.method,
+        trades_beta=at.trades_beta, random_start=cfg.attack.random_start, generator=gen,
+        amp=cfg.compute.amp,
+    )  # fmt: skip
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """The per-worker training function (runs inside Ray Train workers)."""
     cfg = SweepConfig.model_validate(config["cfg"])
@@ -110,56 +170,15 @@ def train_loop(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=list(at.lr_milestones), gamma=at.lr_gamma
     )
-    start_epoch, best_acc, best_state, best_epoch = 0, -1.0, None, 0
-    history: list[dict[str, Any]] = []
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # resume from the last committed checkpoint
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_acc = int(state["epoch"]), float(state["best_acc"])
-        best_state, best_epoch = state["best_state"], int(state["best_epoch"])
-        history = list(state["history"])
-        if rank == 0:
-            print(f"[adv_train] resuming from the checkpoint of epoch {start_epoch}", flush=True)
-
+    p = _resume(model, optimizer, scheduler, rank)
     model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     core = model.module if hasattr(model, "module") else model
     gen = torch.Generator(device=device)
     devices = worker_devices(device, world)
 
-    for epoch in range(start_epoch, at.epochs):
-        # PGD random starts seeded per (seed, rank, epoch): a resumed run repeats them exactly
-        gen.manual_seed((cfg.seed * 1000 + rank) * 100003 + epoch)
+    for epoch in range(p["epoch"], at.epochs):
         lr = optimizer.param_groups[0]["lr"]
-        train_batches = batches(
-            splits.train,
-            at.batch_size // world if world > 1 else at.batch_size,
-            shuffle=True,
-            augment=cfg.data.augment,
-            seed=cfg.seed,
-            epoch=epoch,
-            rank=rank,
-            world_size=world,
-            drop_last=True,
-            device=device,
-        )
-        stats = adversarial_train_epoch(
-            model,
-            _with_fault(train_batches, epoch + 1),
-            optimizer,
-            eps=cfg.attack.eps,
-            step_size=cfg.attack.step_size,
-            steps=cfg.attack.steps,
-            method=at.method,
-            trades_beta=at.trades_beta,
-            random_start=cfg.attack.random_start,
-            generator=gen,
-            amp=cfg.compute.amp,
-        )
+        stats = _train_epoch(cfg, model, optimizer, splits.train, epoch, rank, world, device, gen)
         scheduler.step()
         val = _sharded_eval(core, splits, cfg, rank, world, device)
         metrics = {
@@ -174,45 +193,30 @@ def train_loop(config: dict[str, Any]) -> None:
             "devices": devices,
         }
         score = val.get("val_robust_acc", float(epoch))  # no validation split: keep the last epoch
-        if score > best_acc:
-            best_acc, best_epoch, best_state = score, epoch + 1, cpu_state(core)
-        metrics["best_epoch"] = best_epoch
-        history.append(metrics)
-        if rank == 0:  # one line per epoch: readable in a terminal and in CI logs
-            val_txt = (
-                f" val clean {val['val_clean_acc']:.2f} PGD {val['val_robust_acc']:.2f}"
-                if val
-                else ""
-            )
-            print(
-                f"[adv_train] epoch {epoch + 1}/{at.epochs} lr {lr:.4g} loss {stats['loss']:.4f} "
-                f"train adv acc {stats['adv_acc']:.2f}{val_txt} "
-                f"{metrics['images_per_s']:.0f} img/s (best epoch {best_epoch})",
-                file=sys.stderr,
-                flush=True,
-            )
-        last = epoch + 1 == at.epochs
-        if (epoch + 1) % at.checkpoint_every == 0 or last:
-            if rank == 0:
-                with tempfile.TemporaryDirectory() as d:
-                    torch.save(
-                        {
-                            "model": cpu_state(core),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "epoch": epoch + 1,
-                            "best_acc": best_acc,
-                            "best_epoch": best_epoch,
-                            "best_state": best_state,
-                            "history": history,
-                        },
-                        os.path.join(d, "state.pt"),
-                    )
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            else:
-                ray.train.report(metrics)
-        else:
+        if score > p["best_acc"]:
+            p.update(best_acc=score, best_epoch=epoch + 1, best_state=cpu_state(core))
+        metrics["best_epoch"] = p["best_epoch"]
+        p["history"].append(metrics)
+        if rank == 0:
+            print(_epoch_line(metrics, at.epochs), file=sys.stderr, flush=True)
+        if rank != 0 or ((epoch + 1) % at.checkpoint_every and epoch + 1 < at.epochs):
             ray.train.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory() as d:  # rank 0 commits a checkpoint
+            torch.save(
+                {
+                    "model": cpu_state(core),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "best_acc": p["best_acc"],
+                    "best_epoch": p["best_epoch"],
+                    "best_state": p["best_state"],
+                    "history": p["history"],
+                },
+                os.path.join(d, "state.pt"),
+            )
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def worker_devices(device: torch.device, world: int) -> str:

@@ -171,11 +171,7 @@ def run_autoattack_points(
     jobs: dict[Any, tuple[str, int]] = {}
     for name, state_dict in points.items():
         keys[name] = key = _key(state_dict, images, settings)
-        results[name] = {
-            i: store.get_json(autoattack_shard(name, i))
-            for i in range(len(bounds))
-            if store.valid(autoattack_shard(name, i), key)
-        }
+        results[name] = _stored_shards(store, name, key, len(bounds))
         todo[name] = [i for i in range(len(bounds)) if i not in results[name]]
         if not todo[name]:
             continue
@@ -197,21 +193,37 @@ def run_autoattack_points(
                 file=sys.stderr,
                 flush=True,
             )
-    out = {}
-    for name in points:
-        rows = [results[name][i] for i in range(len(bounds))]
-        out[name] = {
-            "robust_acc": 100.0 * sum(s["robust"] for s in rows) / n,
-            "clean_acc": 100.0 * sum(s["clean"] for s in rows) / n,
-            "n": n,
-            "after": {a: 100.0 * sum(s["after"][a] for s in rows) / n for a in ATTACKS},
-            "correct_mask": [b for s in rows for b in s["correct_mask"]],
-            "shards": len(bounds),
-            "computed": len(todo[name]),
-            "reused": len(bounds) - len(todo[name]),
-            "settings": settings,
-        }
-    return out
+    return {
+        name: _combined([results[name][i] for i in range(len(bounds))], len(todo[name]), settings)
+        for name in points
+    }
+
+
+def _stored_shards(store: Store, name: str, key: str, count: int) -> dict[int, dict[str, Any]]:
+    """The shards of ``name`` already in the store for exactly this model, data and settings."""
+    return {
+        i: store.get_json(autoattack_shard(name, i))
+        for i in range(count)
+        if store.valid(autoattack_shard(name, i), key)
+    }
+
+
+def _combined(
+    rows: list[dict[str, Any]], computed: int, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """One model's AutoAttack result from its shards (accuracies in percent)."""
+    n = sum(s["n"] for s in rows)
+    return {
+        "robust_acc": 100.0 * sum(s["robust"] for s in rows) / n,
+        "clean_acc": 100.0 * sum(s["clean"] for s in rows) / n,
+        "n": n,
+        "after": {a: 100.0 * sum(s["after"][a] for s in rows) / n for a in ATTACKS},
+        "correct_mask": [b for s in rows for b in s["correct_mask"]],
+        "shards": len(rows),
+        "computed": computed,
+        "reused": len(rows) - computed,
+        "settings": settings,
+    }
 
 
 def autoattack_curve(

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -33,13 +34,11 @@ from rift_ray.rift import finetune, interpolate, select_alpha
 from rift_ray.rift.finetune import asha_score
 from rift_ray.stages.base import Stage, SweepContext, SweepState, failures
 from rift_ray.stages.common import (
-    GPUUnavailableError,
     cpu_state,
     device_name,
     evaluate_pgd,
     fault,
     fault_sleep,
-    setup_worker,
     start_worker,
     worker_model,
 )
@@ -128,6 +127,73 @@ def load_trial_state(ckpt: Any, at_state: dict[str, torch.Tensor]) -> dict[str, 
     return dict(saved)
 
 
+@dataclass
+class TrialProgress:
+    """What a fine-tuning trial carries from epoch to epoch, and what its checkpoint holds.
+
+    Checkpoints store only what fine-tuning changed from the AT model (:func:`state_delta`):
+    the latest epoch's model, to resume, and the best epoch's (by ``val_score``), which goes on
+    to interpolation.
+    """
+
+    at_state: dict[str, torch.Tensor]
+    epoch: int = 0
+    optimizer: Any = None
+    best: dict[str, Any] = field(
+        default_factory=lambda: {"val_score": float("-inf"), "epoch": 0, "state": None}
+    )
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_delta: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def resume(
+        cls, ckpt: Any, at_state: dict[str, torch.Tensor]
+    ) -> tuple[TrialProgress, dict[str, torch.Tensor] | None]:
+        """The progress saved in Tune's checkpoint (a fresh one without), and its model state."""
+        if ckpt is None:
+            return cls(at_state), None
+        saved = load_trial_state(ckpt, at_state)
+        progress = cls(
+            at_state, saved["epoch"], saved["optimizer"], saved["best"], saved["history"]
+        )
+        progress.best_delta = state_delta(progress.best["state"], at_state)
+        return progress, saved["model"]
+
+    def add_epoch(
+        self, row: dict[str, Any], state: dict[str, torch.Tensor], extra: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Record one finished epoch (``row`` from :func:`rift_ray.rift.finetune`, the model's
+        ``state`` after it): (the metrics Tune gets, the checkpoint's content)."""
+        self.optimizer = row.pop("optimizer_state", None)
+        delta = state_delta(state, self.at_state)
+        if row["val_score"] > self.best["val_score"]:
+            keys = ("val_score", "val_gain", "val_alpha", "epoch")
+            self.best = {**{k: row[k] for k in keys}, "state": state}
+            self.best_delta = delta
+        metrics = {
+            **row,
+            **extra["trial"],
+            "best_val_score": self.best["val_score"],
+            "best_val_gain": self.best["val_gain"],
+            "best_epoch": self.best["epoch"],
+            **extra["worker"],
+            "status": "running",
+        }
+        self.history.append(
+            {k: v for k, v in metrics.items() if k not in ("run_token", "status", "error")}
+        )
+        self.epoch = row["epoch"]
+        best = {k: v for k, v in self.best.items() if k != "state"}
+        saved = {
+            "model_delta": delta,
+            "optimizer": self.optimizer,
+            "epoch": self.epoch,
+            "best": {**best, "state_delta": self.best_delta},
+            "history": self.history,
+        }
+        return metrics, saved
+
+
 def finetune_trial(
     config: dict[str, Any],
     cfg_dict: dict[str, Any] | None = None,
@@ -137,140 +203,63 @@ def finetune_trial(
     baseline: dict[str, float] | None = None,
     run_token: str = "",
 ) -> None:
-    """Tune function trial: fine-tune ``config["modules"]`` with ``config["lr"]``, report every epoch."""
+    """Tune function trial: fine-tune ``config["modules"]`` with ``config["lr"]``, report every
+    epoch with a checkpoint. Any error, a GPU Ray gave but torch cannot use included, is
+    reported as a failed trial row (the sweep goes on without it)."""
     assert (
         cfg_dict is not None
         and splits is not None
         and at_state is not None
         and baseline is not None
     )
-    cfg = SweepConfig.model_validate(cfg_dict)
-    f = cfg.finetune
     modules, lr = list(config["modules"]), float(config["lr"])
     trial = trial_name(modules, lr)
-
-    def report_failure(e: Exception, seconds: float) -> None:
-        tune.report(
-            {
-                "trial": trial,
-                "modules": "+".join(modules),
-                "lr": lr,
-                "status": "failed",
-                "run_token": run_token,
-                "error": one_line(e, typed=True),
-                "traceback": traceback.format_exc()[-2000:],
-                "val_score": float("-inf"),
-                "seconds": seconds,
-            }
-        )
-
-    try:
-        device = setup_worker(cfg, cfg.resources.finetune.cpu, cfg.seed)
-    except GPUUnavailableError as e:  # no silent CPU run: the trial fails with the cause
-        report_failure(e, 0.0)
-        return
-    model = worker_model(cfg, spec)
-    model.load_state_dict(at_state)
-    model.to(device)
-    eval_model = worker_model(cfg, spec).to(device)
-    at_dev = {k: v.to(device) for k, v in at_state.items()}
-    data = metric_subset(cfg, splits)
-
-    start_epoch, opt_state = 0, None
-    best: dict[str, Any] = {"val_score": float("-inf"), "epoch": 0, "state": None}
-    history: list[dict[str, Any]] = []
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:  # resume an interrupted trial from its last epoch
-        saved = load_trial_state(ckpt, at_state)
-        model.load_state_dict(saved["model"])
-        start_epoch, opt_state, best, history = (
-            saved["epoch"],
-            saved["optimizer"],
-            saved["best"],
-            saved["history"],
-        )
-
-    best_delta = state_delta(best["state"], at_state)  # saved with every epoch's checkpoint
-
-    def evaluate_fn(m: torch.nn.Module) -> dict[str, float]:
-        return interpolated_gain(cfg, eval_model, at_dev, m.state_dict(), data, baseline, device)
-
+    ident = {"trial": trial, "modules": "+".join(modules), "lr": lr}
     t0 = time.time()
     try:
+        cfg, device, model = start_worker(cfg_dict, "finetune", spec, at_state)
+        assert model is not None
+        eval_model = worker_model(cfg, spec).to(device)
+        at_dev = {k: v.to(device) for k, v in at_state.items()}
+        data = metric_subset(cfg, splits)
+        progress, resumed = TrialProgress.resume(tune.get_checkpoint(), at_state)
+        if resumed is not None:  # an interrupted trial goes on from its last epoch
+            model.load_state_dict(resumed)
+
+        def evaluate_fn(m: torch.nn.Module) -> dict[str, float]:
+            return interpolated_gain(
+                cfg, eval_model, at_dev, m.state_dict(), data, baseline, device
+            )
+
+        t0 = time.time()
         fault_sleep("finetune_sleep", lr=lr)
         if fault("finetune_raise", lr=lr):
             raise RuntimeError(f"injected fault (RIFT_RAY_FAULTS) in fine-tuning trial {trial}")
+        f = cfg.finetune
         rows = finetune(
-            model,
-            modules,
-            splits.train,
-            epochs=f.epochs,
-            lr=lr,
-            momentum=f.momentum,
-            weight_decay=f.weight_decay,
-            lr_milestones=f.lr_milestones,
-            lr_gamma=f.lr_gamma,
-            batch_size=f.batch_size,
-            augment=cfg.data.augment,
-            seed=cfg.seed,
-            device=device,
-            evaluate_fn=evaluate_fn,
-            start_epoch=start_epoch,
-            optimizer_state=opt_state,
-            with_optimizer_state=True,
-            amp=cfg.compute.amp,
-        )
+            model, modules, splits.train, epochs=f.epochs, lr=lr, momentum=f.momentum,
+            weight_decay=f.weight_decay, lr_milestones=f.lr_milestones, lr_gamma=f.lr_gamma,
+            batch_size=f.batch_size, augment=cfg.data.augment, seed=cfg.seed, device=device,
+            evaluate_fn=evaluate_fn, start_epoch=progress.epoch,
+            optimizer_state=progress.optimizer, with_optimizer_state=True, amp=cfg.compute.amp,
+        )  # fmt: skip
+        extra = {"trial": ident, "worker": {"device": device_name(device), "run_token": run_token}}
         for row in rows:
-            opt_state = row.pop("optimizer_state", None)
             if fault("finetune_nan", lr=lr):
                 row["train_loss"] = float("nan")
             if not torch.isfinite(torch.tensor(row["train_loss"])):
                 raise FloatingPointError(
                     f"fine-tuning loss is {row['train_loss']} at epoch {row['epoch']}"
                 )
-            state = cpu_state(model)
-            delta = state_delta(state, at_state)
-            if row["val_score"] > best["val_score"]:
-                best = {
-                    "val_score": row["val_score"],
-                    "val_gain": row["val_gain"],
-                    "val_alpha": row["val_alpha"],
-                    "epoch": row["epoch"],
-                    "state": state,
-                }
-                best_delta = delta
-            metrics = {
-                **row,
-                "trial": trial,
-                "modules": "+".join(modules),
-                "lr": lr,
-                "best_val_score": best["val_score"],
-                "best_val_gain": best["val_gain"],
-                "best_epoch": best["epoch"],
-                "device": device_name(device),
-                "run_token": run_token,
-                "status": "running",
-            }
-            history.append(
-                {k: v for k, v in metrics.items() if k not in ("run_token", "status", "error")}
-            )
+            metrics, saved = progress.add_epoch(row, cpu_state(model), extra)
             with tempfile.TemporaryDirectory() as d:
-                torch.save(
-                    {
-                        "model_delta": delta,
-                        "optimizer": opt_state,
-                        "epoch": row["epoch"],
-                        "best": {
-                            **{k: v for k, v in best.items() if k != "state"},
-                            "state_delta": best_delta,
-                        },
-                        "history": history,
-                    },
-                    os.path.join(d, "state.pt"),
-                )
+                torch.save(saved, os.path.join(d, "state.pt"))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
     except Exception as e:  # noqa: BLE001 - reported as a failed trial row, the sweep goes on
-        report_failure(e, time.time() - t0)
+        failed = {**ident, "status": "failed", "run_token": run_token}
+        tune.report({**failed, "error": one_line(e, typed=True),
+                     "traceback": traceback.format_exc()[-2000:],
+                     "val_score": float("-inf"), "seconds": time.time() - t0})  # fmt: skip
 
 
 def finetune_baseline(ctx: SweepContext, at_state: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -330,42 +319,11 @@ def run_finetune(
     )
     trial_rows, epoch_rows, survivors, computed = [], [], [], 0
     for res in results:
-        conf = res.config or {}
-        modules, lr = list(conf.get("modules", [])), float(conf.get("lr", 0.0))
-        met = dict(res.metrics or {})
-        name = trial_name(modules, lr)
-        saved = load_trial_state(res.checkpoint, at_state) if res.checkpoint else None
-        history = saved["history"] if saved else []
-        epoch_rows += [{k: v for k, v in h.items()} for h in history]
-        epochs_run = len(history)
-        failed = met.get("status") == "failed" or res.error is not None
-        if met.get("run_token") == run_token:
-            computed += 1
-        best = (
-            saved["best"]
-            if saved
-            else {"val_score": None, "val_gain": None, "epoch": 0, "state": None}
-        )
-        finished = not failed and epochs_run >= f.epochs
-        trial_rows.append(
-            {
-                "trial": name,
-                "modules": "+".join(modules),
-                "lr": lr,
-                "epochs": epochs_run,
-                "status": "failed" if failed else ("finished" if finished else "stopped"),
-                "best_epoch": best["epoch"],
-                "best_val_score": best["val_score"],
-                "best_val_gain": best["val_gain"],
-                "best_val_alpha": best.get("val_alpha"),
-                "last_val_score": history[-1]["val_score"] if history else None,
-                "seconds": sum(h.get("seconds", 0.0) for h in history),
-                "device": history[-1].get("device") if history else None,
-                "error": met.get("error") or (one_line(res.error, typed=True) if res.error else ""),
-            }
-        )
-        if finished and best["state"] is not None:
-            survivors.append({"trial": name, "modules": modules, "lr": lr, "state": best["state"]})
+        row, history, survivor = trial_result(res, at_state, cfg.finetune.epochs)
+        trial_rows.append(row)
+        epoch_rows += history
+        survivors += [survivor] if survivor else []
+        computed += (res.metrics or {}).get("run_token") == run_token
     try:
         prune_checkpoints(results)
     except OSError as e:  # disk space only: the stage's result stands
@@ -374,6 +332,44 @@ def run_finetune(
         )
     sort_trials(trial_rows, survivors)
     return trial_rows, epoch_rows, survivors, computed
+
+
+def trial_result(
+    res: Any, at_state: dict[str, torch.Tensor], epochs: int
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
+    """One Tune result of :func:`finetune_trial`: (its row in the trial table, its epoch rows,
+    the survivor that goes on to interpolation: a trial that ran every epoch, with its best
+    state; None for a failed or stopped one)."""
+    conf = res.config or {}
+    modules, lr = list(conf.get("modules", [])), float(conf.get("lr", 0.0))
+    met = dict(res.metrics or {})
+    name = trial_name(modules, lr)
+    saved = load_trial_state(res.checkpoint, at_state) if res.checkpoint else None
+    history = list(saved["history"]) if saved else []
+    failed = met.get("status") == "failed" or res.error is not None
+    best = (
+        saved["best"] if saved else {"val_score": None, "val_gain": None, "epoch": 0, "state": None}
+    )
+    finished = not failed and len(history) >= epochs
+    row = {
+        "trial": name,
+        "modules": "+".join(modules),
+        "lr": lr,
+        "epochs": len(history),
+        "status": "failed" if failed else ("finished" if finished else "stopped"),
+        "best_epoch": best["epoch"],
+        "best_val_score": best["val_score"],
+        "best_val_gain": best["val_gain"],
+        "best_val_alpha": best.get("val_alpha"),
+        "last_val_score": history[-1]["val_score"] if history else None,
+        "seconds": sum(h.get("seconds", 0.0) for h in history),
+        "device": history[-1].get("device") if history else None,
+        "error": met.get("error") or (one_line(res.error, typed=True) if res.error else ""),
+    }
+    survivor = None
+    if finished and best["state"] is not None:
+        survivor = {"trial": name, "modules": modules, "lr": lr, "state": best["state"]}
+    return row, [dict(h) for h in history], survivor
 
 
 def sort_trials(trial_rows: list[dict[str, Any]], survivors: list[dict[str, Any]]) -> None:

@@ -23,8 +23,9 @@ from rift_ray.corruptions import load_cifar_c
 from rift_ray.data import DatasetSplits, ImageData
 from rift_ray.errors import StageFailed
 from rift_ray.hashing import config_hash
+from rift_ray.metrics import ACCURACIES
 from rift_ray.progress import Progress, log
-from rift_ray.results import ACCURACIES, environment_info, summary_table, versions
+from rift_ray.results import environment_info, summary_table, versions
 from rift_ray.rift import interpolate, search_alpha, select_alpha
 from rift_ray.rift.interpolate import best_trial
 from rift_ray.stages.base import Stage, SweepContext, SweepState
@@ -187,6 +188,70 @@ def corruption_sets(
     return {k: (v.subset(torch.arange(n)) if len(v) > n else v) for k, v in cells.items()}
 
 
+def _evaluate_points(
+    cfg: SweepConfig, spec: Any, splits_ref: Any, at_state: dict[str, torch.Tensor],
+    trials: list[dict[str, Any]], cdata: Any,
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:  # fmt: skip
+    """The AT model's rows (alpha 0) and each trial's alpha rows (by trial name), computed as Ray
+    tasks of ``interpolate.alphas_per_task`` alphas each (one search task per trial with
+    ``interpolate.search: monotone``)."""
+    r = cfg.resources.interpolate
+    opts = {"num_cpus": r.cpu, "num_gpus": r.gpu}
+    cfg_dict = cfg.to_dict()
+    at_ref = ray.put(at_state)
+    c_ref = ray.put(cdata) if cdata else None
+    alphas = [a for a in cfg.interpolate.alphas if a > 0]
+    search = cfg.interpolate.search == "monotone"
+    at_job = _alpha_task.options(**opts).remote(
+        cfg_dict, spec, splits_ref, at_ref, None, [0.0], c_ref
+    )
+    jobs: dict[Any, str | None] = {at_job: None}
+    results: dict[Any, list[dict[str, Any]]] = {}
+    with Progress("interpolate", 1 + len(alphas) * len(trials), unit="alpha points") as bar:
+        base_val = None
+        if search:  # the search needs the AT model's validation figures first
+            results[at_job] = ray.get(at_job)
+            bar.advance(1)
+            base_val = next((r for r in results[at_job] if r["split"] == "val"), None)
+        k = cfg.interpolate.alphas_per_task
+        for t in trials:
+            ft_ref = ray.put(t["state"])
+            if base_val is not None:
+                job = _search_task.options(**opts).remote(
+                    cfg_dict, spec, splits_ref, at_ref, ft_ref, base_val, c_ref
+                )
+                jobs[job] = t["trial"]
+                continue
+            for i in range(0, len(alphas), k):
+                job = _alpha_task.options(**opts).remote(
+                    cfg_dict, spec, splits_ref, at_ref, ft_ref, alphas[i : i + k], c_ref
+                )
+                jobs[job] = t["trial"]
+        pending = [ref for ref in jobs if ref not in results]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                results[ref] = ray.get(ref)
+                # a search skips alphas: count them as done so the bar ends at its total
+                bar.advance(len(alphas) if search else len({row["alpha"] for row in results[ref]}))
+    per_trial: dict[str, list[dict[str, Any]]] = {t["trial"]: [] for t in trials}
+    for ref, name in jobs.items():
+        if name is not None:
+            per_trial[name] += results[ref]
+    return results[at_job], per_trial
+
+
+def alpha_choice(trial: str, val: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
+    """alpha* of one trial by the paper's rule on its validation rows (alpha 0 without any:
+    selecting on test would be dishonest, so the AT model is kept)."""
+    if not val:
+        return {"trial": trial, "alpha": 0.0, "clean_gain": 0.0, "robust_drop": 0.0,
+                "feasible": True, "reason": "no validation split: alpha* = 0 (AT model)"}  # fmt: skip
+    c = select_alpha(val, tolerance=tolerance)
+    return {"trial": trial, "alpha": c.alpha, "clean_gain": c.clean_gain,
+            "robust_drop": c.robust_drop, "feasible": c.feasible, "reason": c.reason}  # fmt: skip
+
+
 def run_interpolation(
     cfg: SweepConfig,
     spec: Any,
@@ -203,85 +268,18 @@ def run_interpolation(
     ``finalists``: the trials the winner is chosen from (default: all; the sweep passes the
     primary strategy's trials, the others are evaluated for comparison only).
     """
-    r = cfg.resources.interpolate
     cdata = corruption_sets(cfg, splits, data_seed) if splits is not None else None
-    opts = {"num_cpus": r.cpu, "num_gpus": r.gpu}
-    cfg_dict = cfg.to_dict()
-    at_ref = ray.put(at_state)
-    c_ref = ray.put(cdata) if cdata else None
-    alphas = [a for a in cfg.interpolate.alphas if a > 0]
-    search = cfg.interpolate.search == "monotone"
-    at_job = _alpha_task.options(**opts).remote(
-        cfg_dict, spec, splits_ref, at_ref, None, [0.0], c_ref
-    )
-    jobs: dict[Any, dict[str, Any] | None] = {at_job: None}
-    results: dict[Any, list[dict[str, Any]]] = {}
-    total_points = 1 + len(alphas) * len(trials)
-    with Progress("interpolate", total_points, unit="alpha points") as bar:
-        if search:  # the search needs the AT model's validation figures first
-            results[at_job] = ray.get(at_job)
-            bar.advance(1)
-            base_val = next((r for r in results[at_job] if r["split"] == "val"), None)
-        k = cfg.interpolate.alphas_per_task
-        for t in trials:
-            ft_ref = ray.put(t["state"])
-            if search and base_val is not None:
-                jobs[
-                    _search_task.options(**opts).remote(
-                        cfg_dict, spec, splits_ref, at_ref, ft_ref, base_val, c_ref
-                    )
-                ] = t
-                continue
-            for i in range(0, len(alphas), k):
-                jobs[
-                    _alpha_task.options(**opts).remote(
-                        cfg_dict, spec, splits_ref, at_ref, ft_ref, alphas[i : i + k], c_ref
-                    )
-                ] = t
-        pending = [ref for ref in jobs if ref not in results]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for ref in ready:
-                results[ref] = ray.get(ref)
-                # a search skips alphas: count them as done so the bar ends at its total
-                bar.advance(len(alphas) if search else len({row["alpha"] for row in results[ref]}))
-
-    baseline = results[at_job]
+    baseline, per_trial = _evaluate_points(cfg, spec, splits_ref, at_state, trials, cdata)
     table: list[dict[str, Any]] = []
-    for t in trials:
-        rows = [dict(row) for row in baseline]
-        for ref, trial in jobs.items():
-            if trial is t:
-                rows += results[ref]
-        for row in rows:
-            row.update(trial=t["trial"], modules="+".join(t["modules"]), lr=t["lr"])
-        table += sorted(rows, key=lambda row: (row["split"], row["alpha"]))
     choices = []
     for t in trials:
-        val = [row for row in table if row["trial"] == t["trial"] and row["split"] == "val"]
-        if not val:  # no validation split: select on test would be dishonest; keep the AT model
-            choices.append(
-                {
-                    "trial": t["trial"],
-                    "alpha": 0.0,
-                    "clean_gain": 0.0,
-                    "robust_drop": 0.0,
-                    "feasible": True,
-                    "reason": "no validation split: alpha* = 0 (AT model)",
-                }
-            )
-            continue
-        c = select_alpha(val, tolerance=cfg.interpolate.tolerance)
-        choices.append(
-            {
-                "trial": t["trial"],
-                "alpha": c.alpha,
-                "clean_gain": c.clean_gain,
-                "robust_drop": c.robust_drop,
-                "feasible": c.feasible,
-                "reason": c.reason,
-            }
-        )
+        rows = [dict(row) for row in baseline] + per_trial[t["trial"]]
+        for row in rows:
+            row.update(trial=t["trial"], modules="+".join(t["modules"]), lr=t["lr"])
+        rows.sort(key=lambda row: (row["split"], row["alpha"]))
+        table += rows
+        val = [row for row in rows if row["split"] == "val"]
+        choices.append(alpha_choice(t["trial"], val, cfg.interpolate.tolerance))
     best = best_trial(choices, finalists)
     for row in table:
         row["selected"] = (

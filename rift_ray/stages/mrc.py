@@ -33,9 +33,8 @@ from rift_ray.stages.common import (
     device_name,
     fault,
     fault_sleep,
-    new_model,
     peak_memory,
-    setup_worker,
+    start_worker,
 )
 from rift_ray.stages.tuning import run_tune
 from rift_ray.store import MRC_TABLE, Store, experiment_name
@@ -45,15 +44,13 @@ from rift_ray.store import MRC_TABLE, Store, experiment_name
 def _adv_set_task(
     cfg_dict: dict[str, Any], splits: Any, at_state: dict[str, torch.Tensor]
 ) -> bytes:
-    cfg = SweepConfig.model_validate(cfg_dict)
-    device = setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
-    model = new_model(cfg, splits)
-    model.load_state_dict(at_state)
+    cfg, device, model = start_worker(cfg_dict, "mrc", splits, at_state, compute=False)
+    assert model is not None
     data = splits.val
     if cfg.mrc.adv_set_size is not None and len(data) > cfg.mrc.adv_set_size:
         data = data.subset(torch.arange(cfg.mrc.adv_set_size))
     x, y = adversarial_set(
-        model.to(device),
+        model,
         data,
         **{k: v for k, v in attack_kwargs(cfg).items() if k != "random_start"},
         batch_size=cfg.eval.batch_size,
@@ -94,11 +91,9 @@ def _mrc_base_task(
     adv: tuple[torch.Tensor, torch.Tensor],
     modules: list[str],
 ) -> bytes:
-    cfg = SweepConfig.model_validate(cfg_dict)
-    device = setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
-    model = new_model(cfg, model_spec)
-    model.load_state_dict(at_state)
-    base = mrc_base(model.to(device), modules, adv[0], adv[1], mrc_options(cfg), device=device)
+    cfg, device, model = start_worker(cfg_dict, "mrc", model_spec, at_state, compute=False)
+    assert model is not None
+    base = mrc_base(model, modules, adv[0], adv[1], mrc_options(cfg), device=device)
     buf = io.BytesIO()
     torch.save(vars(base), buf)
     return buf.getvalue()
@@ -182,17 +177,15 @@ def mrc_trial(
     ``base``: the stage's :class:`MRCBase` with each module's gradient as an object ref
     (a trial fetches only its own), or None."""
     assert cfg_dict is not None and at_state is not None and adv is not None
-    cfg = SweepConfig.model_validate(cfg_dict)
     name = config["module"]
     t0 = time.time()
     device = None
     try:  # a GPU that torch cannot use fails the trial here, with the cause in its row
-        device = setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
+        cfg, device, model = start_worker(cfg_dict, "mrc", model_spec, at_state, compute=False)
+        assert model is not None
         fault_sleep("mrc_sleep", module=name)
         if fault("mrc_raise", module=name):
             raise RuntimeError(f"injected fault (RIFT_RAY_FAULTS) in the MRC trial of {name}")
-        model = new_model(cfg, model_spec)
-        model.load_state_dict(at_state)
         shared = None
         if base is not None and name in base["first_grads"]:
             grad = ray.get(base["first_grads"][name])
@@ -200,7 +193,7 @@ def mrc_trial(
         mem = peak_memory(cfg, device)
         with mem:
             res = robust_criticality(
-                model.to(device), name, adv[0], adv[1], mrc_options(cfg), base=shared, device=device
+                model, name, adv[0], adv[1], mrc_options(cfg), base=shared, device=device
             )
         if fault("mrc_nan", module=name):
             res = dataclasses.replace(res, mrc=float("nan"))
@@ -229,7 +222,7 @@ def mrc_trial(
             "module": name,
             "seconds": time.time() - t0,
             "status": "failed",
-            "error": f"{type(e).__name__}: {e}".splitlines()[0][:300],
+            "error": one_line(e, typed=True),
             "traceback": traceback.format_exc()[-2000:],
         }
     row["run_token"] = run_token

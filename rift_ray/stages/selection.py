@@ -21,7 +21,7 @@ from typing import Any
 import ray
 import torch
 
-from rift_ray.config import SweepConfig
+from rift_ray.errors import one_line
 from rift_ray.hashing import joint_mrc_hash
 from rift_ray.progress import log
 from rift_ray.rift import (
@@ -32,7 +32,7 @@ from rift_ray.rift import (
 from rift_ray.rift.interpolate import best_trial
 from rift_ray.rift.selection import SelectionInput, strategy_sets
 from rift_ray.stages.base import SweepContext
-from rift_ray.stages.common import device_name, new_model, setup_worker
+from rift_ray.stages.common import device_name, start_worker
 from rift_ray.stages.mrc import build_adversarial_set, mrc_options
 from rift_ray.store import JOINT_MRC_TABLE, trial_name
 
@@ -52,17 +52,13 @@ def _joint_mrc_task(
     modules: list[str],
 ) -> dict[str, Any]:
     """Joint MRC of one module set; a failure is a row with its error, not a dead sweep."""
-    cfg = SweepConfig.model_validate(cfg_dict)
     t0 = time.time()
     row: dict[str, Any]
     device = None
     try:
-        device = setup_worker(cfg, cfg.resources.mrc.cpu, cfg.seed)
-        model = new_model(cfg, spec)
-        model.load_state_dict(at_state)
-        res = robust_criticality(
-            model.to(device), modules, adv[0], adv[1], mrc_options(cfg), device=device
-        )
+        cfg, device, model = start_worker(cfg_dict, "mrc", spec, at_state, compute=False)
+        assert model is not None
+        res = robust_criticality(model, modules, adv[0], adv[1], mrc_options(cfg), device=device)
         if not math.isfinite(res.mrc):
             raise FloatingPointError(f"joint MRC of {'+'.join(modules)} is not finite ({res.mrc})")
         row = {
@@ -78,7 +74,7 @@ def _joint_mrc_task(
             "error": "",
         }
     except Exception as e:  # noqa: BLE001 - a failed set is a row in the table
-        row = {"status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+        row = {"status": "failed", "error": one_line(e, typed=True)}
     row["seconds"] = time.time() - t0
     row["node"] = ray.get_runtime_context().get_node_id()[:12]
     row["device"] = device_name(device) if device is not None else None
