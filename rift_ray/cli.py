@@ -64,7 +64,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print_plan(cfg, shape)
         return 0
     try:
-        summary = run_sweep(cfg, address=args.address, restart=args.restart, until=args.until)
+        summary = run_sweep(
+            cfg, address=args.address, restart=args.restart, until=args.until,
+            verbose=args.verbose,
+        )  # fmt: skip
     except SweepError as e:
         return _fail(str(e), 1)
     except KeyboardInterrupt:
@@ -323,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=STAGES,
         help="stop once this stage is done (e.g. look at the MRC table first); "
         "the same command without it goes on from there",
+    )
+    s.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Ray's own output on the console too (it always goes to <sweep>/logs/ray.log)",
     )
     s.set_defaults(func=cmd_sweep)
 

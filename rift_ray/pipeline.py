@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from rift_ray import store as layout
 from rift_ray.checks import preflight
 from rift_ray.config import SweepConfig, to_yaml
+from rift_ray.console import RayOutput
 from rift_ray.errors import SweepError, one_line
 from rift_ray.hashing import config_hash, seeds_hash, stage_hashes
 from rift_ray.progress import log
@@ -50,18 +51,20 @@ def run_sweep(
     address: str | None = None,
     restart: bool = False,
     until: str | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the whole sweep; return the summary that is also written to summary.json.
 
     ``until``: stop once this stage (one of ``store.STAGES``) is done; the summary is then
     ``{"stopped_after": stage, "storage": ...}`` and a later run without it goes on.
+    ``verbose``: Ray's own output on the console too (it always goes to ``logs/ray.log``).
 
     A task or worker that Ray gave a GPU torch cannot use stops the sweep with that one line
     (SweepError); the stage it was in is recorded as failed, finished stages are kept."""
     from rift_ray.stages.common import GPUUnavailableError
 
     try:
-        return _run_sweep(cfg, address=address, restart=restart, until=until)
+        return _run_sweep(cfg, address=address, restart=restart, until=until, verbose=verbose)
     except GPUUnavailableError as e:
         msg = one_line(e)
         top = Store.open(cfg.storage, cfg.name)
@@ -73,7 +76,7 @@ def run_sweep(
 
 
 def _run_sweep(
-    cfg: SweepConfig, *, address: str | None, restart: bool, until: str | None
+    cfg: SweepConfig, *, address: str | None, restart: bool, until: str | None, verbose: bool
 ) -> dict[str, Any]:
     import ray
 
@@ -89,32 +92,40 @@ def _run_sweep(
     at_needed = not cfg.adv_train.checkpoint and not store.stage_done(
         "adv_train", hashes["adv_train"]
     )
-    init_ray(cfg, address, n_modules=len(prep.modules), adv_train=at_needed or restart)
-    if restart:
-        log(f"--restart: removing earlier results under {store.uri}")
-        for rel in (*layout.SWEEP_DIRS, layout.SEEDS_DIR, layout.MANIFEST, layout.SUMMARY):
-            store.delete(rel)
-    store.put_text(layout.CONFIG, to_yaml(cfg))
-    ctx = SweepContext(
-        cfg=cfg,
-        store=store,
-        splits=prep.splits,
-        splits_ref=ray.put(prep.splits),
-        spec=ModelSpec.of(prep.splits),
-        hashes=hashes,
-        modules=prep.modules,
-        tracker=Tracker(cfg, store),
-        run_token=uuid.uuid4().hex[:8],
-        data_seed=cfg.seed,
-        start_state=prep.start_state,
-    )
-    st = SweepState()
-    run_stage(AdvTrainStage(), ctx, st)
-    if until == "adv_train":
-        ctx.tracker.finish()
-        return _stopped(store, until)
-    summary = run_rift_stages(ctx, st, until) if cfg.seeds is None else _run_seeds(ctx, st, until)
-    ctx.tracker.finish()
+    with RayOutput(store, verbose=verbose) as out:
+        init_ray(cfg, address, n_modules=len(prep.modules), adv_train=at_needed or restart)
+        out.attach_workers()
+        if restart:
+            log(f"--restart: removing earlier results under {store.uri}")
+            for rel in (*layout.SWEEP_DIRS, layout.SEEDS_DIR, layout.MANIFEST, layout.SUMMARY):
+                store.delete(rel)
+        store.put_text(layout.CONFIG, to_yaml(cfg))
+        ctx = SweepContext(
+            cfg=cfg,
+            store=store,
+            splits=prep.splits,
+            splits_ref=ray.put(prep.splits),
+            spec=ModelSpec.of(prep.splits),
+            hashes=hashes,
+            modules=prep.modules,
+            tracker=Tracker(cfg, store, hashes),
+            run_token=uuid.uuid4().hex[:8],
+            data_seed=cfg.seed,
+            start_state=prep.start_state,
+        )
+        st = SweepState()
+        try:
+            run_stage(AdvTrainStage(), ctx, st)
+            if until == "adv_train":
+                return _stopped(store, until)
+            if cfg.seeds is None:
+                summary = run_rift_stages(ctx, st, until)
+            else:
+                summary = _run_seeds(ctx, st, until)
+        except SweepError as e:
+            raise SweepError(f"{e} (Ray's log: {out.shown_path})") from e
+        finally:
+            ctx.tracker.finish()
     if summary.get("stopped_after"):
         return _stopped(store, summary["stopped_after"])
     if not summary.get("reused"):

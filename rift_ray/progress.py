@@ -125,3 +125,90 @@ class Progress:
     def __exit__(self, *exc: Any) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+class TrialBoard:
+    """The trials of one Tune stage: on a terminal a compact table refreshed in place (the
+    running trials and the latest ended ones, at most ``rows``); elsewhere a :class:`Progress`
+    line as trials end. A context manager; :meth:`update` takes each report and each end."""
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        metric: str,
+        *,
+        stream: IO[str] | None = None,
+        live: bool | None = None,
+        rows: int = 8,
+    ) -> None:
+        self.label, self.total, self.metric, self.rows = label, total, metric, rows
+        self.stream = stream or sys.stderr
+        self.live = interactive(self.stream) if live is None else live
+        self.trials: dict[str, dict[str, Any]] = {}
+        self._progress = Progress(label, total, "trials ended", stream=self.stream, live=False)
+        self._screen: Any = None
+        self._t0 = time.monotonic()
+
+    def __enter__(self) -> TrialBoard:
+        self._t0 = time.monotonic()
+        if self.live:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._screen = Live(
+                self._table(), console=Console(file=self.stream), refresh_per_second=2
+            )
+            self._screen.start()
+        return self
+
+    def update(
+        self, name: str, status: str, iteration: int | None = None, value: Any = None
+    ) -> None:
+        """A trial reported (``status`` running) or ended (finished, stopped, failed, done)."""
+        was = self.trials.get(name, {}).get("status")
+        t = self.trials.setdefault(name, {})
+        t.update(status=status, order=len(self.trials) if was is None else t.get("order"))
+        if iteration is not None:
+            t["iter"] = iteration
+        if value is not None:
+            t["value"] = value
+        if status != "running":
+            t["ended"] = time.monotonic()
+        if self._screen is not None:
+            self._screen.update(self._table())
+        elif status != "running" and was in (None, "running"):
+            self._progress.advance(1)
+
+    def _table(self) -> Any:
+        from rich.table import Table
+
+        ended = [t for t in self.trials.values() if t["status"] != "running"]
+        failed = sum(t["status"] == "failed" for t in ended)
+        title = (
+            f"[rift-ray] {self.label}: {len(ended)}/{self.total} trials ended"
+            + (f", {failed} failed" if failed else "")
+            + f", {duration(time.monotonic() - self._t0)}"
+        )
+        table = Table(title=title, title_justify="left", box=None, pad_edge=False)
+        for col in ("trial", "status", "iter", self.metric):
+            table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+        running = [(n, t) for n, t in self.trials.items() if t["status"] == "running"]
+        done = sorted(
+            ((n, t) for n, t in self.trials.items() if t["status"] != "running"),
+            key=lambda x: -x[1]["ended"],
+        )
+        for name, t in (running + done)[: self.rows]:
+            v = t.get("value")
+            table.add_row(
+                name,
+                t["status"],
+                str(t.get("iter", "")),
+                f"{v:.4g}" if isinstance(v, float) else "",
+            )
+        return table
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._screen is not None:
+            self._screen.update(self._table())
+            self._screen.stop()

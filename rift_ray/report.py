@@ -224,6 +224,10 @@ def _metadata_html(res: SweepResults) -> str:
     rows = "".join(
         f"<tr><th class='l'>{_e(k)}</th><td class='l'>{_e(v)}</td></tr>" for k, v in items
     )
+    links = (s.get("wandb") or {}).get("runs") or {}
+    if links:  # the online W&B runs, as links
+        cells = ", ".join(f"<a href='{_e(url)}'>{_e(name)}</a>" for name, url in links.items())
+        rows += f"<tr><th class='l'>W&amp;B runs</th><td class='l'>{cells}</td></tr>"
     return f"<table>{rows}</table>"
 
 

@@ -68,6 +68,14 @@ AT_CHECKPOINT = "checkpoints/at.pt"
 RIFT_CHECKPOINT = "checkpoints/rift.pt"
 ADV_SET = "artifacts/adv_set.pt"
 MRC_BASE = "artifacts/mrc_base.pt"
+WANDB_DIR = "wandb"
+"""Offline W&B runs (``wandb/offline-run-*``; for object storage a copy, uploaded at each
+stage end) and :data:`WANDB_RUNS`."""
+WANDB_RUNS = "wandb/runs.json"
+"""The sweep's W&B run ids (one per stage, seed and trial) and the last step each holds."""
+LOGS_DIR = "logs"
+RAY_LOG = "logs/ray.log"
+"""Everything Ray printed during the sweep's runs (``rift-ray sweep -v`` shows it live)."""
 STAGES = ("adv_train", "mrc", "finetune", "interpolate")
 RAY_DIR = "ray"
 SWEEP_DIRS = ("stages", "tables", "checkpoints", "artifacts", RAY_DIR)
@@ -312,6 +320,19 @@ class Store:
 
     def put_text(self, rel: str, text: str) -> None:
         self.put(rel, text.encode())
+
+    # -- bookkeeping outside the manifest (W&B run ids, logs) --------------------
+    def write_file(self, rel: str, data: bytes) -> None:
+        """Write ``rel`` whole (atomically), without a manifest entry: files that change often
+        and that no stage's result depends on."""
+        self._write(rel, data)
+
+    def read_json_file(self, rel: str) -> Any:
+        """The JSON at ``rel`` (written by :meth:`write_file`), None when absent or unreadable."""
+        try:
+            return json.loads(self.read_bytes(rel)) if self.exists(rel) else None
+        except (ValueError, OSError, pa.ArrowException):
+            return None
 
     # -- stage records -----------------------------------------------------------
     def stage_artifacts(self, stage: str) -> list[str]:

@@ -1,22 +1,29 @@
-"""W&B runs for a sweep, logged from the driver after each stage; W&B never fails the sweep.
+"""W&B runs for a sweep, logged live from the driver while each stage runs; W&B never fails
+the sweep.
 
 One W&B group per sweep with runs that mirror the stages (``job_type`` = stage):
 
 =========================  ==================================================================
-``<name>-adv_train``       per-epoch curves keyed by ``epoch``: ``train/loss``,
-                           ``train/clean_acc``, ``train/adv_acc``, ``val/clean_acc``,
-                           ``val/robust_acc``, ``val/clean_loss``, ``lr``, ``images_per_s``
-``<name>-mrc``             ``mrc/table`` (every module), ``mrc/by_module`` (bar chart),
-                           ``mrc/figure``; summary: least critical module
-``<name>-ft-<trial>``      one per fine-tuning trial: per-epoch ``train/*``, ``val/*``;
-                           summary ``asha/status`` (finished | stopped | failed),
+``<name>-adv_train``       per-epoch curves keyed by ``epoch``, logged as each epoch ends:
+                           ``train/loss``, ``train/clean_acc``, ``train/adv_acc``,
+                           ``val/clean_acc``, ``val/robust_acc``, ``val/clean_loss``, ``lr``,
+                           ``images_per_s``; at the end ``at/figure``, ``best/*``
+``<name>-mrc``             a row per module as its trial ends (``mrc``, ``loss_after``,
+                           ``acc_after``; summary ``mrc/<module>``); at the end ``mrc/table``
+                           (every module), ``mrc/by_module`` (bar chart), ``mrc/figure``;
+                           summary: least critical module
+``<name>-ft-<trial>``      one per fine-tuning trial, opened at its first epoch: per-epoch
+                           ``train/*``, ``val/*`` as Tune reports them; summary ``asha/status``
+                           (finished | stopped | failed, written when ASHA decides),
                            ``asha/epochs``, ``best/*``; a failed trial ends with exit code 1
-``<name>-interpolate``     ``interp/table``, ``interp/choices``, one line chart per split and
-                           metric (``interp/val/clean_acc`` ...: a line per trial, alpha*
-                           as a vertical line), ``interp/figure``; summary: alpha*, trial
+``<name>-interpolate``     a row per alpha point as its task ends (``alpha``,
+                           ``<split>/<metric>``); at the end ``interp/table``,
+                           ``interp/choices``, one line chart per split and metric
+                           (``interp/val/clean_acc`` ...: a line per trial, alpha* as a
+                           vertical line), ``interp/figure``; summary: alpha*, trial
 ``<name>-summary``         ``summary/before_after`` table and figure, ``at/<split>/<metric>``,
                            ``rift/<split>/<metric>``, ``delta/...``; the final checkpoint as
-                           a ``model`` artifact when ``wandb.log_checkpoint``
+                           a ``model`` artifact when ``wandb.log_checkpoint`` (any storage)
 =========================  ==================================================================
 
 With ``seeds: [...]`` the runs of stages 2-4 are per seed, ``<name>-s<seed>-mrc`` ...
@@ -26,15 +33,22 @@ With ``seeds: [...]`` the runs of stages 2-4 are per seed, ``<name>-s<seed>-mrc`
 ``chosen/lr/<lr>`` (how many seeds chose it), and the tables ``seeds/per_seed`` and
 ``seeds/before_after`` (mean and std).
 
+Resumable: every run has a fixed id (per sweep, stage, seed, trial and stage hash), kept with
+the last step it holds in ``wandb/runs.json`` in the sweep's storage. A resumed sweep opens
+the same runs again (``resume="allow"``) and skips the steps they already hold; a re-run of
+a finished sweep reuses every stage and opens no run.
+
 Settings: ``wandb.<field>`` in the config when given there, else the standard W&B
 environment variables (``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_RUN_GROUP``,
 ``WANDB_TAGS``, ``WANDB_MODE``), else defaults (project ``rift-ray``, group = sweep
 name). ``wandb.enabled: false``, ``WANDB_MODE=disabled`` or ``WANDB_DISABLED=true`` turn
-logging off. Online needs ``WANDB_API_KEY`` in the environment; the key is read by
-wandb itself, never by this module, and never printed or stored. Without a key, or
-when W&B cannot be reached, the tracker warns once, logs offline and prints the
-``wandb sync`` command at the end. Offline runs land in ``<sweep dir>/wandb/``
-(``$WANDB_DIR`` when set); ``tests/wandb_offline.py`` reads a run back.
+logging off. Online needs credentials as wandb finds them: ``WANDB_API_KEY``, the netrc
+entry ``wandb login`` writes, or the key in wandb's settings file. Only the driver logs, so
+the key never travels to a Ray worker; wandb reads it itself, and this module never prints
+or stores it. Without credentials, or when W&B cannot be reached, the tracker warns once,
+logs offline and prints the ``wandb sync`` command at the end. Offline runs are written
+under ``<sweep>/wandb/`` (object storage: in a local directory, uploaded to
+``<sweep>/wandb/`` at each stage end); ``tests/wandb_offline.py`` reads a run back.
 """
 
 from __future__ import annotations
@@ -43,12 +57,16 @@ import json
 import math
 import os
 import sys
+import tempfile
+import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from rift_ray.config import SweepConfig
+from rift_ray.hashing import stable_hash
 from rift_ray.metrics import is_finite
-from rift_ray.store import RIFT_CHECKPOINT, Store
+from rift_ray.store import RIFT_CHECKPOINT, WANDB_DIR, WANDB_RUNS, Store
 
 _MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline"}
 
@@ -71,15 +89,59 @@ def _history_row(row: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, f
     return out
 
 
+def credentials_found() -> bool:
+    """Whether wandb finds an API key the way ``wandb.init`` does: ``$WANDB_API_KEY`` (or an
+    identity token file), the netrc entry of ``wandb login`` for the W&B host, or the key in
+    wandb's settings file. The key itself is left to wandb."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    try:
+        from wandb.sdk.lib.wbauth import HostUrl
+        from wandb.sdk.lib.wbauth.authenticate import _use_system_auth
+        from wandb.sdk.wandb_setup import singleton
+
+        host = HostUrl(os.environ.get("WANDB_BASE_URL") or singleton().settings.base_url)
+        return _use_system_auth(host=host, source="rift-ray", update_session=False) is not None
+    except Exception:  # noqa: BLE001 - an unreadable netrc or settings file: no credentials
+        return False
+
+
+FT_SKIP = ("epoch", "best_epoch", "best_val_gain", "best_val_score")
+"""Fine-tuning epoch row fields that are not curves (the best so far goes to the summary)."""
+
+
+class LiveRun:
+    """One open W&B run. :meth:`log` skips steps the run already holds (logged by an earlier,
+    interrupted driver, or live before the stage's final logging)."""
+
+    def __init__(self, tracker: Tracker, key: str, run: Any, entry: dict[str, Any]) -> None:
+        self.tracker, self.key, self.run, self.entry = tracker, key, run, entry
+
+    @property
+    def step(self) -> int:
+        return int(self.entry.get("step", 0))
+
+    def log(self, data: dict[str, Any], step: int | None = None) -> None:
+        step = self.step + 1 if step is None else int(step)
+        if step <= self.step:
+            return
+        self.run.log(data, step=step)
+        self.entry["step"] = step
+        self.tracker._save_registry()
+
+
 class Tracker:
-    """Logs each stage's results to W&B from the driver; every failure is a warning."""
+    """Logs each stage to W&B from the driver, live; every failure is a warning."""
 
     init_timeout: float = 60.0
     """Seconds ``wandb.init`` may take online before the tracker falls back to offline."""
 
-    def __init__(self, cfg: SweepConfig, store: Store) -> None:
+    def __init__(
+        self, cfg: SweepConfig, store: Store, hashes: dict[str, str] | None = None
+    ) -> None:
         self.cfg = cfg
         self.store = store
+        self.hashes = dict(hashes or {})
         w, env = cfg.wandb, os.environ
         explicit = w.model_fields_set
         self.project = w.project if "project" in explicit else env.get("WANDB_PROJECT", w.project)
@@ -88,14 +150,23 @@ class Tracker:
         env_tags = [t.strip() for t in env.get("WANDB_TAGS", "").split(",") if t.strip()]
         self.tags = list(w.tags) if w.tags else env_tags
         self.mode, self._pending_notice = self._resolve_mode()
-        self.dir = env.get("WANDB_DIR") or (store.path("") if store.is_local else os.getcwd())
+        # runs live with the sweep: <sweep>/wandb/ (object storage: a local copy, uploaded)
+        self.dir = (
+            store.path("")
+            if store.is_local
+            else os.path.join(tempfile.gettempdir(), "rift-ray-wandb", stable_hash(store.uri))
+        )
         self.offline_runs: list[str] = []
         self.runs: list[dict[str, Any]] = []
         self._warned: set[str] = set()
         self.prefix = ""  # "s<seed>-" in a seed's tracker
         self._children: list[Tracker] = []
+        self._live: dict[str, LiveRun] = {}
+        self._registry: dict[str, Any] | None = None
+        self._uploaded: dict[str, tuple[int, float]] = {}
+        self._lock = threading.RLock()
 
-    def for_seed(self, cfg: SweepConfig, store: Store) -> Tracker:
+    def for_seed(self, cfg: SweepConfig, store: Store, hashes: dict[str, str]) -> Tracker:
         """The tracker of one seed of ``seeds``: runs ``<name>-s<seed>-<stage>`` in the same
         group and W&B directory, logged with that seed's config, recorded in its stage records;
         warnings and the final ``wandb sync`` line are shared with this tracker."""
@@ -103,7 +174,9 @@ class Tracker:
 
         child = copy.copy(self)
         child.cfg, child.store, child.prefix = cfg, store, f"s{cfg.seed}-"
-        child.runs, child._children = [], []
+        child.hashes = dict(hashes)
+        child.runs, child._children, child._live = [], [], {}
+        child._parent = self._root()
         self._children.append(child)
         return child
 
@@ -115,15 +188,13 @@ class Tracker:
         asked = w.mode or env.get("WANDB_MODE") or None
         if asked == "disabled":
             return "disabled", None
-        has_key = bool(env.get("WANDB_API_KEY"))
+        if asked is not None and _MODES.get(asked, "offline") == "offline":
+            return "offline", None
+        if credentials_found():
+            return "online", None
         if asked is None:
-            if has_key:
-                return "online", None
-            return "offline", "no WANDB_API_KEY in the environment"
-        mode = _MODES.get(asked, "offline")
-        if mode == "online" and not has_key:
-            return "offline", "wandb mode is online but WANDB_API_KEY is not set"
-        return mode, None
+            return "offline", "no W&B credentials (WANDB_API_KEY or `wandb login`)"
+        return "offline", "wandb mode is online but no W&B credentials were found"
 
     @property
     def enabled(self) -> bool:
@@ -135,8 +206,48 @@ class Tracker:
             self._warned.add(kind)
             print(f"[rift-ray] warning: W&B: {what}", file=sys.stderr, flush=True)
 
+    # -- run ids, kept in storage -------------------------------------------------------
+    def _load_registry(self) -> dict[str, Any]:
+        """``wandb/runs.json`` of the sweep (top level; shared by its seeds)."""
+        root = self._root()
+        if root._registry is None:
+            reg = root.store.read_json_file(WANDB_RUNS)
+            if not isinstance(reg, dict) or "token" not in reg:
+                reg = {"token": uuid.uuid4().hex[:12], "runs": {}}
+            root._registry = reg
+        return root._registry
+
+    def _root(self) -> Tracker:
+        return getattr(self, "_parent", None) or self
+
+    def _save_registry(self) -> None:
+        root = self._root()
+        with root._lock:
+            if root._registry is not None:
+                try:
+                    data = json.dumps(root._registry, indent=1, sort_keys=True).encode()
+                    root.store.write_file(WANDB_RUNS, data)
+                except Exception as e:  # noqa: BLE001 - bookkeeping only
+                    self._warn("registry", f"writing {WANDB_RUNS} failed ({type(e).__name__})")
+
+    def _entry(self, key: str, stage: str) -> dict[str, Any]:
+        """The registry entry of run ``key`` of ``stage``: its fixed id (from the sweep's token,
+        the run, and the stage's hash, so a changed stage gets new runs) and the last step it
+        holds."""
+        reg = self._load_registry()
+        h = self.hashes.get(stage) or self.hashes.get("interpolate", "")
+        full = f"{key}@{h}" if h else key
+        if full not in reg["runs"]:
+            reg["runs"][full] = {
+                "id": stable_hash([reg["token"], full], 16),
+                "name": key,
+                "step": 0,
+            }
+        entry: dict[str, Any] = reg["runs"][full]
+        return entry
+
     # -- runs -----------------------------------------------------------------------------
-    def _init(self, name: str, job_type: str, config: dict[str, Any] | None) -> Any:
+    def _init(self, name: str, job_type: str, config: dict[str, Any] | None, run_id: str) -> Any:
         import wandb
 
         if self._pending_notice:
@@ -151,6 +262,8 @@ class Tracker:
             tags=self.tags,
             config=config if config is not None else self.cfg.to_dict(),
             dir=self.dir,
+            id=run_id,
+            resume="allow",
             reinit="create_new",
         )
         os.makedirs(self.dir, exist_ok=True)
@@ -166,33 +279,54 @@ class Tracker:
             except Exception as e:  # noqa: BLE001 - unreachable service, bad key, ...
                 msg = " ".join(str(e).split())[:200]
                 self._warn("init", f"cannot reach W&B ({type(e).__name__}: {msg}); logging offline")
-                self.mode = "offline"
+                self._root().mode = self.mode = "offline"
+                for child in self._root()._children:
+                    child.mode = "offline"
+                if any(t._live for t in (self._root(), *self._root()._children)):
+                    kwargs["id"] = stable_hash([run_id, "offline"], 16)  # the failed one's is taken
+                else:
+                    wandb.teardown()  # the service still holds the failed run's id
         return wandb.init(mode="offline", settings=settings(), **kwargs)
 
-    def _run(
+    def open(
         self,
         stage: str,
         name: str,
-        fn: Callable[[Any, Any], int | None],
+        *,
         config: dict[str, Any] | None = None,
         job_type: str | None = None,
-    ) -> None:
-        """Open a run, let ``fn(run, wandb)`` log into it (its return: the exit code), close it."""
-        if not self.enabled:
+        epoch_axis: bool = False,
+    ) -> LiveRun | None:
+        """The open run ``name`` of ``stage``: the one already open, or the run with this
+        sweep's fixed id for it, opened (again) now. None when W&B is off or fails."""
+        key = f"{self.prefix}{name}"
+        with self._lock:
+            if key in self._live:
+                return self._live[key]
+            if not self.enabled:
+                return None
+            try:
+                entry = self._entry(key, stage)
+                run = self._init(name, job_type or stage, config, entry["id"])
+                if epoch_axis:
+                    run.define_metric("epoch")
+                    run.define_metric("*", step_metric="epoch")
+            except Exception as e:  # noqa: BLE001 - W&B never fails the sweep
+                self._warn("log", f"opening {name} failed ({type(e).__name__}: {str(e)[:200]})")
+                return None
+            entry["stage"] = stage
+            entry["id"] = run.id
+            live = LiveRun(self, key, run, entry)
+            self._live[key] = live
+            return live
+
+    def close(self, live: LiveRun | None, exit_code: int | None = None) -> None:
+        """Finish an open run (its id stays in the registry; re-opening it resumes it)."""
+        if live is None:
             return
-        run, exit_code = None, None
-        try:
-            import wandb
-
-            run = self._init(name, job_type or stage, config)
-            exit_code = fn(run, wandb)
-        except Exception as e:  # noqa: BLE001 - W&B never fails the sweep
-            self._warn("log", f"logging {name} failed ({type(e).__name__}: {str(e)[:200]})")
-        finally:
-            if run is not None:
-                self._finish_run(run, stage, exit_code)
-
-    def _finish_run(self, run: Any, stage: str, exit_code: int | None) -> None:
+        with self._lock:
+            self._live.pop(live.key, None)
+        run, stage = live.run, live.entry.get("stage", "")
         try:
             offline = bool(getattr(run, "offline", self.mode == "offline"))
             run_dir = os.path.dirname(run.dir) if getattr(run, "dir", None) else None
@@ -202,23 +336,142 @@ class Tracker:
                 info["dir"] = run_dir
             elif getattr(run, "url", None):
                 info["url"] = run.url
+                live.entry["url"] = run.url
             self.runs.append(info)
+            live.entry["finished"] = True
+            self._save_registry()
             run.finish(exit_code=exit_code)
         except Exception as e:  # noqa: BLE001
             self._warn("finish", f"finishing a run failed ({type(e).__name__}: {str(e)[:200]})")
 
-    # -- stages ---------------------------------------------------------------------------
-    def log_adv_train(self, history: list[dict[str, Any]]) -> None:
-        """The AT run: one history row per epoch (or a note when training was skipped)."""
+    def _guard(self, name: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``; a W&B failure is a warning (once per kind), never an error."""
+        if not self.enabled:
+            return None
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - W&B never fails the sweep
+            self._warn("log", f"logging {name} failed ({type(e).__name__}: {str(e)[:200]})")
+            return None
 
-        def fn(run: Any, wandb: Any) -> None:
-            run.define_metric("epoch")
-            run.define_metric("*", step_metric="epoch")
+    def _run(
+        self,
+        stage: str,
+        name: str,
+        fn: Callable[[LiveRun, Any], int | None],
+        config: dict[str, Any] | None = None,
+        job_type: str | None = None,
+        epoch_axis: bool = False,
+    ) -> None:
+        """Let ``fn(live, wandb)`` finish the run ``name`` (open, or resumed now; its return:
+        the exit code), then close it."""
+        if not self.enabled:
+            return
+        live = self.open(stage, name, config=config, job_type=job_type, epoch_axis=epoch_axis)
+        if live is None:
+            return
+        exit_code = None
+        try:
+            import wandb
+
+            exit_code = fn(live, wandb)
+        except Exception as e:  # noqa: BLE001 - W&B never fails the sweep
+            self._warn("log", f"logging {name} failed ({type(e).__name__}: {str(e)[:200]})")
+        finally:
+            self.close(live, exit_code)
+
+    # -- live, while a stage runs ---------------------------------------------------------
+    def at_epoch(self, row: dict[str, Any]) -> None:
+        """One finished adversarial-training epoch (a Ray Train report)."""
+
+        def fn() -> None:
+            live = self.open("adv_train", "adv_train", epoch_axis=True)
+            if live is not None:
+                epoch = int(row["epoch"])
+                live.log({"epoch": epoch, **_history_row(row, ("epoch", "best_epoch"))}, epoch)
+
+        self._guard("adv_train", fn)
+
+    def mrc_row(self, row: dict[str, Any]) -> None:
+        """One finished MRC trial: its row, as the next step of the MRC run."""
+
+        def fn() -> None:
+            live = self.open("mrc", "mrc")
+            if live is None:
+                return
+            keys = ("mrc", "loss_before", "loss_after", "acc_after", "seconds")
+            live.log({k: row[k] for k in keys if is_finite(row.get(k))})
+            if is_finite(row.get("mrc")):
+                live.run.summary[f"mrc/{row['module']}"] = row["mrc"]
+
+        self._guard("mrc", fn)
+
+    def _trial_config(self, trial: str, modules: Any, lr: Any) -> dict[str, Any]:
+        return {**self.cfg.to_dict(), "trial": {"name": trial, "modules": modules, "lr": lr}}
+
+    def trial_epoch(self, row: dict[str, Any]) -> None:
+        """One epoch of a fine-tuning trial as Tune reports it (a failed trial's row too)."""
+
+        def fn() -> None:
+            t = row["trial"]
+            cfg = self._trial_config(t, row.get("modules"), row.get("lr"))
+            live = self.open("finetune", f"ft-{t}", config=cfg, epoch_axis=True)
+            if live is None or "epoch" not in row:
+                return
+            epoch = int(row["epoch"])
+            live.log({"epoch": epoch, **_history_row(row, FT_SKIP)}, epoch)
+
+        self._guard("finetune", fn)
+
+    def trial_end(self, row: dict[str, Any], status: str) -> None:
+        """A fine-tuning trial ended: ``finished``, ``stopped`` (ASHA's decision, written when
+        it is made) or ``failed``; ``row`` is its last report."""
+
+        def fn() -> None:
+            t = row["trial"]
+            cfg = self._trial_config(t, row.get("modules"), row.get("lr"))
+            live = self.open("finetune", f"ft-{t}", config=cfg, epoch_axis=True)
+            if live is None:
+                return
+            s = live.run.summary
+            s["asha/status"] = status
+            s["asha/epochs"] = int(row.get("epoch") or 0)
+            s["asha/max_epochs"] = self.cfg.finetune.epochs
+            for k in ("best_val_score", "best_val_gain", "best_epoch", "val_score"):
+                if is_finite(row.get(k)):
+                    s[metric_key("last_val_score" if k == "val_score" else k)] = row[k]
+            if row.get("error"):
+                s["error"] = row["error"]
+            self.close(live, 1 if status == "failed" else None)
+
+        self._guard("finetune", fn)
+
+    def interp_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Alpha points just computed (one task's rows): a step each in the interpolation run."""
+
+        def fn() -> None:
+            from rift_ray.metrics import METRICS
+
+            live = self.open("interpolate", "interpolate")
+            if live is None:
+                return
+            for r in rows:
+                data = {"alpha": r["alpha"]}
+                data |= {f"{r['split']}/{m}": r[m] for m in METRICS if is_finite(r.get(m))}
+                live.log(data)
+
+        self._guard("interpolate", fn)
+
+    # -- at a stage's end: the whole result ------------------------------------------------
+    def log_adv_train(self, history: list[dict[str, Any]]) -> None:
+        """The AT run: every epoch it does not hold yet, the figure and the best epoch (or a
+        note when training was skipped)."""
+
+        def fn(live: LiveRun, wandb: Any) -> None:
             for row in history:
-                run.log(
-                    {"epoch": int(row["epoch"]), **_history_row(row, skip=("epoch", "best_epoch"))},
-                    step=int(row["epoch"]),
-                )
+                epoch = int(row["epoch"])
+                live.log({"epoch": epoch, **_history_row(row, ("epoch", "best_epoch"))}, epoch)
+            run = live.run
             if not history:
                 run.summary["source"] = str(self.cfg.adv_train.checkpoint or "")
                 return
@@ -229,28 +482,28 @@ class Tracker:
                     run.summary[f"best/{k}"] = best[k]
             from rift_ray.figures import fig_adv_train
 
-            self._log_figure(run, wandb, "at/figure", fig_adv_train(history))
+            self._log_figure(live, wandb, "at/figure", fig_adv_train(history))
 
-        self._run("adv_train", "adv_train", fn)
+        self._run("adv_train", "adv_train", fn, epoch_axis=True)
         self._record("adv_train")
 
     def log_mrc(self, rows: list[dict[str, Any]]) -> None:
         """The MRC run: the per-module table, a bar chart by module and the report figure."""
 
-        def fn(run: Any, wandb: Any) -> None:
+        def fn(live: LiveRun, wandb: Any) -> None:
             from rift_ray.figures import fig_mrc
 
-            run.log({"mrc/table": _table(wandb, rows)})
+            live.log({"mrc/table": _table(wandb, rows)})
             ok = sorted(
                 (r for r in rows if r.get("status") == "done" and is_finite(r.get("mrc"))),
                 key=lambda r: r["mrc"],
             )
             bar = wandb.Table(columns=["module", "mrc"], data=[[r["module"], r["mrc"]] for r in ok])
-            run.log({"mrc/by_module": wandb.plot.bar(bar, "module", "mrc", title="MRC by module")})
+            live.log({"mrc/by_module": wandb.plot.bar(bar, "module", "mrc", title="MRC by module")})
             top = self.cfg.finetune.top_k
-            self._log_figure(
-                run, wandb, "mrc/figure", fig_mrc(rows, [r["module"] for r in ok[:top]])
-            )
+            fig = fig_mrc(rows, [r["module"] for r in ok[:top]])
+            self._log_figure(live, wandb, "mrc/figure", fig)
+            run = live.run
             run.summary["modules"] = len(rows)
             run.summary["failed"] = len(rows) - len(ok)
             if ok:
@@ -263,22 +516,28 @@ class Tracker:
     def log_finetune(
         self, trial_rows: list[dict[str, Any]], epoch_rows: list[dict[str, Any]]
     ) -> None:
-        """One run per fine-tuning trial: its learning curves and its ASHA outcome."""
+        """One run per fine-tuning trial: its learning curves and its ASHA outcome (trials whose
+        run was finished live are left as they are)."""
+        reg = self._load_registry()["runs"] if self.enabled else {}
         for t in trial_rows:
+            key = f"{self.prefix}ft-{t['trial']}"
+            entry = reg.get(f"{key}@{self.hashes.get('finetune', '')}") or reg.get(key)
+            if entry and entry.get("finished"):
+                self.runs.append({"stage": "finetune", "name": f"{self.cfg.name}-{key}",
+                                  "id": entry["id"], "mode": self.mode})  # fmt: skip
+                continue
             epochs = sorted(
                 (e for e in epoch_rows if e.get("trial") == t["trial"]), key=lambda e: e["epoch"]
             )
 
             def fn(
-                run: Any, wandb: Any, t: dict[str, Any] = t, epochs: list = epochs
+                live: LiveRun, wandb: Any, t: dict[str, Any] = t, epochs: list = epochs
             ) -> int | None:
-                run.define_metric("epoch")
-                run.define_metric("*", step_metric="epoch")
                 for e in epochs:
-                    skip = ("epoch", "best_epoch", "best_val_gain", "best_val_score")
-                    run.log(
-                        {"epoch": int(e["epoch"]), **_history_row(e, skip)}, step=int(e["epoch"])
+                    live.log(
+                        {"epoch": int(e["epoch"]), **_history_row(e, FT_SKIP)}, int(e["epoch"])
                     )
+                run = live.run
                 run.summary["asha/status"] = t.get("status")
                 run.summary["asha/epochs"] = t.get("epochs")
                 run.summary["asha/max_epochs"] = self.cfg.finetune.epochs
@@ -289,11 +548,8 @@ class Tracker:
                     run.summary["error"] = t["error"]
                 return 1 if t.get("status") == "failed" else None
 
-            config = {
-                **self.cfg.to_dict(),
-                "trial": {"name": t["trial"], "modules": t.get("modules"), "lr": t.get("lr")},
-            }
-            self._run("finetune", f"ft-{t['trial']}", fn, config=config)
+            config = self._trial_config(t["trial"], t.get("modules"), t.get("lr"))
+            self._run("finetune", f"ft-{t['trial']}", fn, config=config, epoch_axis=True)
         self._record("finetune")
 
     def log_interpolation(self, table: list[dict[str, Any]], summary: dict[str, Any]) -> None:
@@ -301,25 +557,25 @@ class Tracker:
         self._run(
             "interpolate",
             "interpolate",
-            lambda run, wandb: self._interp(run, wandb, table, summary),
+            lambda live, wandb: self._interp(live, wandb, table, summary),
         )
         self._run(
             "interpolate",
             "summary",
-            lambda run, wandb: self._summary(run, wandb, summary),
+            lambda live, wandb: self._summary(live, wandb, summary),
             job_type="summary",
         )
         self._record("interpolate")
 
     def _interp(
-        self, run: Any, wandb: Any, table: list[dict[str, Any]], summary: dict[str, Any]
+        self, live: LiveRun, wandb: Any, table: list[dict[str, Any]], summary: dict[str, Any]
     ) -> None:
         from rift_ray.figures import fig_interpolation
         from rift_ray.metrics import METRICS
 
-        run.log({"interp/table": _table(wandb, table)})
+        live.log({"interp/table": _table(wandb, table)})
         if summary.get("choices"):
-            run.log({"interp/choices": _table(wandb, summary["choices"])})
+            live.log({"interp/choices": _table(wandb, summary["choices"])})
         trials = list(dict.fromkeys(r["trial"] for r in table))
         best, alpha = summary.get("trial"), summary.get("alpha")
         for split in ("val", "test"):
@@ -341,22 +597,23 @@ class Tracker:
                     keys.append(f"alpha* = {alpha:g} ({best})")
                 title = f"{split} {METRICS[metric]} accuracy vs alpha"
                 chart = wandb.plot.line_series(xs=xs, ys=ys, keys=keys, title=title, xname="alpha")
-                run.log({f"interp/{split}/{metric}": chart})
+                live.log({f"interp/{split}/{metric}": chart})
         fig = fig_interpolation(table, summary.get("choices"), best, self.cfg.interpolate.tolerance)
-        self._log_figure(run, wandb, "interp/figure", fig)
+        self._log_figure(live, wandb, "interp/figure", fig)
         for k in ("alpha", "trial", "lr", "reason", "clean_gain_val", "robust_drop_val"):
             if summary.get(k) is not None:
-                run.summary[k] = summary[k]
-        run.summary["modules"] = "+".join(summary.get("modules") or [])
+                live.run.summary[k] = summary[k]
+        live.run.summary["modules"] = "+".join(summary.get("modules") or [])
 
-    def _summary(self, run: Any, wandb: Any, summary: dict[str, Any]) -> None:
+    def _summary(self, live: LiveRun, wandb: Any, summary: dict[str, Any]) -> None:
         from rift_ray.figures import fig_before_after
         from rift_ray.results import summary_rows
 
-        run.log({"summary/before_after": _table(wandb, summary_rows(summary))})
+        run = live.run
+        live.log({"summary/before_after": _table(wandb, summary_rows(summary))})
         if len(summary.get("strategies") or []) > 1:  # the module-selection comparison
-            run.log({"summary/strategies": _table(wandb, summary["strategies"])})
-        self._log_figure(run, wandb, "summary/figure", fig_before_after(summary))
+            live.log({"summary/strategies": _table(wandb, summary["strategies"])})
+        self._log_figure(live, wandb, "summary/figure", fig_before_after(summary))
         for split in ("val", "test"):
             at = (summary.get("at") or {}).get(split) or {}
             rift = (summary.get("rift") or {}).get(split) or {}
@@ -372,28 +629,39 @@ class Tracker:
                 run.summary[k] = summary[k]
         run.summary["modules"] = "+".join(summary.get("modules") or [])
         run.summary["seconds"] = summary.get("seconds") or {}
-        path = self.store.path(RIFT_CHECKPOINT)
-        if self.cfg.wandb.log_checkpoint and self.store.is_local and os.path.isfile(path):
-            meta = {
-                k: summary.get(k)
-                for k in ("alpha", "trial", "modules", "lr", "config_hash", "seed")
-            }
-            art = wandb.Artifact(
-                f"{self.cfg.name}-{self.prefix}rift",
-                type="model",
-                metadata={**meta, "rift": summary.get("rift")},
-            )
-            art.add_file(path, name="rift.pt")
+        if self.cfg.wandb.log_checkpoint and self.store.exists(RIFT_CHECKPOINT):
+            self._log_model(run, wandb, summary)
+
+    def _log_model(self, run: Any, wandb: Any, summary: dict[str, Any]) -> None:
+        """The final checkpoint as a ``model`` artifact, from any storage (object storage: a
+        local copy, staged by wandb before it is removed)."""
+        meta = {
+            k: summary.get(k) for k in ("alpha", "trial", "modules", "lr", "config_hash", "seed")
+        }
+        art = wandb.Artifact(
+            f"{self.cfg.name}-{self.prefix}rift", type="model",
+            metadata={**meta, "rift": summary.get("rift")},
+        )  # fmt: skip
+        if self.store.is_local:
+            art.add_file(self.store.path(RIFT_CHECKPOINT), name="rift.pt")
+            run.log_artifact(art)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "rift.pt")
+            with open(path, "wb") as f:
+                f.write(self.store.get(RIFT_CHECKPOINT))
+            art.add_file(path, name="rift.pt", policy="mutable")  # copied into wandb's staging
             run.log_artifact(art)
 
     def log_seeds(self, summary: dict[str, Any]) -> None:
         """The aggregate run of a ``seeds`` sweep: mean, std and n of every figure, how often
         each module / lr was chosen, the per-seed and mean/std before/after tables."""
 
-        def fn(run: Any, wandb: Any) -> None:
+        def fn(live: LiveRun, wandb: Any) -> None:
             from rift_ray.figures import fig_before_after_seeds
             from rift_ray.results import per_seed_rows, summary_rows
 
+            run = live.run
             for part in ("mean", "std", "count"):
                 for key, v in _flatten(summary.get(part) or {}).items():
                     if v is not None:
@@ -404,13 +672,13 @@ class Tracker:
             run.summary["n"] = summary.get("n")
             run.summary["seeds"] = list(summary.get("seeds") or [])
             run.summary["seconds"] = summary.get("seconds") or {}
-            run.log(
+            live.log(
                 {
                     "seeds/per_seed": _table(wandb, per_seed_rows(summary)),
                     "seeds/before_after": _table(wandb, summary_rows(summary)),
                 }
             )
-            self._log_figure(run, wandb, "seeds/figure", fig_before_after_seeds(summary))
+            self._log_figure(live, wandb, "seeds/figure", fig_before_after_seeds(summary))
 
         self._run("summary", "summary", fn, config=self.cfg.to_dict(), job_type="summary")
 
@@ -423,7 +691,7 @@ class Tracker:
             except Exception as e:  # noqa: BLE001 - bookkeeping only
                 self._warn("record", f"recording the runs of {stage} failed ({type(e).__name__})")
 
-    def _log_figure(self, run: Any, wandb: Any, key: str, fig: Any) -> None:
+    def _log_figure(self, live: LiveRun, wandb: Any, key: str, fig: Any) -> None:
         if fig is None:
             return
         import io
@@ -432,20 +700,55 @@ class Tracker:
 
         from rift_ray.figures import png_bytes
 
-        run.log({key: wandb.Image(Image.open(io.BytesIO(png_bytes(fig))))})
+        live.log({key: wandb.Image(Image.open(io.BytesIO(png_bytes(fig))))})
+
+    def urls(self) -> dict[str, str]:
+        """The online runs' URLs by run name (this tracker's and its seeds')."""
+        return {
+            r["name"]: r["url"] for t in (self, *self._children) for r in t.runs if r.get("url")
+        }
+
+    def flush(self) -> None:
+        """After a stage: with object storage, upload the offline runs written so far to
+        ``<sweep>/wandb/`` (only files that changed since the last upload)."""
+        if not self.enabled or self.store.is_local:
+            return
+        root = self._root()
+        local = os.path.join(self.dir, WANDB_DIR)
+        try:
+            for dirpath, _, files in os.walk(local):
+                for f in files:
+                    path = os.path.join(dirpath, f)
+                    st = os.stat(path)
+                    if root._uploaded.get(path) == (st.st_size, st.st_mtime):
+                        continue
+                    rel = os.path.relpath(path, self.dir).replace(os.sep, "/")
+                    with open(path, "rb") as fh:
+                        root.store.write_file(rel, fh.read())
+                    root._uploaded[path] = (st.st_size, st.st_mtime)
+        except Exception as e:  # noqa: BLE001 - the local copy stays; the hint names it
+            self._warn("upload", f"uploading the offline runs failed ({type(e).__name__})")
 
     def finish(self) -> None:
-        """At the end of the sweep: how to upload offline runs (never the key)."""
-        if self.offline_runs:
-            runs = " ".join(dict.fromkeys(self.offline_runs))
+        """At the end of the sweep: close what is still open (a stage that failed), upload the
+        offline runs with object storage, and say how to upload them (never the key)."""
+        for t in (self, *self._children):
+            for live in list(t._live.values()):
+                t.close(live, 1)
+        self.flush()
+        if self.offline_runs or any(c.offline_runs for c in self._children):
+            runs = [*self.offline_runs, *(r for c in self._children for r in c.offline_runs)]
+            where = "" if self.store.is_local else f" (stored in {self.store.path(WANDB_DIR)})"
             print(
-                f"[rift-ray] W&B runs were logged offline; to upload them: wandb sync {runs}",
+                f"[rift-ray] W&B runs were logged offline{where}; to upload them: "
+                f"wandb sync {' '.join(dict.fromkeys(runs))}",
                 file=sys.stderr,
                 flush=True,
             )
-        urls = [r["url"] for t in (self, *self._children) for r in t.runs if r.get("url")]
+        urls = self.urls()
         if urls:
-            print(f"[rift-ray] W&B group {self.group}: {urls[0]}", file=sys.stderr, flush=True)
+            print(f"[rift-ray] W&B group {self.group}: {next(iter(urls.values()))}",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -16,6 +16,9 @@ for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"
     os.environ[var] = _WANDB
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+# Ray Train's spot-preemption watcher is one more actor process per training run, and no
+# test drains a node: off, to keep the suite within its time on 2 cores.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_ARCHIVE = Path(

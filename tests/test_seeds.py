@@ -297,6 +297,7 @@ def test_wandb_summary_run_logs_mean_and_std(
 ) -> None:
     from wandb_offline import offline_run_dirs, read_offline_run
 
+    from rift_ray.hashing import stage_hashes
     from rift_ray.tracking import Tracker
 
     wb = tmp_path / "wb"
@@ -307,14 +308,16 @@ def test_wandb_summary_run_logs_mean_and_std(
     cfg = SweepConfig.model_validate({"name": "tiny", "storage": str(tmp_path), "seeds": [0, 1]})
     store = Store.open(str(tmp_path), "tiny")
     t = Tracker(cfg, store)
-    child = t.for_seed(cfg.for_seed(1), store.for_seed(1))
+    child = t.for_seed(cfg.for_seed(1), store.for_seed(1), stage_hashes(cfg, 1))
     child.log_mrc([{"module": "conv1", "mrc": 0.1, "status": "done", "error": ""}])
     summary = seeds_summary({"name": "tiny", "seeds": [0, 1]}, PER_SEED[:2], {"total": 1.0})
     t.log_seeds(summary)
     t.finish()
     runs = {
         r.info["name"]: r
-        for r in (read_offline_run(d, wait=30) for d in offline_run_dirs(str(wb / "wandb")))
+        for r in (
+            read_offline_run(d, wait=30) for d in offline_run_dirs(str(tmp_path / "tiny/wandb"))
+        )
     }
     assert set(runs) == {"tiny-s1-mrc", "tiny-summary"}
     assert runs["tiny-s1-mrc"].config["seed"] == 1

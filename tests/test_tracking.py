@@ -88,8 +88,9 @@ def tracker(tmp_path: Path, **wandb: Any) -> Tracker:
     return Tracker(cfg, Store.open(str(tmp_path), "tiny"))
 
 
-def runs_by_name(wandb_dir: Path) -> dict[str, OfflineRun]:
-    runs = [read_offline_run(d, wait=30) for d in offline_run_dirs(str(wandb_dir / "wandb"))]
+def runs_by_name(sweep: Path) -> dict[str, OfflineRun]:
+    """The offline runs under ``<sweep>/wandb/`` by name (the latest directory of each)."""
+    runs = [read_offline_run(d, wait=30) for d in offline_run_dirs(str(sweep / "wandb"))]
     return {r.info["name"]: r for r in runs}
 
 
@@ -104,7 +105,7 @@ def test_settings_from_config_then_environment(
         [],
         None,
     )
-    assert t._pending_notice == "no WANDB_API_KEY in the environment"
+    assert t._pending_notice == "no W&B credentials (WANDB_API_KEY or `wandb login`)"
     monkeypatch.setenv("WANDB_API_KEY", KEY)
     monkeypatch.setenv("WANDB_PROJECT", "env-proj")
     monkeypatch.setenv("WANDB_ENTITY", "team")
@@ -126,7 +127,23 @@ def test_settings_from_config_then_environment(
     assert not tracker(tmp_path, enabled=False).enabled
     monkeypatch.delenv("WANDB_API_KEY")
     t = tracker(tmp_path, mode="online")
-    assert t.mode == "offline" and "WANDB_API_KEY is not set" in (t._pending_notice or "")
+    assert t.mode == "offline" and "no W&B credentials were found" in (t._pending_notice or "")
+
+
+def write_netrc(path: Path, host: str = "api.wandb.ai") -> Path:
+    """The entry ``wandb login`` writes, with the made-up key."""
+    path.write_text(f"machine {host}\n  login user\n  password {KEY}\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_netrc_credentials_count_like_wandb_login(
+    tmp_path: Path, wandb_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NETRC", str(write_netrc(tmp_path / "netrc")))
+    assert tracker(tmp_path).mode == "online"  # no WANDB_API_KEY: the netrc entry counts
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # another host
+    assert tracker(tmp_path).mode == "offline"
 
 
 def test_stage_runs_logged_offline_and_read_back(
@@ -142,10 +159,10 @@ def test_stage_runs_logged_offline_and_read_back(
     t.log_interpolation(INTERP, SUMMARY)
     t.finish()
     err = capsys.readouterr().err
-    assert err.count("warning: W&B: no WANDB_API_KEY in the environment") == 1
-    assert "wandb sync " + str(wandb_dir / "wandb" / "offline-run-") in err
+    assert err.count("warning: W&B: no W&B credentials (WANDB_API_KEY or `wandb login`)") == 1
+    assert "wandb sync " + str(tmp_path / "tiny" / "wandb" / "offline-run-") in err
 
-    runs = runs_by_name(wandb_dir)
+    runs = runs_by_name(tmp_path / "tiny")
     assert set(runs) == {
         "tiny-adv_train", "tiny-mrc", "tiny-ft-conv1_lr0.01", "tiny-ft-conv1_lr0.1",
         "tiny-ft-fc_lr0.1", "tiny-interpolate", "tiny-summary",
@@ -156,7 +173,7 @@ def test_stage_runs_logged_offline_and_read_back(
 
     at = runs["tiny-adv_train"]
     assert at.info["job_type"] == "adv_train"
-    assert at.values("epoch") == [1, 2]
+    assert [r["epoch"] for r in at.history if "train/loss" in r] == [1, 2]
     assert at.values("train/loss") == [2.0, 1.0]
     assert at.values("val/robust_acc") == [21.0, 22.0]
     assert at.values("lr") == [0.1, 0.05]
@@ -252,7 +269,27 @@ def test_unreachable_server_falls_back_to_offline_once(
     err = capsys.readouterr().err
     assert err.count("warning: W&B") == 1 and "cannot reach W&B" in err
     assert t.mode == "offline" and "wandb sync" in err
-    assert set(runs_by_name(wandb_dir)) == {"tiny-adv_train", "tiny-mrc"}
+    assert set(runs_by_name(tmp_path / "tiny")) == {"tiny-adv_train", "tiny-mrc"}
+
+
+def test_netrc_only_against_an_unreachable_server_warns_once(
+    tmp_path: Path,
+    wandb_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("NETRC", str(write_netrc(tmp_path / "netrc", "127.0.0.1")))
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    t = tracker(tmp_path)
+    t.init_timeout = 3
+    assert t.mode == "online"
+    t.log_adv_train(HISTORY)
+    t.finish()
+    out, err = capfd.readouterr()
+    assert err.count("warning: W&B") == 1 and "cannot reach W&B" in err
+    assert "Traceback" not in out + err and KEY not in out + err
+    assert t.mode == "offline"
+    assert runs_by_name(tmp_path / "tiny")["tiny-adv_train"].values("train/loss") == [2.0, 1.0]
 
 
 def test_wandb_errors_never_fail_the_sweep(

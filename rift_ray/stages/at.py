@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +27,7 @@ from rift_ray.attacks import evaluate
 from rift_ray.config import SweepConfig
 from rift_ray.data import DatasetSplits, batches
 from rift_ray.errors import StageFailed, one_line
+from rift_ray.progress import log
 from rift_ray.rift import adversarial_train_epoch
 from rift_ray.stages.base import Stage, SweepContext, SweepState
 from rift_ray.stages.common import (
@@ -92,7 +93,7 @@ def _with_fault(it: Iterator[Any], epoch: int) -> Iterator[Any]:
         yield item
 
 
-def _resume(model: torch.nn.Module, optimizer: Any, scheduler: Any, rank: int) -> dict[str, Any]:
+def _resume(model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
     """The loop's progress: from Ray Train's last committed checkpoint (model, optimizer and
     scheduler loaded from it), else a fresh start."""
     progress: dict[str, Any] = {
@@ -111,9 +112,17 @@ def _resume(model: torch.nn.Module, optimizer: Any, scheduler: Any, rank: int) -
         best_state=state["best_state"], best_epoch=int(state["best_epoch"]),
         history=list(state["history"]),
     )  # fmt: skip
-    if rank == 0:
-        print(f"[adv_train] resuming from the checkpoint of epoch {progress['epoch']}", flush=True)
     return progress
+
+
+def _put(queue: Any, row: dict[str, Any]) -> None:
+    """Hand an epoch's metrics to the driver (a ``ray.util.queue.Queue``); never blocks training."""
+    if queue is None:
+        return
+    try:
+        queue.put_nowait(dict(row))
+    except Exception:  # noqa: BLE001 - live progress only; the checkpoint has the history
+        pass
 
 
 def _epoch_line(metrics: dict[str, Any], epochs: int) -> str:
@@ -125,7 +134,7 @@ def _epoch_line(metrics: dict[str, Any], epochs: int) -> str:
         else ""
     )
     return (
-        f"[adv_train] epoch {m['epoch']}/{epochs} lr {m['lr']:.4g} loss {m['train_loss']:.4f} "
+        f"adv_train: epoch {m['epoch']}/{epochs} lr {m['lr']:.4g} loss {m['train_loss']:.4f} "
         f"train adv acc {m['train_adv_acc']:.2f}{val} "
         f"{m['images_per_s']:.0f} img/s (best epoch {m['best_epoch']})"
     )
@@ -170,7 +179,10 @@ def train_loop(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=list(at.lr_milestones), gamma=at.lr_gamma
     )
-    p = _resume(model, optimizer, scheduler, rank)
+    p = _resume(model, optimizer, scheduler)
+    if p["epoch"] and rank == 0:
+        print(f"[adv_train] resuming from the checkpoint of epoch {p['epoch']}", flush=True)
+        _put(config.get("progress"), {"resumed_from": p["epoch"]})
     model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     core = model.module if hasattr(model, "module") else model
     gen = torch.Generator(device=device)
@@ -197,8 +209,8 @@ def train_loop(config: dict[str, Any]) -> None:
             p.update(best_acc=score, best_epoch=epoch + 1, best_state=cpu_state(core))
         metrics["best_epoch"] = p["best_epoch"]
         p["history"].append(metrics)
-        if rank == 0:
-            print(_epoch_line(metrics, at.epochs), file=sys.stderr, flush=True)
+        if rank == 0:  # the driver logs it (console line, W&B) as it arrives
+            _put(config.get("progress"), metrics)
         if rank != 0 or ((epoch + 1) % at.checkpoint_every and epoch + 1 < at.epochs):
             ray.train.report(metrics)
             continue
@@ -230,6 +242,45 @@ def worker_devices(device: torch.device, world: int) -> str:
     return ",".join(str(d) for d in everyone)
 
 
+class EpochFeed:
+    """While training runs: each epoch's metrics, as rank 0 puts them on ``queue``, become one
+    console line and a step of the W&B run (a thread of the driver drains the queue)."""
+
+    def __init__(self, queue: Any, ctx: SweepContext, epochs: int) -> None:
+        self.queue, self.ctx, self.epochs = queue, ctx, epochs
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="rift-at-epochs", daemon=True)
+
+    def __enter__(self) -> EpochFeed:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        try:
+            self.queue.shutdown()
+        except Exception:  # noqa: BLE001 - the queue actor is gone with the job anyway
+            pass
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                n = self.queue.qsize()
+                rows = self.queue.get_nowait_batch(n) if n else []
+            except Exception:  # noqa: BLE001 - the queue actor is gone: nothing more comes
+                rows = []
+            for row in rows:
+                if "resumed_from" in row:  # a worker restarted from a checkpoint
+                    log(f"adv_train: resuming from the checkpoint of epoch {row['resumed_from']}")
+                    continue
+                log(_epoch_line(row, self.epochs))
+                self.ctx.tracker.at_epoch(row)
+            if self._stop.is_set() and not rows:
+                return
+            self._stop.wait(0.5)
+
+
 def run_adv_train(ctx: SweepContext) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Run PGD-AT under Ray Train; return (best state dict, per-epoch history)."""
     cfg = ctx.cfg
@@ -238,9 +289,12 @@ def run_adv_train(ctx: SweepContext) -> tuple[dict[str, torch.Tensor], list[dict
     resources = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
         resources["GPU"] = r.gpus_per_worker or 1.0
+    from ray.util.queue import Queue
+
+    progress = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "splits": ctx.splits_ref},
+        train_loop_config={"cfg": cfg.to_dict(), "splits": ctx.splits_ref, "progress": progress},
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources
         ),
@@ -252,7 +306,8 @@ def run_adv_train(ctx: SweepContext) -> tuple[dict[str, torch.Tensor], list[dict
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    with EpochFeed(progress, ctx, cfg.adv_train.epochs):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("adversarial training finished without a checkpoint")
     with result.checkpoint.as_directory() as d:

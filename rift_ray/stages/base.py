@@ -68,7 +68,7 @@ class SweepContext:
             cfg=cfg,
             store=store,
             hashes=stage_hashes(self.cfg, seed),
-            tracker=self.tracker.for_seed(cfg, store),
+            tracker=self.tracker.for_seed(cfg, store, stage_hashes(self.cfg, seed)),
         )
 
     def checkpoint_bytes(self, state: dict[str, torch.Tensor], **extra: Any) -> bytes:
@@ -159,4 +159,5 @@ def run_stage(stage: Stage, ctx: SweepContext, st: SweepState) -> None:
         record.setdefault("seconds", time.time() - t0)
         store.write_stage(stage.name, status="done", **record)
         stage.track(ctx, st)
+        ctx.tracker.flush()
     st.timings[stage.name] = (store.read_stage(stage.name) or {}).get("seconds", time.time() - t0)

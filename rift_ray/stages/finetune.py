@@ -29,7 +29,7 @@ from ray.tune.schedulers import ASHAScheduler
 from rift_ray.config import SweepConfig
 from rift_ray.data import DatasetSplits, ImageData
 from rift_ray.errors import StageFailed, one_line
-from rift_ray.progress import log
+from rift_ray.progress import TrialBoard, log
 from rift_ray.rift import finetune, interpolate, select_alpha
 from rift_ray.rift.finetune import asha_score
 from rift_ray.stages.base import Stage, SweepContext, SweepState, failures
@@ -43,7 +43,7 @@ from rift_ray.stages.common import (
     worker_model,
 )
 from rift_ray.stages.selection import module_groups
-from rift_ray.stages.tuning import prune_checkpoints, run_tune
+from rift_ray.stages.tuning import LiveTrials, prune_checkpoints, run_tune
 from rift_ray.store import (
     FINETUNE_EPOCHS_TABLE,
     FINETUNE_TABLE,
@@ -283,8 +283,8 @@ def run_finetune(
     return (trial rows, epoch rows, surviving trials with best states, trials computed now).
 
     ``baseline``: :func:`finetune_baseline` (the same for every strategy, so measured once)."""
-    cfg, store, run_token = ctx.cfg, ctx.store, ctx.run_token
-    f, r = cfg.finetune, cfg.resources.finetune
+    cfg, run_token = ctx.cfg, ctx.run_token
+    f = cfg.finetune
     trainable = tune.with_parameters(
         finetune_trial,
         cfg_dict=cfg.to_dict(),
@@ -300,23 +300,11 @@ def run_finetune(
         grace_period=min(f.asha.grace_period, f.epochs),
         reduction_factor=f.asha.reduction_factor,
     )
-    results = run_tune(
-        trainable,
-        {"modules": tune.grid_search(groups), "lr": tune.grid_search(list(f.lrs))},
-        store=store,
-        name=experiment,
-        resources={"cpu": r.cpu, "gpu": r.gpu},
-        max_concurrent=cfg.resources.max_concurrent_trials,
-        metric="val_score",
-        mode="max",
-        scheduler=scheduler,
-        # Every epoch's checkpoint is kept while the grid runs: with num_to_keep, Tune deletes
-        # the previous one as soon as the next is registered, and a driver killed before its
-        # next experiment snapshot leaves a snapshot naming the deleted one, which no restore
-        # gets past. Checkpoints hold only what fine-tuning changed (state_delta), and all but
-        # each trial's last are pruned once the grid is done.
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-    )
+    board = TrialBoard("finetune", len(groups) * len(f.lrs), "val_score")
+    live = LiveTrials(experiment, board, lambda c: trial_name(c["modules"], c["lr"]), "val_score",
+                      on_result=_trial_result(ctx), on_end=_trial_end(ctx))  # fmt: skip
+    with board:
+        results = _fit(trainable, groups, f, experiment, ctx, scheduler, live)
     trial_rows, epoch_rows, survivors, computed = [], [], [], 0
     for res in results:
         row, history, survivor = trial_result(res, at_state, cfg.finetune.epochs)
@@ -332,6 +320,58 @@ def run_finetune(
         )
     sort_trials(trial_rows, survivors)
     return trial_rows, epoch_rows, survivors, computed
+
+
+def _trial_result(ctx: SweepContext) -> Any:
+    """Each epoch a fine-tuning trial reports goes to its W&B run as Tune receives it."""
+
+    def on_result(config: dict[str, Any], result: dict[str, Any]) -> None:
+        ctx.tracker.trial_epoch(result)
+
+    return on_result
+
+
+def _trial_end(ctx: SweepContext) -> Any:
+    """A trial's end: finished (every epoch), stopped (ASHA's decision) or failed."""
+
+    def on_end(config: dict[str, Any], last: dict[str, Any], how: str) -> str:
+        if how == "error" or last.get("status") == "failed":
+            status = "failed"
+        elif int(last.get("epoch") or 0) >= ctx.cfg.finetune.epochs:
+            status = "finished"
+        else:
+            status = "stopped"
+        name = trial_name(list(config.get("modules", [])), float(config.get("lr", 0.0)))
+        ctx.tracker.trial_end({"trial": name, **last}, status)
+        return status
+
+    return on_end
+
+
+def _fit(
+    trainable: Any, groups: list[list[str]], f: Any, experiment: str, ctx: SweepContext,
+    scheduler: Any, live: LiveTrials,
+) -> Any:  # fmt: skip
+    """The Tune grid of ``groups`` x ``f.lrs`` under ``scheduler``."""
+    r = ctx.cfg.resources.finetune
+    return run_tune(
+        trainable,
+        {"modules": tune.grid_search(groups), "lr": tune.grid_search(list(f.lrs))},
+        store=ctx.store,
+        name=experiment,
+        resources={"cpu": r.cpu, "gpu": r.gpu},
+        max_concurrent=ctx.cfg.resources.max_concurrent_trials,
+        metric="val_score",
+        mode="max",
+        scheduler=scheduler,
+        # Every epoch's checkpoint is kept while the grid runs: with num_to_keep, Tune deletes
+        # the previous one as soon as the next is registered, and a driver killed before its
+        # next experiment snapshot leaves a snapshot naming the deleted one, which no restore
+        # gets past. Checkpoints hold only what fine-tuning changed (state_delta), and all but
+        # each trial's last are pruned once the grid is done.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+        callbacks=[live],
+    )
 
 
 def trial_result(

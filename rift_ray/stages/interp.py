@@ -190,11 +190,11 @@ def corruption_sets(
 
 def _evaluate_points(
     cfg: SweepConfig, spec: Any, splits_ref: Any, at_state: dict[str, torch.Tensor],
-    trials: list[dict[str, Any]], cdata: Any,
+    trials: list[dict[str, Any]], cdata: Any, on_rows: Any = None,
 ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:  # fmt: skip
     """The AT model's rows (alpha 0) and each trial's alpha rows (by trial name), computed as Ray
     tasks of ``interpolate.alphas_per_task`` alphas each (one search task per trial with
-    ``interpolate.search: monotone``)."""
+    ``interpolate.search: monotone``). ``on_rows(rows)``: each task's rows as it ends."""
     r = cfg.resources.interpolate
     opts = {"num_cpus": r.cpu, "num_gpus": r.gpu}
     cfg_dict = cfg.to_dict()
@@ -212,6 +212,8 @@ def _evaluate_points(
         if search:  # the search needs the AT model's validation figures first
             results[at_job] = ray.get(at_job)
             bar.advance(1)
+            if on_rows is not None:
+                on_rows([{**row, "trial": "AT"} for row in results[at_job]])
             base_val = next((r for r in results[at_job] if r["split"] == "val"), None)
         k = cfg.interpolate.alphas_per_task
         for t in trials:
@@ -232,6 +234,8 @@ def _evaluate_points(
             ready, pending = ray.wait(pending, num_returns=1)
             for ref in ready:
                 results[ref] = ray.get(ref)
+                if on_rows is not None:
+                    on_rows([{**row, "trial": jobs[ref] or "AT"} for row in results[ref]])
                 # a search skips alphas: count them as done so the bar ends at its total
                 bar.advance(len(alphas) if search else len({row["alpha"] for row in results[ref]}))
     per_trial: dict[str, list[dict[str, Any]]] = {t["trial"]: [] for t in trials}
@@ -261,15 +265,17 @@ def run_interpolation(
     splits: DatasetSplits | None = None,
     data_seed: int | None = None,
     finalists: set[str] | None = None,
+    on_rows: Any = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Evaluate every trial's alpha grid; return (table rows, choice of the winning trial).
 
     ``data_seed``: the seed of the data (generated corruptions), default ``cfg.seed``.
     ``finalists``: the trials the winner is chosen from (default: all; the sweep passes the
     primary strategy's trials, the others are evaluated for comparison only).
+    ``on_rows``: called with each task's rows as it ends (live logging).
     """
     cdata = corruption_sets(cfg, splits, data_seed) if splits is not None else None
-    baseline, per_trial = _evaluate_points(cfg, spec, splits_ref, at_state, trials, cdata)
+    baseline, per_trial = _evaluate_points(cfg, spec, splits_ref, at_state, trials, cdata, on_rows)
     table: list[dict[str, Any]] = []
     choices = []
     for t in trials:
@@ -316,6 +322,7 @@ class InterpolateStage(Stage):
             ctx.splits,
             data_seed=ctx.data_seed,
             finalists=finalists or None,
+            on_rows=ctx.tracker.interp_rows,
         )
         best = choice["best"]
         if best is None:
@@ -389,6 +396,10 @@ class InterpolateStage(Stage):
 
     def track(self, ctx: SweepContext, st: SweepState) -> None:
         ctx.tracker.log_interpolation(st.table, st.summary)
+        urls = ctx.tracker.urls()
+        if urls:  # online runs link back from summary.json and the report
+            st.summary["wandb"] = {"group": ctx.tracker.group, "runs": urls}
+            ctx.store.put_json(SUMMARY, st.summary, stage_hash=ctx.hashes[self.name])
 
 
 def add_autoattack(

@@ -26,6 +26,7 @@ from ray import tune
 from rift_ray.advset import adversarial_set_bytes, read_adversarial_set
 from rift_ray.config import SweepConfig
 from rift_ray.errors import StageFailed, one_line
+from rift_ray.progress import TrialBoard
 from rift_ray.rift import MRCBase, MRCOptions, adversarial_set, mrc_base, robust_criticality
 from rift_ray.stages.base import Stage, SweepContext, SweepState, failures
 from rift_ray.stages.common import (
@@ -36,7 +37,7 @@ from rift_ray.stages.common import (
     peak_memory,
     start_worker,
 )
-from rift_ray.stages.tuning import run_tune
+from rift_ray.stages.tuning import LiveTrials, run_tune
 from rift_ray.store import MRC_TABLE, Store, experiment_name
 
 
@@ -238,6 +239,15 @@ MRC_COLUMNS = [
 ]  # fmt: skip
 
 
+def _mrc_result(ctx: SweepContext) -> Any:
+    """A finished MRC trial's row goes to the stage's W&B run as it arrives."""
+
+    def on_result(config: dict[str, Any], result: dict[str, Any]) -> None:
+        ctx.tracker.mrc_row({"module": config.get("module"), **result})
+
+    return on_result
+
+
 def run_mrc(
     ctx: SweepContext, at_state: dict[str, torch.Tensor]
 ) -> tuple[list[dict[str, Any]], int]:
@@ -260,14 +270,18 @@ def run_mrc(
         base=shared,
     )
     r = cfg.resources.mrc
-    results = run_tune(
-        trainable,
-        {"module": tune.grid_search(modules)},
-        store=store,
-        name=experiment_name("mrc", stage_hash),
-        resources={"cpu": r.cpu, "gpu": r.gpu},
-        max_concurrent=cfg.resources.max_concurrent_trials,
-    )
+    with TrialBoard("mrc", len(modules), "mrc") as board:
+        name = experiment_name("mrc", stage_hash)
+        live = LiveTrials(name, board, lambda c: c["module"], "mrc", on_result=_mrc_result(ctx))
+        results = run_tune(
+            trainable,
+            {"module": tune.grid_search(modules)},
+            store=store,
+            name=name,
+            resources={"cpu": r.cpu, "gpu": r.gpu},
+            max_concurrent=cfg.resources.max_concurrent_trials,
+            callbacks=[live],
+        )
     rows, computed = [], 0
     by_module = {}
     for res in results:

@@ -3,11 +3,91 @@
 from __future__ import annotations
 
 import posixpath
+import sys
 from typing import Any
 
 from ray import tune
 
+from rift_ray.progress import TrialBoard
 from rift_ray.store import Store
+
+_LIVE: dict[str, tuple[Any, ...]] = {}
+"""The live hooks of each running experiment, by name: Tune pickles its callbacks with the
+experiment (and a restore brings the pickled ones back), so a :class:`LiveTrials` carries only
+the experiment's name and finds the current driver's hooks here."""
+
+
+class LiveTrials(tune.Callback):
+    """In the driver, as Tune runs: each trial's reports (``on_result(config, result)``) and its
+    end (``on_end(config, last_result, "complete" | "error")`` returning the status shown,
+    ASHA's stops included), and the stage's console board. ``name(config)``: a trial's name.
+    Hook errors only warn: they never stop the stage."""
+
+    def __init__(
+        self,
+        experiment: str,
+        board: TrialBoard,
+        name: Any,
+        metric: str,
+        on_result: Any = None,
+        on_end: Any = None,
+    ) -> None:
+        self.experiment = experiment
+        _LIVE[experiment] = (board, name, metric, on_result, on_end)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"experiment": self.experiment}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.experiment = state["experiment"]
+
+    def _hooks(self) -> tuple[Any, ...] | None:
+        return _LIVE.get(self.experiment)
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        hooks = self._hooks()
+        if hooks is None:
+            return
+        board, name, metric, on_result, _ = hooks
+        status = "failed" if result.get("status") == "failed" else "running"
+        _call(on_result, trial.config, result)
+        board.update(name(trial.config), status, result.get("training_iteration"),
+                     result.get(metric))  # fmt: skip
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, "complete")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, "error")
+
+    def _end(self, trial: Any, how: str) -> None:
+        hooks = self._hooks()
+        if hooks is None:
+            return
+        board, name, metric, _, on_end = hooks
+        last = dict(trial.last_result or {})
+        status = _call(on_end, trial.config, last, how)
+        if not isinstance(status, str):
+            status = "failed" if how == "error" or last.get("status") == "failed" else "done"
+        board.update(name(trial.config), status, last.get("training_iteration"), last.get(metric))
+
+    def close(self) -> None:
+        """The experiment is over: forget its hooks."""
+        _LIVE.pop(self.experiment, None)
+
+
+def _call(fn: Any, *args: Any) -> Any:
+    if fn is None:
+        return None
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - live logging never stops a stage
+        print(f"[rift-ray] warning: live update failed ({type(e).__name__}: {e})",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return None
+
 
 # A trial starts on the actor its predecessor used instead of in a new worker process (torch
 # import, model code): ~3 s less per trial on a 2-core box (benchmarks/tune_reuse_bench.py).
@@ -67,10 +147,15 @@ def run_tune(
                 checkpoint_config=checkpoint_config,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 callbacks=callbacks,
-                verbose=1,
+                verbose=0,  # the stage's own board (LiveTrials) shows the trials
             ),
         )
-    return tuner.fit()
+    try:
+        return tuner.fit()
+    finally:
+        for cb in callbacks or []:
+            if isinstance(cb, LiveTrials):
+                cb.close()
 
 
 def prune_checkpoints(results: tune.ResultGrid) -> int:
