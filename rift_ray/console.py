@@ -30,6 +30,14 @@ from typing import IO, Any
 from rift_ray.hashing import stable_hash
 from rift_ray.store import RAY_LOG, Store
 
+_shown = True
+"""Whether Ray's own console output is wanted now (False inside a sweep without ``-v``)."""
+
+
+def ray_console() -> bool:
+    """True unless a sweep runs without ``verbose``: then Tune prints nothing of its own."""
+    return _shown
+
 
 class RayOutput:
     """A context manager: Ray's output into ``path`` (see the module docstring)."""
@@ -70,6 +78,8 @@ class RayOutput:
             return self
         self.file.write(f"\n===== rift-ray sweep {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
         self._redirect_loggers()
+        global _shown
+        self._was_shown, _shown = _shown, self.verbose
         return self
 
     def attach_workers(self) -> None:
@@ -125,6 +135,8 @@ class RayOutput:
                 logger.propagate = False
 
     def __exit__(self, *exc: Any) -> None:
+        global _shown
+        _shown = getattr(self, "_was_shown", _shown)
         if self._saved_handlers is not None:
             from ray._private.ray_logging import global_worker_stdstream_dispatcher as disp
 

@@ -96,12 +96,14 @@ def credentials_found() -> bool:
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     try:
-        from wandb.sdk.lib.wbauth import HostUrl
-        from wandb.sdk.lib.wbauth.authenticate import _use_system_auth
+        from wandb.sdk.lib.wbauth import HostUrl, read_netrc_auth
         from wandb.sdk.wandb_setup import singleton
 
-        host = HostUrl(os.environ.get("WANDB_BASE_URL") or singleton().settings.base_url)
-        return _use_system_auth(host=host, source="rift-ray", update_session=False) is not None
+        settings = singleton().settings
+        host = HostUrl(os.environ.get("WANDB_BASE_URL") or settings.base_url)
+        if read_netrc_auth(host=host):  # the entry `wandb login` writes for this host
+            return True
+        return bool(settings.api_key) and host.is_same_url(settings.base_url)
     except Exception:  # noqa: BLE001 - an unreadable netrc or settings file: no credentials
         return False
 
@@ -150,6 +152,8 @@ class Tracker:
         env_tags = [t.strip() for t in env.get("WANDB_TAGS", "").split(",") if t.strip()]
         self.tags = list(w.tags) if w.tags else env_tags
         self.mode, self._pending_notice = self._resolve_mode()
+        if os.environ.get("WANDB_INIT_TIMEOUT"):  # wandb's own setting, honoured here too
+            self.init_timeout = float(os.environ["WANDB_INIT_TIMEOUT"])
         # runs live with the sweep: <sweep>/wandb/ (object storage: a local copy, uploaded)
         self.dir = (
             store.path("")
@@ -738,10 +742,15 @@ class Tracker:
         self.flush()
         if self.offline_runs or any(c.offline_runs for c in self._children):
             runs = [*self.offline_runs, *(r for c in self._children for r in c.offline_runs)]
+            parents = {os.path.dirname(r) for r in runs}
+            what = (
+                os.path.join(parents.pop(), "offline-run-*")
+                if len(parents) == 1
+                else " ".join(dict.fromkeys(runs))
+            )
             where = "" if self.store.is_local else f" (stored in {self.store.path(WANDB_DIR)})"
             print(
-                f"[rift-ray] W&B runs were logged offline{where}; to upload them: "
-                f"wandb sync {' '.join(dict.fromkeys(runs))}",
+                f"[rift-ray] W&B runs were logged offline{where}; to upload them: wandb sync {what}",
                 file=sys.stderr,
                 flush=True,
             )

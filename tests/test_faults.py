@@ -289,6 +289,11 @@ def test_stage_without_usable_result_stops_the_sweep(
     )
     assert exit_codes(text) == [1, 1], text[-4000:]
     errors = [ln for ln in text.splitlines() if ln.startswith("rift-ray: error:")]
+    # each ends with where Ray's own output went (the sweep's logs/ray.log)
+    for ln, name in zip(errors, ("m", "t")):
+        assert ln.endswith(f" (Ray's log: {tmp_path / name / 'logs/ray.log'})"), ln
+        assert (tmp_path / name / "logs/ray.log").is_file()
+    errors = [re.sub(r" \(Ray's log: [^)]*\)$", "", ln) for ln in errors]
     assert errors == [
         "rift-ray: error: MRC failed for every module (first: conv1 (RuntimeError: injected fault "
         "(RIFT_RAY_FAULTS) in the MRC trial of conv1)); see tables/mrc.parquet for the errors",
@@ -331,7 +336,8 @@ def chain(
     every >= 10 s, so the kill window is not missed on a slow machine.
     """
     tmp = tmp_path_factory.mktemp("chain")
-    sweep, args = tmp / "k", [*sweep_args(tmp, start_ckpt), *NO_WANDB]
+    offline = ["--set", "wandb.mode=offline"]  # W&B runs resumed across the three drivers
+    sweep, args = tmp / "k", [*sweep_args(tmp, start_ckpt), *offline]
     out: dict[str, Any] = {"sweep": sweep, "logs": []}
     for stage_name, n in (("mrc", 4), ("finetune", 3)):
         log = tmp / f"driver-{stage_name}.log"
@@ -441,6 +447,35 @@ def test_driver_killed_during_mrc_and_finetune_resumes(
     # and the result is the uninterrupted run's, bit for bit (CPU, one thread per trial)
     assert reference["code"] == 0, reference["err"][-4000:]
     _same_results(sweep, reference["sweep"])
+
+
+@e2e
+def test_killed_and_resumed_sweep_keeps_one_wandb_run_per_id(chain: dict[str, Any]) -> None:
+    """Three drivers wrote the same runs: each name has one id (and each id one name), and the
+    steps of a run's directories (one per driver that opened it) never repeat."""
+    from wandb_offline import offline_run_dirs, read_offline_run
+
+    runs = [read_offline_run(d, wait=30) for d in offline_run_dirs(str(chain["sweep"] / "wandb"))]
+    ids: dict[str, set[str]] = {}
+    names: dict[str, set[str]] = {}
+    steps: dict[str, list[int]] = {}
+    for r in runs:
+        ids.setdefault(r.info["name"], set()).add(r.info["id"])
+        names.setdefault(r.info["id"], set()).add(r.info["name"])
+        steps.setdefault(r.info["id"], []).extend(h["_step"] for h in r.history)
+    assert all(len(v) == 1 for v in ids.values()), ids
+    assert all(len(v) == 1 for v in names.values()), names
+    assert all(len(s) == len(set(s)) for s in steps.values()), steps
+    trials = {n for n in ids if n.startswith("k-ft-")}
+    assert len(trials) == 3 and {n.rsplit("_lr", 1)[1] for n in trials} == {
+        "0.001",
+        "0.005",
+        "0.02",
+    }
+    assert set(ids) - trials == {"k-adv_train", "k-mrc", "k-interpolate", "k-summary"}
+    assert len(runs) > len(ids)  # a killed driver's runs were opened again, not duplicated
+    modules = [h for r in runs if r.info["name"] == "k-mrc" for h in r.history if "mrc" in h]
+    assert len(modules) == 4  # each module's row once, whichever driver computed it
 
 
 def test_finetune_checkpoint_holds_only_what_changed(tmp_path: Path) -> None:

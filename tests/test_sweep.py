@@ -50,6 +50,9 @@ STRATEGIES = [
     "--set", "finetune.greedy.candidates=2",
 ]  # fmt: skip
 
+# ... and logs to W&B offline, live (README "Weights & Biases").
+WANDB = ["--set", "wandb.enabled=true", "--set", "wandb.mode=offline"]
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
@@ -57,8 +60,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 def smoke_run(ray_session, tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")
     code = main(
-        ["sweep", SMOKE, "--storage", str(storage), "--name", "t", *FAST, *EVAL, *STRATEGIES]
-    )
+        ["sweep", SMOKE, "--storage", str(storage), "--name", "t", *FAST, *EVAL, *STRATEGIES,
+         *WANDB]
+    )  # fmt: skip
     assert code == 0
     return storage / "t"
 
@@ -293,6 +297,7 @@ def test_rerun_reuses_every_stage(smoke_run: Path, capsys: pytest.CaptureFixture
             *FAST,
             *EVAL,
             *STRATEGIES,
+            *WANDB,
         ]
     )
     assert code == 0
@@ -300,7 +305,46 @@ def test_rerun_reuses_every_stage(smoke_run: Path, capsys: pytest.CaptureFixture
     assert err.count("done earlier") == 4, err
     after = {p: p.stat().st_mtime_ns for p in before}
     changed = [str(p.relative_to(smoke_run)) for p in before if before[p] != after[p]]
-    assert set(changed) <= {"config.yaml", "manifest.json"}, changed
+    assert set(changed) <= {"config.yaml", "manifest.json", "logs/ray.log"}, changed
+    # nothing new either: no W&B run (every stage was reused), no other file
+    new = [p for p in smoke_run.rglob("*") if p.is_file() and "ray" not in p.parts]
+    assert sorted(map(str, new)) == sorted(map(str, before))
+
+
+def test_wandb_runs_logged_while_each_stage_ran(smoke_run: Path) -> None:
+    """Offline runs under <sweep>/wandb/: every epoch, module and alpha point was logged
+    before its stage ended (W&B is not dark until a stage is over)."""
+    from wandb_offline import offline_run_dirs, read_offline_run
+
+    runs = [read_offline_run(d, wait=30) for d in offline_run_dirs(str(smoke_run / "wandb"))]
+    by_name = {r.info["name"]: r for r in runs}
+    assert len(by_name) == len(runs)  # one run (one directory) per name on a fresh sweep
+    ids = json.loads((smoke_run / "wandb/runs.json").read_text())["runs"]
+    assert {e["id"] for e in ids.values()} == {r.info["id"] for r in runs}
+
+    def ended(stage: str) -> float:
+        rec = json.loads((smoke_run / f"stages/{stage}.json").read_text())
+        return float(rec["started"]) + float(rec["seconds"])
+
+    def row_times(name: str, key: str) -> list[float]:
+        return [h["_timestamp"] for h in by_name[name].history if key in h]
+
+    at = row_times("t-adv_train", "train/loss")
+    assert len(at) == 2 and max(at) < ended("adv_train")
+    mrc = row_times("t-mrc", "mrc")
+    done = [r for r in pq.read_table(smoke_run / "tables/mrc.parquet").to_pylist()
+            if r["status"] == "done"]  # fmt: skip
+    assert len(mrc) == len(done)
+    assert mrc and max(mrc) < ended("mrc")
+    trials = pq.read_table(smoke_run / "tables/finetune.parquet").to_pylist()
+    for t in trials:
+        run = by_name[f"t-ft-{t['trial']}"]
+        epochs = [h["epoch"] for h in run.history if "train/loss" in h]
+        assert epochs == list(range(1, t["epochs"] + 1)), t["trial"]
+        assert max(row_times(f"t-ft-{t['trial']}", "train/loss")) < ended("finetune")
+        assert run.summary["asha/status"] == t["status"]
+    points = row_times("t-interpolate", "val/clean_acc")
+    assert points and max(points) < ended("interpolate")
 
 
 def test_changed_config_recomputes_only_later_stages() -> None:

@@ -252,6 +252,52 @@ def test_api_key_is_never_printed_or_written(
                     assert KEY.encode() not in path.read_bytes(), path
 
 
+ROUTE_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from test_tracking import HISTORY, tracker
+t = tracker(Path(sys.argv[1]))
+print("mode", t.mode)
+t.log_adv_train(HISTORY)
+t.finish()
+"""
+
+
+@pytest.mark.parametrize("route", ["netrc", "settings file"])
+def test_key_from_netrc_or_settings_file_is_found_nowhere(
+    route: str, tmp_path: Path, wandb_dir: Path
+) -> None:
+    """``wandb login`` (netrc) and wandb's settings file: the key counts (online is tried,
+    here against a port where nothing listens), and it is in no output and no file written."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT="3",
+               WANDB_CONFIG_DIR=str(home / "wandb-config"), WANDB_CACHE_DIR=str(wandb_dir),
+               WANDB_DATA_DIR=str(wandb_dir))  # fmt: skip
+    if route == "netrc":
+        write_netrc(home / ".netrc", "127.0.0.1:9")  # `wandb login --host http://127.0.0.1:9`
+    else:
+        (home / "wandb-config").mkdir()
+        (home / "wandb-config/settings").write_text(f"[default]\napi_key = {KEY}\n")
+    tests = str(Path(__file__).parent)
+    proc = subprocess.run([sys.executable, "-c", ROUTE_SCRIPT, str(tmp_path), tests], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "mode online" in out, out
+    assert "cannot reach W&B" in out and KEY not in out and "Traceback" not in out
+    assert runs_by_name(tmp_path / "tiny")["tiny-adv_train"].values("train/loss") == [2.0, 1.0]
+    for dirpath, _, files in os.walk(tmp_path / "tiny"):
+        for f in files:
+            path = Path(dirpath, f)
+            if not path.is_symlink():
+                assert KEY.encode() not in path.read_bytes(), path
+
+
 def test_unreachable_server_falls_back_to_offline_once(
     tmp_path: Path,
     wandb_dir: Path,
@@ -278,7 +324,7 @@ def test_netrc_only_against_an_unreachable_server_warns_once(
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("NETRC", str(write_netrc(tmp_path / "netrc", "127.0.0.1")))
+    monkeypatch.setenv("NETRC", str(write_netrc(tmp_path / "netrc", "127.0.0.1:9")))
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
     t = tracker(tmp_path)
     t.init_timeout = 3

@@ -123,6 +123,8 @@ def _read_offline_run(run_dir: str) -> OfflineRun:
             row: dict[str, Any] = {}
             for item in rec.history.item:
                 _put(row, item)
+            if "_step" not in row and rec.history.HasField("step"):
+                row["_step"] = rec.history.step.num
             out.history.append(row)
         elif kind == "summary":
             for item in rec.summary.update:

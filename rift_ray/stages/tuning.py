@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 import sys
 from typing import Any
 
 from ray import tune
 
+from rift_ray.console import ray_console
 from rift_ray.progress import TrialBoard
 from rift_ray.store import Store
 
@@ -147,12 +149,21 @@ def run_tune(
                 checkpoint_config=checkpoint_config,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 callbacks=callbacks,
-                verbose=0,  # the stage's own board (LiveTrials) shows the trials
+                verbose=1 if ray_console() else 0,  # else the stage's board (LiveTrials) shows them
             ),
         )
+    quiet = not ray_console()  # Tune's new output engine prints its boxes even at verbose=0
+    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    if quiet:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
         return tuner.fit()
     finally:
+        if quiet:
+            if saved is None:
+                os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+            else:
+                os.environ["RAY_AIR_NEW_OUTPUT"] = saved
         for cb in callbacks or []:
             if isinstance(cb, LiveTrials):
                 cb.close()
