@@ -60,8 +60,8 @@ class RayOutput:
 
     @property
     def shown_path(self) -> str:
-        """Where the user finds the log: the storage path (uploaded at the end)."""
-        return self.store.path(RAY_LOG)
+        """Where the user finds the log: in the sweep's storage (uploaded at the end)."""
+        return f"{self.store.uri}/{RAY_LOG}"
 
     def __enter__(self) -> RayOutput:
         try:

@@ -748,7 +748,7 @@ class Tracker:
                 if len(parents) == 1
                 else " ".join(dict.fromkeys(runs))
             )
-            where = "" if self.store.is_local else f" (stored in {self.store.path(WANDB_DIR)})"
+            where = "" if self.store.is_local else f" (stored in {self.store.uri}/{WANDB_DIR})"
             print(
                 f"[rift-ray] W&B runs were logged offline{where}; to upload them: wandb sync {what}",
                 file=sys.stderr,

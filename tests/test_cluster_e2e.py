@@ -313,6 +313,7 @@ def test_ray_job_on_s3_followed_from_a_laptop(
         out = cluster.submit(
             "--working-dir", str(ROOT), "--", "rift-ray", "sweep", "sweeps/smoke.yaml", *TINY,
             *start, "--storage", uri, "--name", "job",
+            "--set", "wandb.enabled=true", "--set", "wandb.mode=offline",
         )  # fmt: skip
         followed, _ = follow.communicate(timeout=120)
     finally:
@@ -324,6 +325,19 @@ def test_ray_job_on_s3_followed_from_a_laptop(
     for stage in ("adv_train", "mrc", "finetune", "interpolate"):
         assert f"{stage} done" in " ".join(followed.split()), followed
     assert "AT vs RiFT" in followed
+    # the offline W&B runs, their ids and Ray's log were uploaded to the sweep on S3
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+    keys = [
+        o["Key"] for o in client.list_objects_v2(Bucket="sweeps", Prefix="rift/job/")["Contents"]
+    ]
+    assert "rift/job/wandb/runs.json" in keys and "rift/job/logs/ray.log" in keys
+    runs = {k.split("/")[3] for k in keys if k.startswith("rift/job/wandb/offline-run-")}
+    assert len(runs) >= 4, keys  # adv_train, mrc, a trial, interpolate, summary
+    assert any(k.endswith(".wandb") for k in keys if "offline-run-" in k)
+    assert "W&B runs were logged offline (stored in s3://sweeps/rift/job/wandb)" in out
     # a re-run (on the head, no address) reuses every stage from S3
     proc = cluster.rift("sweep", SMOKE, *TINY, *start, "--storage", uri, "--name", "job")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -461,7 +461,7 @@ def test_seeds_rerun_reuses_everything(
     assert cap.err.count("done earlier") == 1 + 2 * 3 + 1, cap.err
     assert "± " in cap.out and "(n=2)" in cap.out
     changed = [str(p.relative_to(seeds_run)) for p in before if before[p] != p.stat().st_mtime_ns]
-    assert set(changed) <= {"config.yaml", "manifest.json"}, changed
+    assert set(changed) <= {"config.yaml", "manifest.json", "logs/ray.log"}, changed
     # adding a seed: the plan reuses seeds 0 and 1 and runs only seed 2
     more = [*seeds_args, "--set", "seeds=[0,1,2]"]
     assert (
