@@ -190,7 +190,9 @@ class TrialBoard:
             + (f", {failed} failed" if failed else "")
             + f", {duration(time.monotonic() - self._t0)}"
         )
-        table = Table(title=title, title_justify="left", box=None, pad_edge=False)
+        from rich.text import Text
+
+        table = Table(title=Text(title), title_justify="left", box=None, pad_edge=False)
         for col in ("trial", "status", "iter", self.metric):
             table.add_column(col, justify="left" if col in ("trial", "status") else "right")
         running = [(n, t) for n, t in self.trials.items() if t["status"] == "running"]

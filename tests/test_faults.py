@@ -455,7 +455,11 @@ def test_killed_and_resumed_sweep_keeps_one_wandb_run_per_id(chain: dict[str, An
     steps of a run's directories (one per driver that opened it) never repeat."""
     from wandb_offline import offline_run_dirs, read_offline_run
 
-    runs = [read_offline_run(d, wait=30) for d in offline_run_dirs(str(chain["sweep"] / "wandb"))]
+    # every driver has exited: what its run files hold is all there is (a SIGKILLed driver's
+    # last records may be missing, a run it had just opened may hold no run record at all)
+    dirs = offline_run_dirs(str(chain["sweep"] / "wandb"))
+    runs = [r for r in (read_offline_run(d) for d in dirs) if r.info]
+    assert len(runs) >= len(dirs) - 2
     ids: dict[str, set[str]] = {}
     names: dict[str, set[str]] = {}
     steps: dict[str, list[int]] = {}
