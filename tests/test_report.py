@@ -324,3 +324,15 @@ def test_progress_lines_when_not_a_terminal() -> None:
     assert lines[0].startswith("[rift-ray] interpolate: 1/40 alpha points (2%)")
     assert lines[-1].startswith("[rift-ray] interpolate: 40/40 alpha points (100%)")
     assert len(lines) == 11  # the first item, then every 10 %
+
+
+def test_online_wandb_runs_are_linked_from_the_report(tmp_path: Path) -> None:
+    store = make_sweep(tmp_path)
+    summary = store.get_json("summary.json")
+    summary["wandb"] = {
+        "group": "s",
+        "runs": {"s-summary": "https://wandb.ai/team/rift-ray/runs/abc"},
+    }
+    store.put_json("summary.json", summary)
+    text = render_html(SweepResults.load(store))
+    assert "<a href='https://wandb.ai/team/rift-ray/runs/abc'>s-summary</a>" in text
