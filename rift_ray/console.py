@@ -27,7 +27,6 @@ import tempfile
 import time
 from typing import IO, Any
 
-from rift_ray.hashing import stable_hash
 from rift_ray.store import RAY_LOG, Store
 
 _shown = True
@@ -47,9 +46,7 @@ class RayOutput:
         self.path = (
             store.path(RAY_LOG)
             if store.is_local
-            else os.path.join(
-                tempfile.gettempdir(), "rift-ray-logs", stable_hash(store.uri), "ray.log"
-            )
+            else os.path.join(tempfile.mkdtemp(prefix="rift-ray-logs-"), "ray.log")
         )
         self.file: IO[str] | None = None
         self._saved_handlers: list[Any] | None = None
@@ -71,6 +68,9 @@ class RayOutput:
                 d = os.path.dirname(d)
             self._new_file = not os.path.exists(self.path)
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            if not self.store.is_local and self.store.exists(RAY_LOG):  # earlier runs' output
+                with open(self.path, "wb") as f:
+                    f.write(self.store.read_bytes(RAY_LOG))
             self.file = open(self.path, "a", buffering=1, encoding="utf-8", errors="replace")
         except OSError as e:  # no log file: Ray's output stays on the console
             print(f"[rift-ray] warning: cannot write {self.path} ({e}); Ray's output stays on "

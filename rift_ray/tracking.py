@@ -155,11 +155,7 @@ class Tracker:
         if os.environ.get("WANDB_INIT_TIMEOUT"):  # wandb's own setting, honoured here too
             self.init_timeout = float(os.environ["WANDB_INIT_TIMEOUT"])
         # runs live with the sweep: <sweep>/wandb/ (object storage: a local copy, uploaded)
-        self.dir = (
-            store.path("")
-            if store.is_local
-            else os.path.join(tempfile.gettempdir(), "rift-ray-wandb", stable_hash(store.uri))
-        )
+        self.dir = store.path("") if store.is_local else tempfile.mkdtemp(prefix="rift-ray-wandb-")
         self.offline_runs: list[str] = []
         self.runs: list[dict[str, Any]] = []
         self._warned: set[str] = set()
@@ -286,10 +282,9 @@ class Tracker:
                 self._root().mode = self.mode = "offline"
                 for child in self._root()._children:
                     child.mode = "offline"
-                if any(t._live for t in (self._root(), *self._root()._children)):
-                    kwargs["id"] = stable_hash([run_id, "offline"], 16)  # the failed one's is taken
-                else:
-                    wandb.teardown()  # the service still holds the failed run's id
+                # wandb's service still holds the failed run's id: the offline run gets its own
+                # (recorded in runs.json, so a resumed sweep opens that one)
+                kwargs["id"] = stable_hash([run_id, "offline"], 16)
         return wandb.init(mode="offline", settings=settings(), **kwargs)
 
     def open(
@@ -723,12 +718,16 @@ class Tracker:
             for dirpath, _, files in os.walk(local):
                 for f in files:
                     path = os.path.join(dirpath, f)
-                    st = os.stat(path)
-                    if root._uploaded.get(path) == (st.st_size, st.st_mtime):
+                    try:  # wandb may remove a temporary file while we walk
+                        st = os.stat(path)
+                        if root._uploaded.get(path) == (st.st_size, st.st_mtime):
+                            continue
+                        with open(path, "rb") as fh:
+                            data = fh.read()
+                    except OSError:
                         continue
                     rel = os.path.relpath(path, self.dir).replace(os.sep, "/")
-                    with open(path, "rb") as fh:
-                        root.store.write_file(rel, fh.read())
+                    root.store.write_file(rel, data)
                     root._uploaded[path] = (st.st_size, st.st_mtime)
         except Exception as e:  # noqa: BLE001 - the local copy stays; the hint names it
             self._warn("upload", f"uploading the offline runs failed ({type(e).__name__})")
