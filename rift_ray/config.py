@@ -512,8 +512,10 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{p}: invalid YAML: {_first_line(e)}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not a text file") from None
-    if raw is None:
-        raw = {}
+    if raw is None:  # an empty file (or comments only) is almost always a mistake
+        raise ConfigError(
+            f"{p}: the sweep file is empty; write at least a name (see sweeps/smoke.yaml)"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}"

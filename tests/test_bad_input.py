@@ -90,6 +90,8 @@ CASES: list[Case] = [
     # the file itself
     ("invalid-yaml", lambda t: _yaml(t, "name: x\ndata: [unclosed\n"), [], "{sweep}: invalid YAML"),
     ("not-a-mapping", lambda t: _yaml(t, "- a\n- b\n"), [], "{sweep}: the top level"),
+    ("empty-file", lambda t: _yaml(t, ""), [], "{sweep}: the sweep file is empty"),
+    ("comments-only", lambda t: _yaml(t, "# name: x\n"), [], "{sweep}: the sweep file is empty"),
     ("no-such-file", lambda t: str(t / "nope.yaml"), [], "{sweep}: sweep file not found"),
     ("binary-file", lambda t: _file(t, b"\xff\xfe\x00garbage", "s.yaml"), [], "{sweep}: not a text file"),
     # unknown keys and sections
