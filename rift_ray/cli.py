@@ -63,6 +63,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             shape = cl.local_shape(cfg)
         print_plan(cfg, shape)
         return 0
+    if args.restart == "all" and not args.yes and not _confirm_restart():
+        return _fail(
+            "--restart alone recomputes every stage, adversarial training included (what it "
+            "replaces moves to <sweep>/history/): add --yes, or name the first stage to redo "
+            "(--restart mrc keeps the adversarially trained model)"
+        )
     try:
         summary = run_sweep(
             cfg, address=args.address, restart=args.restart, until=args.until,
@@ -80,6 +86,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     print_summary(summary)
     return 0
+
+
+def _confirm_restart() -> bool:
+    """Ask on a terminal before every stage is recomputed; never without one."""
+    if not sys.stdin.isatty():
+        return False
+    answer = input(
+        "rift-ray: --restart recomputes every stage, adversarial training included; what it "
+        "replaces moves to <sweep>/history/. Go on? [y/N] "
+    )
+    return answer.strip().lower() in ("y", "yes")
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -313,14 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
     )
+    from rift_ray.store import STAGES
+
     s.add_argument(
-        "--restart", action="store_true", help="recompute everything instead of resuming"
+        "--restart",
+        nargs="?",
+        const="all",
+        choices=[*STAGES, "all"],
+        metavar="STAGE",
+        help="recompute STAGE and the stages after it (alone: every stage, which asks first "
+        "or needs --yes); what they replace moves to <sweep>/history/",
     )
+    s.add_argument("--yes", action="store_true", help="confirm --restart of every stage")
     s.add_argument(
         "--dry-run", action="store_true", help="print the plan and a compute estimate only"
     )
-    from rift_ray.store import STAGES
-
     s.add_argument(
         "--until",
         choices=STAGES,

@@ -13,6 +13,7 @@ With ``seeds`` the RiFT stages (2-4) run once per seed and the summary aggregate
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -49,7 +50,7 @@ def run_sweep(
     cfg: SweepConfig,
     *,
     address: str | None = None,
-    restart: bool = False,
+    restart: str | None = None,
     until: str | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
@@ -58,6 +59,8 @@ def run_sweep(
     ``until``: stop once this stage (one of ``store.STAGES``) is done; the summary is then
     ``{"stopped_after": stage, "storage": ...}`` and a later run without it goes on.
     ``verbose``: Ray's own output on the console too (it always goes to ``logs/ray.log``).
+    ``restart``: a stage (recompute it and those after it) or ``"all"``; what is replaced
+    moves to ``history/`` (:func:`restart_stages`).
 
     A task or worker that Ray gave a GPU torch cannot use stops the sweep with that one line
     (SweepError); the stage it was in is recorded as failed, finished stages are kept."""
@@ -76,7 +79,7 @@ def run_sweep(
 
 
 def _run_sweep(
-    cfg: SweepConfig, *, address: str | None, restart: bool, until: str | None, verbose: bool
+    cfg: SweepConfig, *, address: str | None, restart: str | None, until: str | None, verbose: bool
 ) -> dict[str, Any]:
     import ray
 
@@ -87,18 +90,23 @@ def _run_sweep(
 
     if until is not None and until not in layout.STAGES:
         raise SweepError(f"until: must be one of {', '.join(layout.STAGES)} (got {until!r})")
+    if restart is not None and restart != "all" and restart not in layout.STAGES:
+        raise SweepError(
+            f"restart: must be one of {', '.join(layout.STAGES)} or all (got {restart!r})"
+        )
     prep = preflight(cfg)
     store, hashes = prep.store, stage_hashes(cfg)
     at_needed = not cfg.adv_train.checkpoint and not store.stage_done(
         "adv_train", hashes["adv_train"]
     )
     with RayOutput(store, verbose=verbose) as out:
-        init_ray(cfg, address, n_modules=len(prep.modules), adv_train=at_needed or restart)
+        init_ray(
+            cfg, address, n_modules=len(prep.modules),
+            adv_train=at_needed or restart in ("all", "adv_train"),
+        )  # fmt: skip
         out.attach_workers()
         if restart:
-            log(f"--restart: removing earlier results under {store.uri}")
-            for rel in (*layout.SWEEP_DIRS, layout.SEEDS_DIR, layout.MANIFEST, layout.SUMMARY):
-                store.delete(rel)
+            restart_stages(store, restart)
         store.put_text(layout.CONFIG, to_yaml(cfg))
         ctx = SweepContext(
             cfg=cfg,
@@ -131,6 +139,25 @@ def _run_sweep(
     if not summary.get("reused"):
         log(f"report: rift-ray report {store.uri}")
     return summary
+
+
+def restart_stages(store: Store, restart: str) -> list[str]:
+    """Move the outputs of ``restart`` (a stage, or ``all``) and of every later stage to
+    ``history/<stage>-<hash>/`` (per seed too), and forget their W&B runs' steps, so those
+    stages are computed again; return the history entries made."""
+    if restart != "all" and restart not in layout.STAGES:
+        raise SweepError(f"--restart: must be one of {', '.join(layout.STAGES)} or all")
+    stages = layout.STAGES[layout.STAGES.index("adv_train" if restart == "all" else restart) :]
+    stores = [store, *(store.for_seed(s) for s in store.seed_dirs())]
+    moved = [d for st in stores for stage in stages if (d := st.archive_stage(stage))]
+    reg = store.read_json_file(layout.WANDB_RUNS)
+    if isinstance(reg, dict) and isinstance(reg.get("runs"), dict):
+        reg["runs"] = {k: v for k, v in reg["runs"].items() if v.get("stage") not in stages}
+        store.write_file(layout.WANDB_RUNS, json.dumps(reg, indent=1, sort_keys=True).encode())
+    where = ", ".join(moved) if moved else "nothing was computed yet"
+    log(f"--restart {restart}: recomputing {', '.join(stages)}; earlier results kept in "
+        f"{store.uri}/{layout.HISTORY_DIR}/ ({where})")  # fmt: skip
+    return moved
 
 
 def run_rift_stages(ctx: SweepContext, st: SweepState, until: str | None = None) -> dict[str, Any]:

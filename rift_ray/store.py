@@ -87,6 +87,25 @@ class StorageError(RuntimeError):
     """Storage that cannot be used (unwritable, unreachable, malformed URI)."""
 
 
+HISTORY_DIR = "history"
+"""What ``--restart`` replaced: ``history/<stage>-<hash>/`` holds that stage's outputs as they
+were, under their usual relative paths."""
+
+STAGE_OUTPUTS = {
+    "adv_train": [AT_CHECKPOINT],
+    "mrc": [MRC_TABLE, ADV_SET, MRC_BASE],
+    "finetune": [FINETUNE_TABLE, FINETUNE_EPOCHS_TABLE, JOINT_MRC_TABLE, "checkpoints/finetune"],
+    "interpolate": [
+        INTERPOLATION_TABLE,
+        RIFT_CHECKPOINT,
+        SUMMARY,
+        SUMMARY_TABLE,
+        STRATEGIES_TABLE,
+        SEEDS_TABLE,
+    ],
+}
+"""Everything each stage writes (besides its record and its Ray experiments)."""
+
 RAY_EXPERIMENTS = {"adv_train": "at", "mrc": "mrc", "finetune": "finetune"}
 """The stages that run under Ray Train / Tune, and the prefix of their run directory."""
 
@@ -320,6 +339,54 @@ class Store:
 
     def put_text(self, rel: str, text: str) -> None:
         self.put(rel, text.encode())
+
+    # -- history: what a restart replaces ----------------------------------------
+    def archive_stage(self, stage: str) -> str | None:
+        """Move ``stage``'s outputs, record and Ray experiments to
+        ``history/<stage>-<hash>/`` (relative paths kept) and drop them from the manifest;
+        return that directory, None when the stage left nothing."""
+        rec = self.read_stage(stage)
+        h = (rec or {}).get("hash") or "unknown"
+        dest, n = f"{HISTORY_DIR}/{stage}-{h}", 1
+        while self.exists(dest):  # the same stage restarted again at the same hash
+            n += 1
+            dest = f"{HISTORY_DIR}/{stage}-{h}-{n}"
+        rels = [*STAGE_OUTPUTS[stage], stage_record(stage)]
+        if stage in RAY_EXPERIMENTS and rec and rec.get("hash"):
+            rels += [f"{RAY_DIR}/{n}" for n in self.experiments(stage, rec["hash"])]
+        moved = [rel for rel in rels if self._move(rel, f"{dest}/{rel}")]
+        if not moved:
+            return None
+        manifest = self.manifest()
+        kept = {k: v for k, v in manifest.items() if not any(
+            k == rel or k.startswith(rel + "/") for rel in moved)}  # fmt: skip
+        if kept != manifest:
+            self._write(MANIFEST, json.dumps(kept, indent=1, sort_keys=True).encode())
+        return dest
+
+    def _move(self, src: str, dst: str) -> bool:
+        """Move the file or directory ``src`` to ``dst`` (object stores: copy, then delete)."""
+        info = self.fs.get_file_info(self.path(src))
+        if info.type == pafs.FileType.NotFound:
+            return False
+        if info.type == pafs.FileType.File:
+            files = [(self.path(src), self.path(dst))]
+        else:
+            sel = pafs.FileSelector(self.path(src), recursive=True)
+            files = [
+                (i.path, self.path(dst) + i.path[len(self.path(src)) :])
+                for i in self.fs.get_file_info(sel)
+                if i.type == pafs.FileType.File
+            ]
+        for a, b in files:
+            self.fs.create_dir(b.rsplit("/", 1)[0], recursive=True)
+            self.fs.copy_file(a, b)
+        self.delete(src)
+        return True
+
+    def history(self) -> list[str]:
+        """The entries of ``history/`` (``<stage>-<hash>``), oldest first by name order."""
+        return self.list(HISTORY_DIR)
 
     # -- bookkeeping outside the manifest (W&B run ids, logs) --------------------
     def write_file(self, rel: str, data: bytes) -> None:

@@ -311,6 +311,32 @@ def test_rerun_reuses_every_stage(smoke_run: Path, capsys: pytest.CaptureFixture
     assert sorted(map(str, new)) == sorted(map(str, before))
 
 
+def test_restart_interpolate_keeps_the_rest_and_the_old_result(
+    smoke_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--restart interpolate`` on a copy: stages 1-3 reused, stage 4 computed again, the
+    replaced stage-4 outputs kept under history/."""
+    shutil.copytree(smoke_run, tmp_path / "t", ignore=shutil.ignore_patterns("ray", "wandb"))
+    t = tmp_path / "t"
+    at, before = (t / "checkpoints/at.pt").read_bytes(), (t / "summary.json").read_text()
+    h4 = json.loads((t / "stages/interpolate.json").read_text())["hash"]
+    code = main(["sweep", SMOKE, "--storage", str(tmp_path), "--name", "t", *FAST, *EVAL,
+                 *STRATEGIES, "--restart", "interpolate"])  # fmt: skip
+    assert code == 0
+    err = capsys.readouterr().err
+    for n, stage in enumerate(("adv_train", "mrc", "finetune"), 1):
+        assert f"stage {n}/4 {stage}: done earlier" in err, err
+    assert "stage 4/4 interpolate: done earlier" not in err
+    assert (
+        f"--restart interpolate: recomputing interpolate; earlier results kept in {t}/history/"
+        in err
+    )
+    assert (t / "checkpoints/at.pt").read_bytes() == at
+    assert (t / f"history/interpolate-{h4}/summary.json").read_text() == before
+    old, new = json.loads(before), json.loads((t / "summary.json").read_text())
+    assert (new["trial"], new["alpha"], new["rift"]) == (old["trial"], old["alpha"], old["rift"])
+
+
 def test_wandb_runs_logged_while_each_stage_ran(smoke_run: Path) -> None:
     """Offline runs under <sweep>/wandb/: every epoch, module and alpha point was logged
     before its stage ended (W&B is not dark until a stage is over)."""

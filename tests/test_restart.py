@@ -1,0 +1,83 @@
+"""``--restart [STAGE]`` keeps what it replaces: outputs move to ``history/<stage>-<hash>/``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_report import make_sweep
+
+from rift_ray import store as layout
+from rift_ray.cli import main
+from rift_ray.pipeline import restart_stages
+from rift_ray.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def finished_sweep(tmp_path: Path) -> Store:
+    """A finished sweep (tests/test_report.py) with an AT checkpoint, Ray experiment
+    directories, a fine-tuning checkpoint and W&B run ids."""
+    store = make_sweep(tmp_path)
+    store.put(layout.AT_CHECKPOINT, b"days of GPU work", stage_hash="h1")
+    store.put(layout.finetune_checkpoint("conv1_lr0.01"), b"delta", stage_hash="h3")
+    for name in ("at-h1", "mrc-h2", "finetune-h3", "finetune-h3-greedy"):
+        store.write_file(f"ray/{name}/experiment_state.json", b"{}")
+    runs = {f"{n}@h": {"id": n, "stage": st, "step": 3} for n, st in (
+        ("adv_train", "adv_train"), ("mrc", "mrc"), ("ft-conv1_lr0.01", "finetune"),
+        ("interpolate", "interpolate"))}  # fmt: skip
+    store.write_file(layout.WANDB_RUNS, json.dumps({"token": "t", "runs": runs}).encode())
+    return store
+
+
+def test_restart_mrc_keeps_at_and_moves_the_rest_to_history(tmp_path: Path) -> None:
+    store = finished_sweep(tmp_path)
+    at = Path(store.path(layout.AT_CHECKPOINT)).read_bytes()
+    moved = restart_stages(store, "mrc")
+    assert moved == ["history/mrc-h2", "history/finetune-h3", "history/interpolate-h4"]
+    # stage 1 is untouched and still done; the others are gone from their places ...
+    assert Path(store.path(layout.AT_CHECKPOINT)).read_bytes() == at
+    assert store.stage_done("adv_train", "h1") and store.exists("ray/at-h1")
+    for rel in (layout.MRC_TABLE, layout.FINETUNE_TABLE, layout.SUMMARY, "ray/mrc-h2",
+                "ray/finetune-h3-greedy", layout.stage_record("mrc")):  # fmt: skip
+        assert not store.exists(rel), rel
+    assert not store.stage_done("mrc", "h2")
+    assert not any(k.startswith(("tables/mrc", "summary")) for k in store.manifest())
+    # ... and whole, byte for byte, under history/
+    h = Path(store.path("history"))
+    assert json.loads((h / "mrc-h2/stages/mrc.json").read_text())["hash"] == "h2"
+    assert (h / "finetune-h3/checkpoints/finetune/conv1_lr0.01.pt").read_bytes() == b"delta"
+    assert (h / "finetune-h3/ray/finetune-h3-greedy/experiment_state.json").is_file()
+    assert (h / "interpolate-h4/summary.json").is_file()
+    assert store.history() == ["finetune-h3", "interpolate-h4", "mrc-h2"]
+    # the W&B runs of the restarted stages start afresh; stage 1's keeps its steps
+    runs = json.loads(Path(store.path(layout.WANDB_RUNS)).read_text())["runs"]
+    assert {v["stage"] for v in runs.values()} == {"adv_train"}
+
+
+def test_restart_again_keeps_both_histories(tmp_path: Path) -> None:
+    store = finished_sweep(tmp_path)
+    restart_stages(store, "interpolate")
+    store.put_json(layout.SUMMARY, {"second": True}, stage_hash="h4")
+    store.write_stage("interpolate", status="done", hash="h4", seconds=1.0)
+    assert restart_stages(store, "interpolate") == ["history/interpolate-h4-2"]
+    assert json.loads(Path(store.path("history/interpolate-h4-2/summary.json")).read_text()) == {
+        "second": True
+    }
+    assert Path(store.path("history/interpolate-h4/summary.json")).is_file()
+
+
+def test_restart_of_everything_needs_a_yes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a terminal to ask on and without --yes: exit 2, one line, nothing moved."""
+    store = finished_sweep(tmp_path / "s")
+    argv = ["sweep", str(ROOT / "sweeps/smoke.yaml"), "--storage", str(tmp_path / "s"),
+            "--name", store.root.rsplit("/", 1)[1], "--restart"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rift-ray: error: --restart alone recomputes")
+    assert store.exists(layout.AT_CHECKPOINT) and not store.exists("history")
+    with pytest.raises(SystemExit):  # argparse: not a stage
+        main([*argv[:-1], "--restart", "mcr"])
