@@ -24,6 +24,7 @@ from rift_ray.config import SweepConfig, to_yaml
 from rift_ray.console import RayOutput
 from rift_ray.errors import SweepError, one_line
 from rift_ray.hashing import config_hash, seeds_hash, stage_hashes
+from rift_ray.lease import SweepLease
 from rift_ray.progress import log
 from rift_ray.store import Store
 
@@ -99,7 +100,7 @@ def _run_sweep(
     at_needed = not cfg.adv_train.checkpoint and not store.stage_done(
         "adv_train", hashes["adv_train"]
     )
-    with RayOutput(store, verbose=verbose) as out:
+    with SweepLease(store), RayOutput(store, verbose=verbose) as out:
         init_ray(
             cfg, address, n_modules=len(prep.modules),
             adv_train=at_needed or restart in ("all", "adv_train"),

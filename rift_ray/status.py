@@ -147,6 +147,14 @@ def sweep_status(store: Store) -> dict[str, Any]:
             }
         )
     out: dict[str, Any] = {"name": res.name, "location": store.uri, "stages": stages}
+    from rift_ray.lease import describe, read_lease
+
+    lease = read_lease(store)
+    if lease is not None:  # the driver running the sweep now (or one that died: see heartbeat)
+        out["driver"] = {k: v for k, v in lease.items() if k != "token"} | {
+            "describe": describe(lease, now)
+        }
+    out["history"] = store.history()
     out["wandb"] = [run for _, _, rec in stage_records(res) for run in rec.get("wandb") or []]
     if res.summary:
         out["summary"] = res.summary
@@ -156,6 +164,8 @@ def sweep_status(store: Store) -> dict[str, Any]:
 def status_lines(status: dict[str, Any]) -> list[str]:
     """The status as plain aligned lines (one per stage)."""
     lines = [f"sweep {status['name']} at {status['location']}"]
+    if status.get("driver"):
+        lines.append(f"  run by {status['driver']['describe']}")
     width = max([12] + [len(f"s{r['seed']} {r['stage']}") for r in status["stages"] if "seed" in r])
     for r in status["stages"]:
         if r["status"] == "running":
@@ -177,6 +187,8 @@ def status_lines(status: dict[str, Any]) -> list[str]:
         lines.append(f"  W&B: {len(urls)} run(s), e.g. {urls[0]}")
     if dirs:
         lines.append(f"  W&B: {len(dirs)} offline run(s); upload with: wandb sync {' '.join(dirs)}")
+    if status.get("history"):
+        lines.append(f"  history (what --restart replaced): {', '.join(status['history'])}")
     if any(r["status"] == "running" for r in status["stages"]):
         lines.append(
             "  (a stage shown running may also have been interrupted: re-run the sweep to resume)"

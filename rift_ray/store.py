@@ -87,6 +87,8 @@ class StorageError(RuntimeError):
     """Storage that cannot be used (unwritable, unreachable, malformed URI)."""
 
 
+LEASE = "lease.json"
+"""The running driver's lease (:mod:`rift_ray.lease`): host, pid, start, heartbeat, token."""
 HISTORY_DIR = "history"
 """What ``--restart`` replaced: ``history/<stage>-<hash>/`` holds that stage's outputs as they
 were, under their usual relative paths."""

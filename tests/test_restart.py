@@ -81,3 +81,90 @@ def test_restart_of_everything_needs_a_yes(
     assert store.exists(layout.AT_CHECKPOINT) and not store.exists("history")
     with pytest.raises(SystemExit):  # argparse: not a stage
         main([*argv[:-1], "--restart", "mcr"])
+
+
+# -- one driver per sweep ----------------------------------------------------------------------
+
+
+def test_a_second_driver_is_refused_and_a_stale_lease_taken_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    from rift_ray.lease import LeaseHeld, SweepLease, read_lease
+    from rift_ray.status import status_lines, sweep_status
+
+    store = finished_sweep(tmp_path)
+    with SweepLease(store) as first:
+        assert read_lease(store)["token"] == first.token
+        lines = status_lines(sweep_status(store))
+        assert lines[1].startswith("  run by ") and f"pid {first.lease['pid']}" in lines[1]
+        with pytest.raises(LeaseHeld, match=r"is being run by another driver: .* pid \d+"):
+            with SweepLease(store):
+                pass
+        assert read_lease(store)["token"] == first.token  # the refused one changed nothing
+        # the first driver dies without releasing: its heartbeat stops
+        stale = read_lease(store) | {"heartbeat": time.time() - 3600}
+        store.write_file(layout.LEASE, json.dumps(stale).encode())
+        first._stop.set()
+        with SweepLease(store) as second:
+            assert read_lease(store)["token"] == second.token
+        assert (
+            "taking over the lease of a driver that stopped renewing it" in capsys.readouterr().err
+        )
+    assert read_lease(store) is None  # released: neither left it behind
+
+
+def test_the_lease_is_renewed(tmp_path: Path) -> None:
+    import time
+
+    from rift_ray.lease import SweepLease, read_lease
+
+    store = finished_sweep(tmp_path)
+    with SweepLease(store, timeout=0.4):
+        first = read_lease(store)["heartbeat"]
+        time.sleep(0.5)
+        assert read_lease(store)["heartbeat"] > first
+
+
+def test_two_drivers_started_together_one_runs(tmp_path: Path) -> None:
+    """Two ``rift-ray sweep`` processes on one sweep at once: exactly one gets past the lease;
+    the other exits 2 with one line naming the holder (refused before it starts Ray)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from rift_ray.lease import SweepLease, LeaseHeld\n"
+        "from rift_ray.store import Store\n"
+        "try:\n"
+        "    with SweepLease(Store.open(sys.argv[1], 'x')):\n"
+        "        print('ran', flush=True); time.sleep(2)\n"
+        "except LeaseHeld as e:\n"
+        "    print(f'rift-ray: error: {e}', file=sys.stderr); sys.exit(2)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=60) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outs
+    refused = next(err for (out, err), p in zip(outs, procs) if p.returncode == 2)
+    assert refused.strip().startswith("rift-ray: error: sweep ") and "pid " in refused
+    assert len(refused.strip().splitlines()) == 1
+
+
+def test_sweep_command_refused_while_another_driver_holds_the_lease(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    store = Store.open(str(tmp_path), "busy")
+    lease = {"host": "other-host", "pid": 4242, "started": time.time(), "heartbeat": time.time(),
+             "token": "someone-else"}  # fmt: skip
+    store.write_file(layout.LEASE, json.dumps(lease).encode())
+    argv = ["sweep", str(ROOT / "sweeps/smoke.yaml"), "--storage", str(tmp_path), "--name", "busy"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is being run by another driver: other-host pid 4242" in err[0]
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["lease.json"]  # untouched
