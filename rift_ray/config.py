@@ -370,6 +370,9 @@ class SweepConfig(_Section):
     shared_storage: bool = False
     """A local ``storage`` path that every node of a multi-node cluster mounts (NFS). Without
     it, a local path on a cluster of more than one node is refused: use s3:// or gs://."""
+    keep_history: bool = True
+    """Results that a changed config or ``--restart`` replaces move to ``history/``; false:
+    they are deleted (space back)."""
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     attack: AttackConfig = AttackConfig()

@@ -69,9 +69,44 @@ def config_hash(cfg: SweepConfig) -> str:
     """The identity of what a sweep computes: every field but its name, storage, W&B and
     resources (16 hex digits)."""
     d = without_new_defaults(cfg.to_dict(), config_hash=True)
-    for k in ("name", "storage", "shared_storage", "wandb", "resources"):
+    for k in ("name", "storage", "shared_storage", "keep_history", "wandb", "resources"):
         d.pop(k, None)
     return stable_hash(d, 16)
+
+
+STAGE_FIELDS = {
+    "adv_train": ("seed", "data", "model", "attack", "adv_train", "eval.val_subset",
+                  "eval.restarts", "compute"),
+    "mrc": ("mrc", "eval.batch_size", "compute", "seeds"),
+    "finetune": ("finetune", "interpolate.tolerance"),
+    "interpolate": ("interpolate", "eval"),
+}  # fmt: skip
+"""The config fields each stage's hash is made of (besides the stages before it)."""
+
+NOT_RESULTS = ("name", "storage", "shared_storage", "keep_history", "wandb", "resources")
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The dotted config fields that differ between two config dicts (those that decide no
+    result, such as ``resources`` and ``wandb``, left out)."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}."))
+        return out
+
+    a, b = flat(without_new_defaults(old)), flat(without_new_defaults(new))
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(NOT_RESULTS)]
+
+
+def stage_reasons(changed: list[str], stage: str) -> list[str]:
+    """Of the ``changed`` fields, those that enter ``stage``'s own hash."""
+    own = STAGE_FIELDS[stage]
+    return [f for f in changed if any(f == p or f.startswith(p + ".") for p in own)]
 
 
 def stage_hashes(cfg: SweepConfig, seed: int | None = None) -> dict[str, str]:

@@ -100,6 +100,7 @@ def _run_sweep(
     at_needed = not cfg.adv_train.checkpoint and not store.stage_done(
         "adv_train", hashes["adv_train"]
     )
+    announce_changes(cfg, store)
     with SweepLease(store), RayOutput(store, verbose=verbose) as out:
         init_ray(
             cfg, address, n_modules=len(prep.modules),
@@ -107,7 +108,7 @@ def _run_sweep(
         )  # fmt: skip
         out.attach_workers()
         if restart:
-            restart_stages(store, restart)
+            restart_stages(store, restart, keep=cfg.keep_history)
         store.put_text(layout.CONFIG, to_yaml(cfg))
         ctx = SweepContext(
             cfg=cfg,
@@ -142,7 +143,42 @@ def _run_sweep(
     return summary
 
 
-def restart_stages(store: Store, restart: str) -> list[str]:
+def announce_changes(cfg: SweepConfig, store: Store) -> list[str]:
+    """Before computing: each stored stage this config will recompute, and the config fields
+    whose change altered its hash (compared with the sweep's stored config.yaml); what
+    happens to the stored result. Returns the lines printed."""
+    import yaml
+
+    from rift_ray.hashing import changed_fields, stage_reasons
+
+    if not store.exists(layout.CONFIG):
+        return []
+    try:
+        old = yaml.safe_load(store.read_bytes(layout.CONFIG)) or {}
+    except (yaml.YAMLError, OSError):
+        return []
+    changed = changed_fields(old, cfg.to_dict())
+    runs: list[tuple[int | None, Store, dict[str, str]]] = [(None, store, stage_hashes(cfg))]
+    runs += [(s, store.for_seed(s), stage_hashes(cfg, s)) for s in cfg.seeds or []]
+    fate = "it moves to history/" if cfg.keep_history else "it is deleted (keep_history: false)"
+    lines = []
+    for seed, st, hs in runs:
+        for n, stage in enumerate(layout.STAGES, 1):
+            if (seed is None) != (stage == "adv_train" or cfg.seeds is None):
+                continue  # a seeds sweep: stage 1 at the top, stages 2-4 per seed
+            rec = st.read_stage(stage) or {}
+            if not rec.get("hash") or rec["hash"] == hs[stage] or rec.get("status") != "done":
+                continue
+            why = ", ".join(stage_reasons(changed, stage)) or "the stage before it"
+            of = "" if seed is None else f" (seed {seed})"
+            lines.append(f"stage {n}/4 {stage}{of}: config changed ({why}): the stored result "
+                         f"(hash {rec['hash']}) will be recomputed; {fate}")  # fmt: skip
+    for line in lines:
+        log(line)
+    return lines
+
+
+def restart_stages(store: Store, restart: str, *, keep: bool = True) -> list[str]:
     """Move the outputs of ``restart`` (a stage, or ``all``) and of every later stage to
     ``history/<stage>-<hash>/`` (per seed too), and forget their W&B runs' steps, so those
     stages are computed again; return the history entries made."""
@@ -150,7 +186,7 @@ def restart_stages(store: Store, restart: str) -> list[str]:
         raise SweepError(f"--restart: must be one of {', '.join(layout.STAGES)} or all")
     stages = layout.STAGES[layout.STAGES.index("adv_train" if restart == "all" else restart) :]
     stores = [store, *(store.for_seed(s) for s in store.seed_dirs())]
-    moved = [d for st in stores for stage in stages if (d := st.archive_stage(stage))]
+    moved = [d for st in stores for stage in stages if (d := st.archive_stage(stage, keep=keep))]
     reg = store.read_json_file(layout.WANDB_RUNS)
     if isinstance(reg, dict) and isinstance(reg.get("runs"), dict):
         reg["runs"] = {k: v for k, v in reg["runs"].items() if v.get("stage") not in stages}

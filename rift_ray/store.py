@@ -343,10 +343,11 @@ class Store:
         self.put(rel, text.encode())
 
     # -- history: what a restart replaces ----------------------------------------
-    def archive_stage(self, stage: str) -> str | None:
+    def archive_stage(self, stage: str, *, keep: bool = True) -> str | None:
         """Move ``stage``'s outputs, record and Ray experiments to
         ``history/<stage>-<hash>/`` (relative paths kept) and drop them from the manifest;
-        return that directory, None when the stage left nothing."""
+        return that directory, None when the stage left nothing. ``keep=False``: delete them
+        instead (``keep_history: false``)."""
         rec = self.read_stage(stage)
         h = (rec or {}).get("hash") or "unknown"
         dest, n = f"{HISTORY_DIR}/{stage}-{h}", 1
@@ -356,7 +357,13 @@ class Store:
         rels = [*STAGE_OUTPUTS[stage], stage_record(stage)]
         if stage in RAY_EXPERIMENTS and rec and rec.get("hash"):
             rels += [f"{RAY_DIR}/{n}" for n in self.experiments(stage, rec["hash"])]
-        moved = [rel for rel in rels if self._move(rel, f"{dest}/{rel}")]
+        if keep:
+            moved = [rel for rel in rels if self._move(rel, f"{dest}/{rel}")]
+        else:
+            moved = [rel for rel in rels if self.exists(rel)]
+            for rel in moved:
+                self.delete(rel)
+            dest = "deleted (keep_history: false)"
         if not moved:
             return None
         manifest = self.manifest()

@@ -168,3 +168,31 @@ def test_sweep_command_refused_while_another_driver_holds_the_lease(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is being run by another driver: other-host pid 4242" in err[0]
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["lease.json"]  # untouched
+
+
+# -- a changed config says what it recomputes, and keeps what it replaces -----------------------
+
+
+def test_a_changed_config_says_what_it_recomputes_and_why(tmp_path: Path) -> None:
+    from rift_ray.config import load_config, to_yaml
+    from rift_ray.hashing import stage_hashes
+    from rift_ray.pipeline import announce_changes
+
+    smoke = str(ROOT / "sweeps/smoke.yaml")
+    cfg = load_config(smoke)
+    store = Store.open(str(tmp_path), cfg.name)
+    store.put_text(layout.CONFIG, to_yaml(cfg))
+    for stage, h in stage_hashes(cfg).items():
+        store.write_stage(stage, status="done", hash=h)
+    assert announce_changes(cfg, store) == []  # the same config: nothing
+    assert announce_changes(load_config(smoke, ["resources.mrc.cpu=2", "wandb.enabled=false"]),
+                            store) == []  # fmt: skip
+    lines = announce_changes(load_config(smoke, ["interpolate.alphas=[0.0,1.0]"]), store)
+    assert len(lines) == 1 and lines[0].startswith("stage 4/4 interpolate: config changed "
+                                                   "(interpolate.alphas): the stored result")  # fmt: skip
+    lines = announce_changes(
+        load_config(smoke, ["finetune.lrs=[0.1]", "keep_history=false"]), store
+    )
+    assert [ln.split(":")[0] for ln in lines] == ["stage 3/4 finetune", "stage 4/4 interpolate"]
+    assert "(finetune.lrs)" in lines[0] and "(the stage before it)" in lines[1]
+    assert lines[0].endswith("it is deleted (keep_history: false)")

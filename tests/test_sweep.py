@@ -178,6 +178,8 @@ def test_default_strategy_result_is_unchanged(
     the primary strategy's trials compute the same numbers with or without the others."""
     shutil.copytree(smoke_run, tmp_path / "t", ignore=shutil.ignore_patterns("ray", "wandb"))
     alphas = yaml.safe_load((smoke_run / "config.yaml").read_text())["interpolate"]["alphas"]
+    old_ft = json.loads((smoke_run / "stages/finetune.json").read_text())["hash"]
+    old_table = (smoke_run / "tables/finetune.parquet").read_bytes()
     code = main(
         [
             "sweep",
@@ -195,6 +197,11 @@ def test_default_strategy_result_is_unchanged(
     err = capsys.readouterr().err
     assert "stage 1/4 adv_train: done earlier" in err and "stage 2/4 mrc: done earlier" in err
     assert "stage 3/4 finetune: done earlier" not in err
+    # the change was announced with the field that made it, and the old result kept
+    (line,) = [ln for ln in err.splitlines() if "stage 3/4 finetune: config changed (" in ln]
+    assert "finetune.strategies" in line and "moves to history/" in line, line
+    kept = tmp_path / "t" / f"history/finetune-{old_ft}/tables/finetune.parquet"
+    assert kept.read_bytes() == old_table
     full = json.loads((smoke_run / "summary.json").read_text())
     alone = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert [r["strategy"] for r in alone["strategies"]] == ["lowest"]

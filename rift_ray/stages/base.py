@@ -150,6 +150,13 @@ def run_stage(stage: Stage, ctx: SweepContext, st: SweepState) -> None:
         stage.say(f"done earlier, reusing {stage.reuses}")
         stage.load(ctx, st)
     else:
+        old = (store.read_stage(stage.name) or {}).get("hash")
+        if old and old != h:  # a changed config: the stored result is kept, not overwritten
+            where = store.archive_stage(stage.name, keep=ctx.cfg.keep_history)
+            if where:
+                stage.say(
+                    f"the result of hash {old} {'moved to ' + where if ctx.cfg.keep_history else 'was ' + where}"
+                )
         store.write_stage(stage.name, status="running", hash=h, started=time.time())
         try:
             record = stage.compute(ctx, st)
