@@ -5,7 +5,8 @@
 
 ``<sweep>/lease.json`` holds the holder's host, pid, start time, heartbeat and a random token.
 A lease whose heartbeat is older than ``timeout`` seconds (its driver died without releasing
-it) is taken over with a warning. On local disk a new lease is created with ``O_EXCL``, so two
+it), or whose holder ran on this machine and no longer exists (a killed driver, run again), is
+taken over with a warning. On local disk a new lease is created with ``O_EXCL``, so two
 drivers starting together cannot both create it; on object stores (no conditional writes in
 pyarrow's filesystems) the lease is written and read back after a short pause, and the driver
 whose token is not the one read back gives way: a best effort that closes the window to well
@@ -47,6 +48,20 @@ def describe(lease: dict[str, Any], now: float | None = None) -> str:
     return f"{lease.get('host')} pid {lease.get('pid')} since {since} (heartbeat {beat} s ago)"
 
 
+def _gone(lease: dict[str, Any]) -> bool:
+    """The holder ran on this machine and its process no longer exists (a killed driver whose
+    sweep is run again here: no need to wait out its heartbeat)."""
+    if lease.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(lease.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return int(lease.get("pid", 0)) <= 0
+
+
 class SweepLease:
     """The lease of one sweep (see the module docstring); a context manager."""
 
@@ -64,10 +79,12 @@ class SweepLease:
         held = read_lease(self.store)
         if held is not None and held["token"] != self.token:
             age = time.time() - float(held.get("heartbeat", 0))
-            if age < self.timeout:
+            gone = _gone(held)
+            if age < self.timeout and not gone:
                 raise LeaseHeld(self._busy(held))
-            print(f"[rift-ray] warning: taking over the lease of a driver that stopped "
-                  f"renewing it: {describe(held)}", file=sys.stderr, flush=True)  # fmt: skip
+            why = "is gone" if gone else "stopped renewing it"
+            print(f"[rift-ray] warning: taking over the lease of a driver that {why}: "
+                  f"{describe(held)}", file=sys.stderr, flush=True)  # fmt: skip
             self._write()
         else:
             self._create()

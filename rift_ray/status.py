@@ -164,8 +164,6 @@ def sweep_status(store: Store) -> dict[str, Any]:
 def status_lines(status: dict[str, Any]) -> list[str]:
     """The status as plain aligned lines (one per stage)."""
     lines = [f"sweep {status['name']} at {status['location']}"]
-    if status.get("driver"):
-        lines.append(f"  run by {status['driver']['describe']}")
     width = max([12] + [len(f"s{r['seed']} {r['stage']}") for r in status["stages"] if "seed" in r])
     for r in status["stages"]:
         if r["status"] == "running":
@@ -180,6 +178,8 @@ def status_lines(status: dict[str, Any]) -> list[str]:
             detail += f"{'; ' if detail else ''}{r['error']}"
         stage = r["stage"] if "seed" not in r else f"s{r['seed']} {r['stage']}"
         lines.append(f"  {stage:<{width}} {state:<8} {when:>12}  {detail}".rstrip())
+    if status.get("driver"):  # after the stage lines: `status --follow` reads those by position
+        lines.append(f"  run by {status['driver']['describe']}")
     runs = status.get("wandb") or []
     urls = [r["url"] for r in runs if r.get("url")]
     dirs = [r["dir"] for r in runs if r.get("dir")]

@@ -97,8 +97,8 @@ def test_a_second_driver_is_refused_and_a_stale_lease_taken_over(
     store = finished_sweep(tmp_path)
     with SweepLease(store) as first:
         assert read_lease(store)["token"] == first.token
-        lines = status_lines(sweep_status(store))
-        assert lines[1].startswith("  run by ") and f"pid {first.lease['pid']}" in lines[1]
+        (line,) = [ln for ln in status_lines(sweep_status(store)) if ln.startswith("  run by ")]
+        assert f"pid {first.lease['pid']}" in line
         with pytest.raises(LeaseHeld, match=r"is being run by another driver: .* pid \d+"):
             with SweepLease(store):
                 pass
@@ -113,6 +113,18 @@ def test_a_second_driver_is_refused_and_a_stale_lease_taken_over(
             "taking over the lease of a driver that stopped renewing it" in capsys.readouterr().err
         )
     assert read_lease(store) is None  # released: neither left it behind
+    # a driver of this machine that was killed: its lease is fresh, but its process is gone
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    fresh = {"host": first.lease["host"], "pid": int(dead.stdout), "started": time.time(),
+             "heartbeat": time.time(), "token": "killed"}  # fmt: skip
+    store.write_file(layout.LEASE, json.dumps(fresh).encode())
+    with SweepLease(store) as third:
+        assert read_lease(store)["token"] == third.token
+    assert "taking over the lease of a driver that is gone" in capsys.readouterr().err
 
 
 def test_the_lease_is_renewed(tmp_path: Path) -> None:
