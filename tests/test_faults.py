@@ -14,6 +14,7 @@ the W&B test). See README "What survives what" for the table these tests back.
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -458,7 +459,8 @@ def test_killed_and_resumed_sweep_keeps_one_wandb_run_per_id(chain: dict[str, An
     # every driver has exited: what its run files hold is all there is (a SIGKILLed driver's
     # last records may be missing, a run it had just opened may hold no run record at all)
     dirs = offline_run_dirs(str(chain["sweep"] / "wandb"))
-    runs = [r for r in (read_offline_run(d) for d in dirs) if r.info]
+    files = [d for d in dirs if glob.glob(os.path.join(d, "run-*.wandb"))]  # killed: maybe none
+    runs = [r for r in (read_offline_run(d) for d in files) if r.info]
     assert len(runs) >= len(dirs) - 2
     ids: dict[str, set[str]] = {}
     names: dict[str, set[str]] = {}
