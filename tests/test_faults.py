@@ -461,7 +461,6 @@ def test_killed_and_resumed_sweep_keeps_one_wandb_run_per_id(chain: dict[str, An
     dirs = offline_run_dirs(str(chain["sweep"] / "wandb"))
     files = [d for d in dirs if glob.glob(os.path.join(d, "run-*.wandb"))]  # killed: maybe none
     runs = [r for r in (read_offline_run(d) for d in files) if r.info]
-    assert len(runs) >= len(dirs) - 2
     ids: dict[str, set[str]] = {}
     names: dict[str, set[str]] = {}
     steps: dict[str, list[int]] = {}
