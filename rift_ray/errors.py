@@ -9,6 +9,10 @@ class SweepError(RuntimeError):
     """A sweep that cannot go on; the message is one line for the user."""
 
 
+class DataError(ValueError):
+    """Data that cannot be loaded; the message is one line naming the path or field."""
+
+
 class StageFailed(Exception):
     """A stage without a usable result: ``message`` (one line) for the user; ``record``: the
     fields its stage record keeps (e.g. ``error``)."""

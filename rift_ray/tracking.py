@@ -1,5 +1,6 @@
 """W&B runs for a sweep, logged live from the driver while each stage runs; W&B never fails
-the sweep.
+the sweep. This module opens, resumes and closes the runs; what each run holds at its stage's
+end is :mod:`rift_ray.wandb_views`.
 
 One W&B group per sweep with runs that mirror the stages (``job_type`` = stage):
 
@@ -54,7 +55,6 @@ under ``<sweep>/wandb/`` (object storage: in a local directory, uploaded to
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
@@ -63,30 +63,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from rift_ray import wandb_views as views
 from rift_ray.config import SweepConfig
 from rift_ray.hashing import stable_hash
 from rift_ray.metrics import is_finite
-from rift_ray.store import RIFT_CHECKPOINT, WANDB_DIR, WANDB_RUNS, Store
+from rift_ray.store import WANDB_DIR, WANDB_RUNS, Store
+from rift_ray.wandb_views import FT_SKIP, history_row, metric_key
 
 _MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline"}
-
-
-def metric_key(name: str) -> str:
-    """``train_clean_acc`` -> ``train/clean_acc`` (W&B panel sections); other names unchanged."""
-    for prefix in ("train", "val", "test", "best", "last"):
-        if name.startswith(prefix + "_"):
-            return f"{prefix}/{name[len(prefix) + 1 :]}"
-    return name
-
-
-def _history_row(row: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, float]:
-    """Numeric, finite entries of a stage row under W&B keys (``seconds`` -> ``epoch_seconds``)."""
-    out = {}
-    for k, v in row.items():
-        if k in skip or not is_finite(v):
-            continue
-        out["epoch_seconds" if k == "seconds" else metric_key(k)] = v
-    return out
 
 
 def credentials_found() -> bool:
@@ -106,10 +90,6 @@ def credentials_found() -> bool:
         return bool(settings.api_key) and host.is_same_url(settings.base_url)
     except Exception:  # noqa: BLE001 - an unreadable netrc or settings file: no credentials
         return False
-
-
-FT_SKIP = ("epoch", "best_epoch", "best_val_gain", "best_val_score")
-"""Fine-tuning epoch row fields that are not curves (the best so far goes to the summary)."""
 
 
 class LiveRun:
@@ -387,7 +367,7 @@ class Tracker:
             live = self.open("adv_train", "adv_train", epoch_axis=True)
             if live is not None:
                 epoch = int(row["epoch"])
-                live.log({"epoch": epoch, **_history_row(row, ("epoch", "best_epoch"))}, epoch)
+                live.log({"epoch": epoch, **history_row(row, ("epoch", "best_epoch"))}, epoch)
 
         self._guard("adv_train", fn)
 
@@ -418,7 +398,7 @@ class Tracker:
             if live is None or "epoch" not in row:
                 return
             epoch = int(row["epoch"])
-            live.log({"epoch": epoch, **_history_row(row, FT_SKIP)}, epoch)
+            live.log({"epoch": epoch, **history_row(row, FT_SKIP)}, epoch)
 
         self._guard("finetune", fn)
 
@@ -463,53 +443,14 @@ class Tracker:
 
     # -- at a stage's end: the whole result ------------------------------------------------
     def log_adv_train(self, history: list[dict[str, Any]]) -> None:
-        """The AT run: every epoch it does not hold yet, the figure and the best epoch (or a
-        note when training was skipped)."""
-
-        def fn(live: LiveRun, wandb: Any) -> None:
-            for row in history:
-                epoch = int(row["epoch"])
-                live.log({"epoch": epoch, **_history_row(row, ("epoch", "best_epoch"))}, epoch)
-            run = live.run
-            if not history:
-                run.summary["source"] = str(self.cfg.adv_train.checkpoint or "")
-                return
-            best = max(history, key=lambda r: r.get("val_robust_acc", -1.0))
-            run.summary["best_epoch"] = int(history[-1].get("best_epoch", best["epoch"]))
-            for k in ("val_clean_acc", "val_robust_acc"):
-                if k in best:
-                    run.summary[f"best/{k}"] = best[k]
-            from rift_ray.figures import fig_adv_train
-
-            self._log_figure(live, wandb, "at/figure", fig_adv_train(history))
-
+        """The AT run: every epoch it does not hold yet, the figure and the best epoch."""
+        fn = lambda live, wandb: views.adv_train_view(live, wandb, self.cfg, history)  # noqa: E731
         self._run("adv_train", "adv_train", fn, epoch_axis=True)
         self._record("adv_train")
 
     def log_mrc(self, rows: list[dict[str, Any]]) -> None:
         """The MRC run: the per-module table, a bar chart by module and the report figure."""
-
-        def fn(live: LiveRun, wandb: Any) -> None:
-            from rift_ray.figures import fig_mrc
-
-            live.log({"mrc/table": _table(wandb, rows)})
-            ok = sorted(
-                (r for r in rows if r.get("status") == "done" and is_finite(r.get("mrc"))),
-                key=lambda r: r["mrc"],
-            )
-            bar = wandb.Table(columns=["module", "mrc"], data=[[r["module"], r["mrc"]] for r in ok])
-            live.log({"mrc/by_module": wandb.plot.bar(bar, "module", "mrc", title="MRC by module")})
-            top = self.cfg.finetune.top_k
-            fig = fig_mrc(rows, [r["module"] for r in ok[:top]])
-            self._log_figure(live, wandb, "mrc/figure", fig)
-            run = live.run
-            run.summary["modules"] = len(rows)
-            run.summary["failed"] = len(rows) - len(ok)
-            if ok:
-                run.summary["least_critical"] = ok[0]["module"]
-                run.summary["least_critical_mrc"] = ok[0]["mrc"]
-
-        self._run("mrc", "mrc", fn)
+        self._run("mrc", "mrc", lambda live, wandb: views.mrc_view(live, wandb, self.cfg, rows))
         self._record("mrc")
 
     def log_finetune(
@@ -528,27 +469,12 @@ class Tracker:
             epochs = sorted(
                 (e for e in epoch_rows if e.get("trial") == t["trial"]), key=lambda e: e["epoch"]
             )
-
-            def fn(
-                live: LiveRun, wandb: Any, t: dict[str, Any] = t, epochs: list = epochs
-            ) -> int | None:
-                for e in epochs:
-                    live.log(
-                        {"epoch": int(e["epoch"]), **_history_row(e, FT_SKIP)}, int(e["epoch"])
-                    )
-                run = live.run
-                run.summary["asha/status"] = t.get("status")
-                run.summary["asha/epochs"] = t.get("epochs")
-                run.summary["asha/max_epochs"] = self.cfg.finetune.epochs
-                for k, v in t.items():
-                    if k.startswith(("best_", "last_")) and v is not None:
-                        run.summary[metric_key(k)] = v
-                if t.get("error"):
-                    run.summary["error"] = t["error"]
-                return 1 if t.get("status") == "failed" else None
-
             config = self._trial_config(t["trial"], t.get("modules"), t.get("lr"))
-            self._run("finetune", f"ft-{t['trial']}", fn, config=config, epoch_axis=True)
+            self._run(
+                "finetune", f"ft-{t['trial']}",
+                lambda live, _wandb, t=t, epochs=epochs: views.trial_view(live, self.cfg, t, epochs),
+                config=config, epoch_axis=True,
+            )  # fmt: skip
         self._record("finetune")
 
     def log_interpolation(self, table: list[dict[str, Any]], summary: dict[str, Any]) -> None:
@@ -556,130 +482,25 @@ class Tracker:
         self._run(
             "interpolate",
             "interpolate",
-            lambda live, wandb: self._interp(live, wandb, table, summary),
+            lambda live, wandb: views.interp_view(live, wandb, self.cfg, table, summary),
         )
         self._run(
             "interpolate",
             "summary",
-            lambda live, wandb: self._summary(live, wandb, summary),
+            lambda live, wandb: views.summary_view(live, wandb, self, summary),
             job_type="summary",
         )
         self._record("interpolate")
 
-    def _interp(
-        self, live: LiveRun, wandb: Any, table: list[dict[str, Any]], summary: dict[str, Any]
-    ) -> None:
-        from rift_ray.figures import fig_interpolation
-        from rift_ray.metrics import METRICS
-
-        live.log({"interp/table": _table(wandb, table)})
-        if summary.get("choices"):
-            live.log({"interp/choices": _table(wandb, summary["choices"])})
-        trials = list(dict.fromkeys(r["trial"] for r in table))
-        best, alpha = summary.get("trial"), summary.get("alpha")
-        for split in ("val", "test"):
-            for metric in METRICS:
-                pts = [r for r in table if r["split"] == split and is_finite(r.get(metric))]
-                if not pts:
-                    continue
-                xs, ys, keys = [], [], []
-                for trial in trials:
-                    series = sorted((r["alpha"], r[metric]) for r in pts if r["trial"] == trial)
-                    if series:
-                        xs.append([a for a, _ in series])
-                        ys.append([v for _, v in series])
-                        keys.append(trial)
-                if alpha is not None:  # alpha* as a vertical segment across the chart
-                    lo, hi = min(map(min, ys)), max(map(max, ys))
-                    xs.append([alpha, alpha])
-                    ys.append([lo, hi])
-                    keys.append(f"alpha* = {alpha:g} ({best})")
-                title = f"{split} {METRICS[metric]} accuracy vs alpha"
-                chart = wandb.plot.line_series(xs=xs, ys=ys, keys=keys, title=title, xname="alpha")
-                live.log({f"interp/{split}/{metric}": chart})
-        fig = fig_interpolation(table, summary.get("choices"), best, self.cfg.interpolate.tolerance)
-        self._log_figure(live, wandb, "interp/figure", fig)
-        for k in ("alpha", "trial", "lr", "reason", "clean_gain_val", "robust_drop_val"):
-            if summary.get(k) is not None:
-                live.run.summary[k] = summary[k]
-        live.run.summary["modules"] = "+".join(summary.get("modules") or [])
-
-    def _summary(self, live: LiveRun, wandb: Any, summary: dict[str, Any]) -> None:
-        from rift_ray.figures import fig_before_after
-        from rift_ray.results import summary_rows
-
-        run = live.run
-        live.log({"summary/before_after": _table(wandb, summary_rows(summary))})
-        if len(summary.get("strategies") or []) > 1:  # the module-selection comparison
-            live.log({"summary/strategies": _table(wandb, summary["strategies"])})
-        self._log_figure(live, wandb, "summary/figure", fig_before_after(summary))
-        for split in ("val", "test"):
-            at = (summary.get("at") or {}).get(split) or {}
-            rift = (summary.get("rift") or {}).get(split) or {}
-            for k in set(at) | set(rift):
-                if k in at:
-                    run.summary[f"at/{split}/{k}"] = at[k]
-                if k in rift:
-                    run.summary[f"rift/{split}/{k}"] = rift[k]
-                if is_finite(at.get(k)) and is_finite(rift.get(k)):
-                    run.summary[f"delta/{split}/{k}"] = rift[k] - at[k]
-        for k in ("alpha", "trial", "lr", "reason"):
-            if summary.get(k) is not None:
-                run.summary[k] = summary[k]
-        run.summary["modules"] = "+".join(summary.get("modules") or [])
-        run.summary["seconds"] = summary.get("seconds") or {}
-        if self.cfg.wandb.log_checkpoint and self.store.exists(RIFT_CHECKPOINT):
-            self._log_model(run, wandb, summary)
-
-    def _log_model(self, run: Any, wandb: Any, summary: dict[str, Any]) -> None:
-        """The final checkpoint as a ``model`` artifact, from any storage (object storage: a
-        local copy, staged by wandb before it is removed)."""
-        meta = {
-            k: summary.get(k) for k in ("alpha", "trial", "modules", "lr", "config_hash", "seed")
-        }
-        art = wandb.Artifact(
-            f"{self.cfg.name}-{self.prefix}rift", type="model",
-            metadata={**meta, "rift": summary.get("rift")},
-        )  # fmt: skip
-        if self.store.is_local:
-            art.add_file(self.store.path(RIFT_CHECKPOINT), name="rift.pt")
-            run.log_artifact(art)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "rift.pt")
-            with open(path, "wb") as f:
-                f.write(self.store.get(RIFT_CHECKPOINT))
-            art.add_file(path, name="rift.pt", policy="mutable")  # copied into wandb's staging
-            run.log_artifact(art)
-
     def log_seeds(self, summary: dict[str, Any]) -> None:
-        """The aggregate run of a ``seeds`` sweep: mean, std and n of every figure, how often
-        each module / lr was chosen, the per-seed and mean/std before/after tables."""
-
-        def fn(live: LiveRun, wandb: Any) -> None:
-            from rift_ray.figures import fig_before_after_seeds
-            from rift_ray.results import per_seed_rows, summary_rows
-
-            run = live.run
-            for part in ("mean", "std", "count"):
-                for key, v in _flatten(summary.get(part) or {}).items():
-                    if v is not None:
-                        run.summary[f"{'n' if part == 'count' else part}/{key}"] = v
-            for what, counts in (summary.get("chosen") or {}).items():
-                for k, v in counts.items():
-                    run.summary[f"chosen/{what}/{k}"] = v
-            run.summary["n"] = summary.get("n")
-            run.summary["seeds"] = list(summary.get("seeds") or [])
-            run.summary["seconds"] = summary.get("seconds") or {}
-            live.log(
-                {
-                    "seeds/per_seed": _table(wandb, per_seed_rows(summary)),
-                    "seeds/before_after": _table(wandb, summary_rows(summary)),
-                }
-            )
-            self._log_figure(live, wandb, "seeds/figure", fig_before_after_seeds(summary))
-
-        self._run("summary", "summary", fn, config=self.cfg.to_dict(), job_type="summary")
+        """The aggregate run of a ``seeds`` sweep (:func:`wandb_views.seeds_view`)."""
+        self._run(
+            "summary",
+            "summary",
+            lambda live, wandb: views.seeds_view(live, wandb, summary),
+            config=self.cfg.to_dict(),
+            job_type="summary",
+        )
 
     def _record(self, stage: str) -> None:
         """Note the stage's W&B runs (name, id, url or offline dir) in its stage record."""
@@ -689,17 +510,6 @@ class Tracker:
                 self.store.write_stage(stage, wandb=runs)
             except Exception as e:  # noqa: BLE001 - bookkeeping only
                 self._warn("record", f"recording the runs of {stage} failed ({type(e).__name__})")
-
-    def _log_figure(self, live: LiveRun, wandb: Any, key: str, fig: Any) -> None:
-        if fig is None:
-            return
-        import io
-
-        from PIL import Image
-
-        from rift_ray.figures import png_bytes
-
-        live.log({key: wandb.Image(Image.open(io.BytesIO(png_bytes(fig))))})
 
     def urls(self) -> dict[str, str]:
         """The online runs' URLs by run name (this tracker's and its seeds')."""
@@ -757,27 +567,3 @@ class Tracker:
         if urls:
             print(f"[rift-ray] W&B group {self.group}: {next(iter(urls.values()))}",
                   file=sys.stderr, flush=True)  # fmt: skip
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"at": {"test": {"clean_acc": 1.0}}}`` -> ``{"at/test/clean_acc": 1.0}``."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _table(wandb: Any, rows: list[dict[str, Any]]) -> Any:
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    return wandb.Table(columns=cols, data=[[_cell(r.get(c)) for c in cols] for r in rows])
-
-
-def _cell(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (list, dict)):
-        return json.dumps(v)
-    return v

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from rift_ray import archive as archive_mod
 from rift_ray import data as data_mod
 from rift_ray.config import DataConfig, SyntheticConfig
 from rift_ray.corruptions import load_cifar_c
@@ -269,7 +270,7 @@ def test_imagefolder_archive_extracts_once(tmp_path: Path, monkeypatch: pytest.M
         raise AssertionError("should have been cached")
 
     monkeypatch.setattr(data_mod, "decode_images", fail)
-    monkeypatch.setattr(data_mod, "_extract_members", fail)
+    monkeypatch.setattr(archive_mod, "_extract_members", fail)
     second = load_dataset(cfg)
     assert (
         torch.equal(first.train.images, second.train.images)
