@@ -2,7 +2,7 @@
 output goes instead, and that a W&B key given to the driver is found nowhere.
 
 Two drivers on the session's Ray instance: one under a pseudo-terminal (adversarial training
-included, so its epoch lines show), one with ``TERM=dumb`` from a starting checkpoint, online
+included, so its epoch lines show), one with ``TERM=dumb`` from a starting checkpoint up to MRC, online
 W&B with a made-up key against a port where nothing listens.
 """
 
@@ -136,7 +136,7 @@ def consoles(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> dict
                  "WANDB_INIT_TIMEOUT": "3", "TERM": "dumb"}  # fmt: skip
     dumb = subprocess.run(
         argv(*base, "--set", f"adv_train.checkpoint={ckpt}", "--set", "wandb.mode=null",
-             "--storage", str(tmp), "--name", "dumb"),
+             "--storage", str(tmp), "--name", "dumb", "--until", "mrc"),
         env={k: v for k, v in _env(**wandb_env).items() if k != "WANDB_MODE"},
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip

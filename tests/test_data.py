@@ -376,20 +376,64 @@ def _real_archive() -> Path:
     )
 
 
-@pytest.mark.data
-@pytest.mark.skipif(
+REAL = pytest.mark.skipif(
     not _real_archive().is_file(),
     reason="CIFAR-10 JPEG archive not found (set RIFT_CIFAR10_ARCHIVE)",
 )
+
+
+def _real_subset(dest: Path, per_class: int) -> Path:
+    """The first ``per_class`` images of each class and split of the real archive, as a tar
+    of the same layout (real JPEG files; the whole archive is read, none of it decoded)."""
+    out, taken = dest / "cifar10-subset.tar", {}
+    with tarfile.open(_real_archive(), "r:gz") as src, tarfile.open(out, "w") as tf:
+        for m in src:
+            parts = Path(m.name).parts
+            if not m.isfile() or len(parts) < 3:
+                continue
+            key = parts[-3:-1]  # (split, class)
+            if taken.get(key, 0) < per_class:
+                taken[key] = taken.get(key, 0) + 1
+                tf.addfile(m, src.extractfile(m))
+    return out
+
+
+@pytest.mark.data
+@REAL
+def test_real_cifar10_archive_layout() -> None:
+    """The whole archive: 50,000 train and 10,000 test JPEGs, 10 classes, balanced."""
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(_real_archive(), "r:gz") as tf:
+        for m in tf:
+            parts = Path(m.name).parts
+            if m.isfile() and len(parts) >= 3 and m.name.endswith(".jpg"):
+                counts[parts[-3], parts[-2]] = counts.get((parts[-3], parts[-2]), 0) + 1
+    assert sum(v for (s, _), v in counts.items() if s == "train") == 50000
+    assert sum(v for (s, _), v in counts.items() if s == "test") == 10000
+    assert {c for _, c in counts} == set(CIFAR10_CLASSES)
+    assert set(counts.values()) == {5000, 1000}
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")  # fmt: skip
+
+
+@pytest.mark.data
+@REAL
 def test_real_cifar10_archive(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Real JPEGs decoded and cached through the archive path: a per-class subset of the real
+    archive (60 images per class and split) by default; the whole archive (45,000 / 5,000 /
+    10,000, ~50 s here) with RIFT_TEST_FULL_DATA=1."""
     import rift_ray.data
 
-    cache = os.environ.get("RIFT_TEST_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
-    cfg = DataConfig(
-        dataset="imagefolder", root=str(_real_archive()), cache_dir=cache, val_size=5000
-    )
+    full = os.environ.get("RIFT_TEST_FULL_DATA") == "1"
+    tmp = tmp_path_factory.mktemp("real")
+    archive = _real_archive() if full else _real_subset(tmp, 60)
+    cache = os.environ.get("RIFT_TEST_CACHE_DIR") or str(tmp / "cache")
+    val = 5000 if full else 100
+    cfg = DataConfig(dataset="imagefolder", root=str(archive), cache_dir=cache, val_size=val)
     t0 = time.perf_counter()
     first = load_dataset(cfg)
     t1 = time.perf_counter()
@@ -402,12 +446,21 @@ def test_real_cifar10_archive(
     second = load_dataset(cfg)
     t2 = time.perf_counter()
     print(f"first load {t1 - t0:.1f}s, cached load {t2 - t1:.1f}s")
-    assert (len(first.train), len(first.val), len(first.test)) == (45000, 5000, 10000)
-    assert first.num_classes == 10 and first.train.classes == sorted(first.train.classes)
-    assert first.train.classes[0] == "airplane" and first.test.images.shape[1:] == (3, 32, 32)
-    assert torch.bincount(first.test.labels).tolist() == [1000] * 10
+    n_train, n_test = (50000, 10000) if full else (600, 600)
+    assert (len(first.train), len(first.val), len(first.test)) == (n_train - val, val, n_test)
+    assert first.num_classes == 10 and tuple(first.train.classes) == CIFAR10_CLASSES
+    assert first.test.images.shape[1:] == (3, 32, 32) and first.test.images.dtype == torch.uint8
+    assert torch.bincount(first.test.labels).tolist() == [n_test // 10] * 10
     assert torch.equal(first.val.images, second.val.images)
     assert torch.equal(first.test.images, second.test.images)
+    # a test image decoded as PIL decodes its file (the test set is held in a seeded order)
+    with tarfile.open(archive, "r:*") as tf:
+        name = sorted(m.name for m in tf if "/test/airplane/" in f"/{m.name}")[0]
+        raw = tf.extractfile(name).read()  # type: ignore[union-attr]
+    ref = torch.from_numpy(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))).int()
+    planes = first.test.images[first.test.labels == 0].permute(0, 2, 3, 1).int()
+    closest = (planes - ref).abs().float().mean(dim=(1, 2, 3)).min()
+    assert closest < 2.0  # libjpeg (torchvision) and PIL's decoders may differ by 1
 
 
 def test_default_val_size_per_dataset() -> None:
