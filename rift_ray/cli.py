@@ -72,7 +72,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         summary = run_sweep(
             cfg, address=args.address, restart=args.restart, until=args.until,
-            verbose=args.verbose,
+            verbose=args.verbose, retry_failed=args.retry_failed,
         )  # fmt: skip
     except SweepError as e:
         return _fail(str(e), 1)
@@ -342,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or needs --yes); what they replace moves to <sweep>/history/",
     )
     s.add_argument("--yes", action="store_true", help="confirm --restart of every stage")
+    s.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="rerun failed MRC modules and fine-tuning trials alone, reusing everything else; "
+        "later stages are recomputed only when the retried rows change their input",
+    )
     s.add_argument(
         "--dry-run", action="store_true", help="print the plan and a compute estimate only"
     )

@@ -54,6 +54,7 @@ def run_sweep(
     restart: str | None = None,
     until: str | None = None,
     verbose: bool = False,
+    retry_failed: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the whole sweep; return the summary that is also written to summary.json.
 
@@ -61,14 +62,16 @@ def run_sweep(
     ``{"stopped_after": stage, "storage": ...}`` and a later run without it goes on.
     ``verbose``: Ray's own output on the console too (it always goes to ``logs/ray.log``).
     ``restart``: a stage (recompute it and those after it) or ``"all"``; what is replaced
-    moves to ``history/`` (:func:`restart_stages`).
+    moves to ``history/`` (:func:`restart_stages`). ``retry_failed``: rerun the failed MRC
+    modules and fine-tuning trials of stored stages alone (``Stage.retry``).
 
     A task or worker that Ray gave a GPU torch cannot use stops the sweep with that one line
     (SweepError); the stage it was in is recorded as failed, finished stages are kept."""
     from rift_ray.stages.common import GPUUnavailableError
 
     try:
-        return _run_sweep(cfg, address=address, restart=restart, until=until, verbose=verbose)
+        return _run_sweep(cfg, address=address, restart=restart, until=until, verbose=verbose,
+                          retry_failed=retry_failed)  # fmt: skip
     except GPUUnavailableError as e:
         msg = one_line(e)
         top = Store.open(cfg.storage, cfg.name)
@@ -80,8 +83,9 @@ def run_sweep(
 
 
 def _run_sweep(
-    cfg: SweepConfig, *, address: str | None, restart: str | None, until: str | None, verbose: bool
-) -> dict[str, Any]:
+    cfg: SweepConfig, *, address: str | None, restart: str | None, until: str | None,
+    verbose: bool, retry_failed: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     import ray
 
     from rift_ray.stages.at import AdvTrainStage
@@ -122,6 +126,7 @@ def _run_sweep(
             run_token=uuid.uuid4().hex[:8],
             data_seed=cfg.seed,
             start_state=prep.start_state,
+            retry_failed=retry_failed,
         )
         st = SweepState()
         try:

@@ -122,12 +122,16 @@ def trial_name(modules: list[str] | tuple[str, ...], lr: float) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", "+".join(modules)) + f"_lr{lr:g}"
 
 
-def experiment_name(stage: str, stage_hash: str, strategy: str | None = None) -> str:
+def experiment_name(
+    stage: str, stage_hash: str, strategy: str | None = None, retry: int | None = None
+) -> str:
     """The Ray Train / Tune run name of ``stage`` at ``stage_hash`` (``ray/<name>/``):
     ``at-<hash>``, ``mrc-<hash>``, ``finetune-<hash>``; a fine-tuning strategy other than
-    the primary one runs in ``finetune-<hash>-<strategy>``."""
+    the primary one runs in ``finetune-<hash>-<strategy>``; the ``n``-th ``--retry-failed``
+    of a stage in ``<stage>-<hash>-retry<n>``."""
     name = f"{RAY_EXPERIMENTS[stage]}-{stage_hash}"
-    return f"{name}-{strategy}" if strategy else name
+    name = f"{name}-{strategy}" if strategy else name
+    return f"{name}-retry{retry}" if retry else name
 
 
 def experiment_dir(name: str) -> str:

@@ -218,13 +218,32 @@ class Tracker:
         h = self.hashes.get(stage) or self.hashes.get("interpolate", "")
         full = f"{key}@{h}" if h else key
         if full not in reg["runs"]:
+            gen = int(reg.get("generations", {}).get(full, 0))
             reg["runs"][full] = {
-                "id": stable_hash([reg["token"], full], 16),
+                "id": stable_hash([reg["token"], full, *([gen] if gen else [])], 16),
                 "name": key,
                 "step": 0,
             }
         entry: dict[str, Any] = reg["runs"][full]
         return entry
+
+    def forget(self, stages: list[str] | None = None, names: list[str] | None = None) -> None:
+        """Drop this tracker's registry entries of ``stages`` (or the runs ``names``), so
+        their results, computed again, go to new runs instead of being skipped as steps
+        already held (``--retry-failed``)."""
+        if not self.enabled:
+            return
+        with self._root()._lock:
+            runs = self._load_registry()["runs"]
+            keys = {f"{self.prefix}{n}" for n in names or []}
+            for k, e in list(runs.items()):
+                if not e.get("name", "").startswith(self.prefix):
+                    continue
+                if e.get("stage") in (stages or []) or e.get("name") in keys:
+                    del runs[k]  # the next run of this key gets a new id (a new generation)
+                    gens = self._load_registry().setdefault("generations", {})
+                    gens[k] = int(gens.get(k, 0)) + 1
+            self._save_registry()
 
     # -- runs -----------------------------------------------------------------------------
     def _init(self, name: str, job_type: str, config: dict[str, Any] | None, run_id: str) -> Any:

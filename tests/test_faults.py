@@ -269,6 +269,84 @@ def test_failed_trials_are_reported_and_the_sweep_goes_on(
 
 
 @e2e
+def test_retry_failed_reruns_only_the_failed_trials(
+    faulted: tuple[Path, str, Path], address: str, tmp_path: Path
+) -> None:
+    """``--retry-failed`` on a copy of the faulted sweep: first with the MRC faults still
+    there (both modules fail again; the fine-tuning trial, fault gone, now finishes), then
+    without (both MRC modules are computed)."""
+    import shutil
+
+    shutil.copytree(faulted[0], tmp_path / "f")
+    sweep = tmp_path / "f"
+    args = [*TINY, *NO_WANDB, "--storage", str(tmp_path), "--name", "f", "--retry-failed",
+            "--set", "adv_train.epochs=3", "--set", "adv_train.checkpoint_every=1",
+            "--set", "adv_train.lr_milestones=[2]",
+            "--set", "mrc.include=[conv1,layer1.0.conv1,layer2.0.conv1]",
+            "--set", "finetune.lrs=[0.001,0.02]", "--set", "finetune.epochs=1"]  # fmt: skip
+    mrc0 = {r["module"]: r for r in table(sweep, "tables/mrc.parquet")}
+    ft0 = {r["trial"]: r for r in table(sweep, "tables/finetune.parquet")}
+    at0 = (sweep / "checkpoints/at.pt").read_bytes()
+    interp_hash = stage(sweep, "interpolate")["hash"]
+
+    log = tmp_path / "a.log"
+    faults = "mrc_raise@module=layer1.0.conv1;mrc_nan@module=layer2.0.conv1"
+    text = finish(start_driver(address, [args], log, RIFT_RAY_FAULTS=faults), log)
+    assert exit_codes(text) == [0], text[-4000:]
+    flat = " ".join(text.split())
+    assert "--retry-failed: 2 failed module(s) again, alone: layer1.0.conv1, layer2.0.conv1" in flat
+    assert "--retry-failed: 0 of 2 module(s) now done" in flat
+    # exactly the failed trials ran, each in the stage's retry experiment
+    (mrc_retry,) = sweep.glob("ray/mrc-*-retry1")
+    (ft_retry,) = sweep.glob("ray/finetune-*-retry1")
+    assert [p.name.split("_")[0] for p in ft_retry.glob("*_trial_*")] == ["finetune"]
+    assert len(list(mrc_retry.glob("mrc_trial_*"))) == 2
+    rec = stage(sweep, "mrc")
+    assert rec["status"] == "done" and rec["failed"] == ["layer1.0.conv1", "layer2.0.conv1"]
+    assert [(r["modules"], r["done"], r["computed"]) for r in rec["retries"]] == [
+        (["layer1.0.conv1", "layer2.0.conv1"], [], 2)
+    ]
+    ft = {r["trial"]: r for r in table(sweep, "tables/finetune.parquet")}
+    assert ft["conv1_lr0.001"] == ft0["conv1_lr0.001"]  # reused, not recomputed
+    assert ft["conv1_lr0.02"]["status"] == "finished" and ft["conv1_lr0.02"]["error"] == ""
+    epochs = table(sweep, "tables/finetune_epochs.parquet")
+    assert sorted((e["trial"], e["epoch"]) for e in epochs) == [
+        ("conv1_lr0.001", 1), ("conv1_lr0.02", 1)
+    ]  # fmt: skip
+    rec = stage(sweep, "finetune")
+    assert rec["survivors"] == ["conv1_lr0.001", "conv1_lr0.02"]
+    assert [(r["trials"], r["survivors"]) for r in rec["retries"]] == [
+        (["conv1_lr0.02"], ["conv1_lr0.02"])
+    ]
+    assert (sweep / "checkpoints/finetune/conv1_lr0.02.pt").is_file()
+    # a new survivor: interpolation was recomputed with it, the old result kept in history/
+    assert (sweep / "history" / f"interpolate-{interp_hash}").is_dir()
+    interp = table(sweep, "tables/interpolation.parquet")
+    assert {r["trial"] for r in interp} == {"conv1_lr0.001", "conv1_lr0.02"}
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert [(f["stage"], f["name"]) for f in summary["failures"]] == [
+        ("mrc", "layer1.0.conv1"), ("mrc", "layer2.0.conv1")
+    ]  # fmt: skip
+    assert (sweep / "checkpoints/at.pt").read_bytes() == at0
+
+    log = tmp_path / "b.log"
+    text = finish(start_driver(address, [[*args, "--until", "mrc"]], log), log)
+    assert exit_codes(text) == [0], text[-4000:]
+    assert len(list(sweep.glob("ray/mrc-*-retry2/mrc_trial_*"))) == 2
+    mrc = {r["module"]: r for r in table(sweep, "tables/mrc.parquet")}
+    assert all(r["status"] == "done" for r in mrc.values()), mrc
+    assert mrc["conv1"] == mrc0["conv1"]
+    rec = stage(sweep, "mrc")
+    assert rec["failed"] == [] and rec["retries"][-1]["done"] == [
+        "layer1.0.conv1", "layer2.0.conv1"
+    ]  # fmt: skip
+    lowest = min(mrc, key=lambda m: mrc[m]["mrc"])
+    # fine-tuning is kept when the lowest-MRC module is still conv1, else moved to history/
+    moved = any(sweep.glob("history/finetune-*"))
+    assert moved == (lowest != "conv1"), (lowest, text[-3000:])
+
+
+@e2e
 def test_stage_without_usable_result_stops_the_sweep(
     address: str, start_ckpt: str, tmp_path: Path
 ) -> None:
@@ -491,7 +569,7 @@ def test_killed_and_resumed_sweep_keeps_one_wandb_run_per_id(chain: dict[str, An
 def test_finetune_checkpoint_holds_only_what_changed(tmp_path: Path) -> None:
     from ray import tune
 
-    from rift_ray.stages.finetune import load_trial_state, state_delta
+    from rift_ray.stages.ft_trial import load_trial_state, state_delta
 
     torch.manual_seed(0)
     base = {

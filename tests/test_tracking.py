@@ -363,3 +363,30 @@ def test_disabled_writes_nothing(tmp_path: Path, wandb_dir: Path) -> None:
     t.log_mrc(MRC)
     t.finish()
     assert not wandb_dir.exists() and not (tmp_path / "tiny" / "wandb").exists()
+
+
+def test_forgotten_runs_get_new_ids_the_rest_keep_theirs(tmp_path: Path, wandb_dir: Path) -> None:
+    """--retry-failed: the W&B runs of retried trials and of recomputed stages start afresh
+    (a new id, a new generation) instead of resuming the failed run's steps."""
+    t = tracker(tmp_path)
+    t.hashes = {"mrc": "m1", "finetune": "f1", "interpolate": "i1"}
+    ids = {}
+    for key, stage in [("mrc", "mrc"), ("ft-a", "finetune"), ("ft-b", "finetune"),
+                       ("interp", "interpolate")]:  # fmt: skip
+        e = t._entry(key, stage)
+        e["stage"], e["step"] = stage, 3  # as open() records them
+        ids[key] = e["id"]
+    assert len(set(ids.values())) == 4
+    t.forget(names=["ft-a"])
+    t.forget(stages=["interpolate"])
+    again = {k: t._entry(k, s)["id"] for k, s in [("mrc", "mrc"), ("ft-a", "finetune"),
+             ("ft-b", "finetune"), ("interp", "interpolate")]}  # fmt: skip
+    assert again["mrc"] == ids["mrc"] and again["ft-b"] == ids["ft-b"]
+    assert again["ft-a"] != ids["ft-a"] and again["interp"] != ids["interp"]
+    assert t._entry("ft-a", "finetune")["step"] == 0  # nothing held yet in the new run
+    # the generations are stored with the sweep; forgetting again gives a third id
+    saved = t.store.read_json_file("wandb/runs.json")
+    assert saved["generations"] == {"ft-a@f1": 1, "interp@i1": 1}
+    t.forget(names=["ft-a"])
+    third = t._entry("ft-a", "finetune")["id"]
+    assert third not in (ids["ft-a"], again["ft-a"])

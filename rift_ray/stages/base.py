@@ -45,7 +45,8 @@ class SweepContext:
     candidates in forward order; ``start_state``: the given robust checkpoint's weights
     (``adv_train.checkpoint``), else None; ``run_token``: this run's id (trials that report
     it were computed now, not restored); ``data_seed``: the sweep's own seed, which made
-    the data split and the AT model (``cfg.seed`` is the seed of the RiFT stages).
+    the data split and the AT model (``cfg.seed`` is the seed of the RiFT stages);
+    ``retry_failed``: ``--retry-failed`` (:meth:`Stage.retry`).
     """
 
     cfg: SweepConfig
@@ -59,6 +60,7 @@ class SweepContext:
     run_token: str
     data_seed: int
     start_state: dict[str, torch.Tensor] | None = None
+    retry_failed: bool = False
 
     def for_seed(self, seed: int) -> SweepContext:
         """The context of the RiFT stages of one seed of ``cfg.seeds`` (``seeds/<seed>/``)."""
@@ -136,6 +138,17 @@ class Stage:
     def track(self, ctx: SweepContext, st: SweepState) -> None:
         """Send the computed result to W&B."""
 
+    def load_failed(self, ctx: SweepContext, st: SweepState) -> bool:
+        """Fill ``st`` from what a failed run of this stage stored (its table of failed rows);
+        False when it stored nothing to retry from."""
+        return False
+
+    def retry(self, ctx: SweepContext, st: SweepState) -> bool | None:
+        """``--retry-failed``: rerun the failed rows of the stored result alone and merge them
+        into the stored tables and record; return whether the stages after this one must be
+        recomputed (their results then move to ``history/``), None when nothing had failed."""
+        return None
+
 
 def failures(rows: list[dict[str, Any]], key: str) -> list[str]:
     """``name (error)`` of every failed row (MRC module, fine-tuning trial)."""
@@ -146,11 +159,25 @@ def run_stage(stage: Stage, ctx: SweepContext, st: SweepState) -> None:
     """``stage``'s lifecycle (module docstring); its duration goes to ``st.timings``."""
     t0 = time.time()
     store, h = ctx.store, ctx.hashes[stage.name]
+    rec = store.read_stage(stage.name) or {}
     if store.stage_done(stage.name, h):
         stage.say(f"done earlier, reusing {stage.reuses}")
         stage.load(ctx, st)
+        if ctx.retry_failed:
+            _retry(stage, ctx, st)
+    elif (
+        ctx.retry_failed
+        and rec.get("hash") == h
+        and rec.get("status") == "failed"
+        and stage.load_failed(ctx, st)
+    ):
+        _retry(stage, ctx, st)
+        if not store.stage_done(stage.name, h):
+            error = (store.read_stage(stage.name) or {}).get("error") or "no usable result"
+            raise SweepError(f"stage {stage.name} failed again after --retry-failed: {error}")
+        stage.load(ctx, st)
     else:
-        old = (store.read_stage(stage.name) or {}).get("hash")
+        old = rec.get("hash")
         if old and old != h:  # a changed config: the stored result is kept, not overwritten
             where = store.archive_stage(stage.name, keep=ctx.cfg.keep_history)
             if where:
@@ -168,3 +195,19 @@ def run_stage(stage: Stage, ctx: SweepContext, st: SweepState) -> None:
         stage.track(ctx, st)
         ctx.tracker.flush()
     st.timings[stage.name] = (store.read_stage(stage.name) or {}).get("seconds", time.time() - t0)
+
+
+def _retry(stage: Stage, ctx: SweepContext, st: SweepState) -> None:
+    """``--retry-failed`` on ``stage``; the later stages of this sweep (or seed) are moved to
+    ``history/`` and forgotten by W&B when the retry changed what they were computed from."""
+    later = STAGES[STAGES.index(stage.name) + 1 :]
+    invalid = stage.retry(ctx, st)
+    if not invalid:  # None: nothing had failed (the stage said so), False: later stages stand
+        return
+    keep = ctx.cfg.keep_history
+    moved = [d for s in later if (d := ctx.store.archive_stage(s, keep=keep))]
+    ctx.tracker.forget(stages=later)
+    if moved:
+        stage.say(f"the retried rows change what {', '.join(later)} "
+                  f"{'were' if len(later) > 1 else 'was'} computed from: "
+                  f"recomputing them; {'kept in ' if keep else ''}{', '.join(moved)}")  # fmt: skip

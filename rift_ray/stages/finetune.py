@@ -1,47 +1,33 @@
 """Stage 3: fine-tune the lowest-MRC module(s) on clean data, a Tune grid under ASHA.
 
-Trials are (module set) x (learning rate), single-process Tune function trials.
-After every epoch a trial measures what the user finally wants, cheaply: the
-clean-accuracy gain of the *interpolated* model over the AT model at the best
-alpha in ``finetune.metric_alphas`` whose PGD accuracy stays within
-``interpolate.tolerance`` of the AT model, on ``finetune.metric_subset``
-validation images (``val_gain``, 0 when no alpha qualifies). ASHA stops trials on ``val_score``,
-the same quantity with infeasible alphas penalised instead of discarded (see
-:func:`rift_ray.rift.finetune.asha_score`); each trial checkpoints its latest epoch (to resume) together with its
-best epoch by the same metric (the state that goes on to interpolation).
+Trials are (module set) x (learning rate), single-process Tune function trials
+(:mod:`rift_ray.stages.ft_trial`). After every epoch a trial measures what the user finally
+wants, cheaply: the clean-accuracy gain of the *interpolated* model over the AT model at the
+best alpha in ``finetune.metric_alphas`` whose PGD accuracy stays within
+``interpolate.tolerance`` of the AT model, on ``finetune.metric_subset`` validation images
+(``val_gain``, 0 when no alpha qualifies). ASHA stops trials on ``val_score``, the same
+quantity with infeasible alphas penalised instead of discarded (see
+:func:`rift_ray.rift.finetune.asha_score`); each trial checkpoints its latest epoch (to
+resume) together with its best epoch by the same metric (the state that goes on to
+interpolation). ``--retry-failed`` reruns failed trials alone, each judged at ASHA's rungs
+against the scores the other trials recorded there (:class:`RungStopper`).
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import time
-import traceback
-from dataclasses import dataclass, field
 from typing import Any
 
-import ray
 import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from rift_ray.config import SweepConfig
-from rift_ray.data import DatasetSplits, ImageData
 from rift_ray.errors import StageFailed, one_line
 from rift_ray.progress import TrialBoard, log
-from rift_ray.rift import finetune, interpolate, select_alpha
-from rift_ray.rift.finetune import asha_score
+from rift_ray.rift.asha import continues, milestones
 from rift_ray.stages.base import Stage, SweepContext, SweepState, failures
-from rift_ray.stages.common import (
-    cpu_state,
-    device_name,
-    evaluate_pgd,
-    fault,
-    fault_sleep,
-    start_worker,
-    worker_model,
-)
+from rift_ray.stages.ft_trial import finetune_baseline, finetune_trial, load_trial_state
 from rift_ray.stages.selection import module_groups
 from rift_ray.stages.tuning import LiveTrials, prune_checkpoints, run_tune
 from rift_ray.store import (
@@ -53,223 +39,54 @@ from rift_ray.store import (
 )
 
 
-def metric_subset(cfg: SweepConfig, splits: DatasetSplits) -> ImageData:
-    n = min(cfg.finetune.metric_subset, len(splits.val))
-    return splits.val.subset(torch.arange(n))
+class RungStopper(tune.Stopper):
+    """``--retry-failed`` for fine-tuning trials: ``trials`` (module set, lr) rerun without a
+    scheduler; at each of ASHA's rungs a trial stops when ASHA would have stopped it had it
+    reported last there (:func:`rift_ray.rift.asha.continues`), judged against ``recorded``:
+    trial name -> {rung epoch: the val_score the other trials of its experiment recorded}."""
 
+    def __init__(
+        self,
+        trials: list[tuple[list[str], float]],
+        recorded: dict[str, dict[int, list[float]]],
+        reduction_factor: float,
+    ) -> None:
+        self.trials, self.recorded, self.rf = trials, recorded, reduction_factor
 
-def _eval(
-    cfg: SweepConfig, model: torch.nn.Module, data: ImageData, device: torch.device
-) -> dict[str, float]:
-    m = evaluate_pgd(cfg, model, data, device)
-    return {"clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"]}
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        others = self.recorded.get(str(result.get("trial")), {}).get(int(result.get("epoch") or 0))
+        if others is None or result.get("status") == "failed":
+            return False
+        return not continues(float(result.get("val_score", float("-inf"))), others, self.rf)
 
-
-@ray.remote
-def _baseline_task(
-    cfg_dict: dict[str, Any], spec: Any, splits: DatasetSplits, at_state: dict[str, torch.Tensor]
-) -> dict[str, float]:
-    """The AT model's clean and PGD accuracy on the metric subset (the alpha = 0 point)."""
-    cfg, device, model = start_worker(cfg_dict, "finetune", spec, at_state)
-    assert model is not None
-    return _eval(cfg, model, metric_subset(cfg, splits), device)
-
-
-def interpolated_gain(
-    cfg: SweepConfig,
-    eval_model: torch.nn.Module,
-    at_state: dict[str, torch.Tensor],
-    ft_state: dict[str, torch.Tensor],
-    data: ImageData,
-    baseline: dict[str, float],
-    device: torch.device,
-) -> dict[str, float]:
-    """val_gain (the paper's rule), val_score (the ASHA metric), the alpha and the points measured."""
-    rows = [{"alpha": 0.0, **baseline}]
-    for a in cfg.finetune.metric_alphas:
-        eval_model.load_state_dict(interpolate(at_state, ft_state, a))
-        rows.append({"alpha": a, **_eval(cfg, eval_model, data, device)})
-    choice = select_alpha(rows, tolerance=cfg.interpolate.tolerance)
-    out = {
-        "val_gain": float(choice.clean_gain or 0.0),
-        "val_alpha": float(choice.alpha or 0.0),
-        "val_score": asha_score(rows, cfg.interpolate.tolerance, cfg.finetune.metric_penalty),
-    }
-    for r in rows[1:]:
-        out[f"val_clean_acc@{r['alpha']:g}"] = r["clean_acc"]
-        out[f"val_robust_acc@{r['alpha']:g}"] = r["robust_acc"]
-    return out
-
-
-def state_delta(
-    state: dict[str, torch.Tensor] | None, base: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor] | None:
-    """The entries of ``state`` that differ from ``base`` (fine-tuning changes a few modules)."""
-    if state is None:
-        return None
-    return {
-        k: v
-        for k, v in state.items()
-        if k not in base or v.shape != base[k].shape or not torch.equal(v, base[k])
-    }
-
-
-def load_trial_state(ckpt: Any, at_state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """A fine-tuning trial checkpoint with whole state dicts (older sweeps stored them whole)."""
-    with ckpt.as_directory() as d:
-        saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-    if "model_delta" in saved:
-        saved["model"] = {**at_state, **saved.pop("model_delta")}
-    best = saved["best"]
-    if "state_delta" in best:
-        delta = best.pop("state_delta")
-        best["state"] = None if delta is None else {**at_state, **delta}
-    return dict(saved)
-
-
-@dataclass
-class TrialProgress:
-    """What a fine-tuning trial carries from epoch to epoch, and what its checkpoint holds.
-
-    Checkpoints store only what fine-tuning changed from the AT model (:func:`state_delta`):
-    the latest epoch's model, to resume, and the best epoch's (by ``val_score``), which goes on
-    to interpolation.
-    """
-
-    at_state: dict[str, torch.Tensor]
-    epoch: int = 0
-    optimizer: Any = None
-    best: dict[str, Any] = field(
-        default_factory=lambda: {"val_score": float("-inf"), "epoch": 0, "state": None}
-    )
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_delta: dict[str, torch.Tensor] | None = None
+    def stop_all(self) -> bool:
+        return False
 
     @classmethod
-    def resume(
-        cls, ckpt: Any, at_state: dict[str, torch.Tensor]
-    ) -> tuple[TrialProgress, dict[str, torch.Tensor] | None]:
-        """The progress saved in Tune's checkpoint (a fresh one without), and its model state."""
-        if ckpt is None:
-            return cls(at_state), None
-        saved = load_trial_state(ckpt, at_state)
-        progress = cls(
-            at_state, saved["epoch"], saved["optimizer"], saved["best"], saved["history"]
-        )
-        progress.best_delta = state_delta(progress.best["state"], at_state)
-        return progress, saved["model"]
-
-    def add_epoch(
-        self, row: dict[str, Any], state: dict[str, torch.Tensor], extra: dict[str, Any]
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Record one finished epoch (``row`` from :func:`rift_ray.rift.finetune`, the model's
-        ``state`` after it): (the metrics Tune gets, the checkpoint's content)."""
-        self.optimizer = row.pop("optimizer_state", None)
-        delta = state_delta(state, self.at_state)
-        if row["val_score"] > self.best["val_score"]:
-            keys = ("val_score", "val_gain", "val_alpha", "epoch")
-            self.best = {**{k: row[k] for k in keys}, "state": state}
-            self.best_delta = delta
-        metrics = {
-            **row,
-            **extra["trial"],
-            "best_val_score": self.best["val_score"],
-            "best_val_gain": self.best["val_gain"],
-            "best_epoch": self.best["epoch"],
-            **extra["worker"],
-            "status": "running",
-        }
-        self.history.append(
-            {k: v for k, v in metrics.items() if k not in ("run_token", "status", "error")}
-        )
-        self.epoch = row["epoch"]
-        best = {k: v for k, v in self.best.items() if k != "state"}
-        saved = {
-            "model_delta": delta,
-            "optimizer": self.optimizer,
-            "epoch": self.epoch,
-            "best": {**best, "state_delta": self.best_delta},
-            "history": self.history,
-        }
-        return metrics, saved
-
-
-def finetune_trial(
-    config: dict[str, Any],
-    cfg_dict: dict[str, Any] | None = None,
-    spec: Any = None,
-    splits: DatasetSplits | None = None,
-    at_state: dict[str, torch.Tensor] | None = None,
-    baseline: dict[str, float] | None = None,
-    run_token: str = "",
-) -> None:
-    """Tune function trial: fine-tune ``config["modules"]`` with ``config["lr"]``, report every
-    epoch with a checkpoint. Any error, a GPU Ray gave but torch cannot use included, is
-    reported as a failed trial row (the sweep goes on without it)."""
-    assert (
-        cfg_dict is not None
-        and splits is not None
-        and at_state is not None
-        and baseline is not None
-    )
-    modules, lr = list(config["modules"]), float(config["lr"])
-    trial = trial_name(modules, lr)
-    ident = {"trial": trial, "modules": "+".join(modules), "lr": lr}
-    t0 = time.time()
-    try:
-        cfg, device, model = start_worker(cfg_dict, "finetune", spec, at_state)
-        assert model is not None
-        eval_model = worker_model(cfg, spec).to(device)
-        at_dev = {k: v.to(device) for k, v in at_state.items()}
-        data = metric_subset(cfg, splits)
-        progress, resumed = TrialProgress.resume(tune.get_checkpoint(), at_state)
-        if resumed is not None:  # an interrupted trial goes on from its last epoch
-            model.load_state_dict(resumed)
-
-        def evaluate_fn(m: torch.nn.Module) -> dict[str, float]:
-            return interpolated_gain(
-                cfg, eval_model, at_dev, m.state_dict(), data, baseline, device
-            )
-
-        t0 = time.time()
-        fault_sleep("finetune_sleep", lr=lr)
-        if fault("finetune_raise", lr=lr):
-            raise RuntimeError(f"injected fault (RIFT_RAY_FAULTS) in fine-tuning trial {trial}")
-        f = cfg.finetune
-        rows = finetune(
-            model, modules, splits.train, epochs=f.epochs, lr=lr, momentum=f.momentum,
-            weight_decay=f.weight_decay, lr_milestones=f.lr_milestones, lr_gamma=f.lr_gamma,
-            batch_size=f.batch_size, augment=cfg.data.augment, seed=cfg.seed, device=device,
-            evaluate_fn=evaluate_fn, start_epoch=progress.epoch,
-            optimizer_state=progress.optimizer, with_optimizer_state=True, amp=cfg.compute.amp,
-        )  # fmt: skip
-        extra = {"trial": ident, "worker": {"device": device_name(device), "run_token": run_token}}
-        for row in rows:
-            if fault("finetune_nan", lr=lr):
-                row["train_loss"] = float("nan")
-            if not torch.isfinite(torch.tensor(row["train_loss"])):
-                raise FloatingPointError(
-                    f"fine-tuning loss is {row['train_loss']} at epoch {row['epoch']}"
-                )
-            metrics, saved = progress.add_epoch(row, cpu_state(model), extra)
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(saved, os.path.join(d, "state.pt"))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-    except Exception as e:  # noqa: BLE001 - reported as a failed trial row, the sweep goes on
-        failed = {**ident, "status": "failed", "run_token": run_token}
-        tune.report({**failed, "error": one_line(e, typed=True),
-                     "traceback": traceback.format_exc()[-2000:],
-                     "val_score": float("-inf"), "seconds": time.time() - t0})  # fmt: skip
-
-
-def finetune_baseline(ctx: SweepContext, at_state: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The AT model on the ASHA metric's subset (one Ray task): every trial's alpha = 0 point."""
-    r = ctx.cfg.resources.finetune
-    return ray.get(
-        _baseline_task.options(num_cpus=r.cpu, num_gpus=r.gpu).remote(
-            ctx.cfg.to_dict(), ctx.spec, ctx.splits_ref, at_state
-        )
-    )
+    def for_trials(
+        cls, failed: list[dict[str, Any]], st: SweepState, f: Any, primary: str
+    ) -> RungStopper:
+        """The stopper of the ``failed`` trial rows of stage result ``st``: each one's rungs
+        hold the scores of the other trials of its experiment (its strategy's, as
+        :func:`finetune_strategies` assigned the module sets)."""
+        experiment_of: dict[str, str] = {}
+        for strategy in [primary, *[s for s in st.by_strategy if s != primary]]:
+            for g in st.by_strategy.get(strategy, []):
+                experiment_of.setdefault("+".join(g), strategy)
+        rungs = milestones(f.asha.grace_period, f.asha.reduction_factor, f.epochs)
+        retried = {r["trial"] for r in failed}
+        recorded: dict[str, dict[int, list[float]]] = {}
+        for r in failed:
+            mine = experiment_of.get(r["modules"])
+            peers = {t["trial"] for t in st.ft_rows
+                     if t["trial"] not in retried and experiment_of.get(t["modules"]) == mine}  # fmt: skip
+            recorded[r["trial"]] = {
+                m: [e["val_score"] for e in st.epoch_rows
+                    if e.get("trial") in peers and e.get("epoch") == m and e.get("val_score") is not None]
+                for m in rungs
+            }  # fmt: skip
+        trials = [(r["modules"].split("+"), float(r["lr"])) for r in failed]
+        return cls(trials, recorded, f.asha.reduction_factor)
 
 
 def run_finetune(
@@ -278,11 +95,14 @@ def run_finetune(
     groups: list[list[str]],
     experiment: str,
     baseline: dict[str, float],
+    retry: RungStopper | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], int]:
     """Run the ASHA grid of ``groups`` x ``finetune.lrs`` as the Tune experiment ``experiment``;
     return (trial rows, epoch rows, surviving trials with best states, trials computed now).
 
-    ``baseline``: :func:`finetune_baseline` (the same for every strategy, so measured once)."""
+    ``baseline``: :func:`finetune_baseline` (the same for every strategy, so measured once).
+    ``retry``: rerun exactly ``retry.trials`` (module set, lr) instead, without a scheduler,
+    each stopped at a rung where ``retry`` says ASHA would have stopped it."""
     cfg, run_token = ctx.cfg, ctx.run_token
     f = cfg.finetune
     trainable = tune.with_parameters(
@@ -300,11 +120,12 @@ def run_finetune(
         grace_period=min(f.asha.grace_period, f.epochs),
         reduction_factor=f.asha.reduction_factor,
     )
-    board = TrialBoard("finetune", len(groups) * len(f.lrs), "val_score")
+    n = len(retry.trials) if retry else len(groups) * len(f.lrs)
+    board = TrialBoard("finetune", n, "val_score")
     live = LiveTrials(experiment, board, lambda c: trial_name(c["modules"], c["lr"]), "val_score",
                       on_result=_trial_result(ctx), on_end=_trial_end(ctx))  # fmt: skip
     with board:
-        results = _fit(trainable, groups, f, experiment, ctx, scheduler, live)
+        results = _fit(trainable, groups, f, experiment, ctx, scheduler, live, retry)
     trial_rows, epoch_rows, survivors, computed = [], [], [], 0
     for res in results:
         row, history, survivor = trial_result(res, at_state, cfg.finetune.epochs)
@@ -350,20 +171,30 @@ def _trial_end(ctx: SweepContext) -> Any:
 
 def _fit(
     trainable: Any, groups: list[list[str]], f: Any, experiment: str, ctx: SweepContext,
-    scheduler: Any, live: LiveTrials,
+    scheduler: Any, live: LiveTrials, retry: RungStopper | None = None,
 ) -> Any:  # fmt: skip
-    """The Tune grid of ``groups`` x ``f.lrs`` under ``scheduler``."""
+    """The Tune grid of ``groups`` x ``f.lrs`` under ``scheduler`` (``retry``: its trials,
+    under its rung rule)."""
     r = ctx.cfg.resources.finetune
+    space = {"modules": tune.grid_search(groups), "lr": tune.grid_search(list(f.lrs))}
+    if retry is not None:  # given (modules, lr) pairs, not a product
+        pairs = [(list(m), lr) for m, lr in retry.trials]
+        space = {
+            "retry": tune.grid_search(list(range(len(pairs)))),
+            "modules": tune.sample_from(lambda spec: pairs[spec["config"]["retry"]][0]),
+            "lr": tune.sample_from(lambda spec: pairs[spec["config"]["retry"]][1]),
+        }
     return run_tune(
         trainable,
-        {"modules": tune.grid_search(groups), "lr": tune.grid_search(list(f.lrs))},
+        space,
         store=ctx.store,
         name=experiment,
         resources={"cpu": r.cpu, "gpu": r.gpu},
         max_concurrent=ctx.cfg.resources.max_concurrent_trials,
         metric="val_score",
         mode="max",
-        scheduler=scheduler,
+        scheduler=None if retry else scheduler,
+        stop=retry,
         # Every epoch's checkpoint is kept while the grid runs: with num_to_keep, Tune deletes
         # the previous one as soon as the next is registered, and a driver killed before its
         # next experiment snapshot leaves a snapshot naming the deleted one, which no restore
@@ -490,7 +321,7 @@ class FinetuneStage(Stage):
         }  # a record from before finetune.strategies: every set was `lowest`
 
     def compute(self, ctx: SweepContext, st: SweepState) -> dict[str, Any]:
-        cfg, store, h = ctx.cfg, ctx.store, ctx.hashes[self.name]
+        cfg = ctx.cfg
         st.by_strategy, groups = module_groups(ctx, st.at_state, st.mrc_rows)
         self.say(
             f"{len(groups)} module set(s) x {len(cfg.finetune.lrs)} lr(s) under ASHA"
@@ -502,26 +333,79 @@ class FinetuneStage(Stage):
         failed = failures(st.ft_rows, "trial")
         if failed:
             self.say(f"{len(failed)} trial(s) failed and are left out: " + "; ".join(failed))
+        self._store(ctx, st, st.survivors)
         if not st.survivors:
-            store.put_table(FINETUNE_TABLE, st.ft_rows, stage_hash=h)
             first = f" (first: {failed[0]})" if failed else ""
             raise StageFailed(
                 f"fine-tuning produced no usable trial{first}; see tables/finetune.parquet",
-                error="no fine-tuning trial finished",
-            )
-        for s in st.survivors:
-            store.put(
-                finetune_checkpoint(s["trial"]),
-                ctx.checkpoint_bytes(s["state"], trial=s["trial"]),
-                stage_hash=h,
-            )
-        store.put_table(FINETUNE_EPOCHS_TABLE, st.epoch_rows, stage_hash=h)
-        store.put_table(FINETUNE_TABLE, st.ft_rows, stage_hash=h)
+                error="no fine-tuning trial finished", strategies=st.by_strategy,
+            )  # fmt: skip
         return {
             "computed": computed,
             "survivors": [s["trial"] for s in st.survivors],
             "strategies": st.by_strategy,
         }
+
+    def _store(self, ctx: SweepContext, st: SweepState, new: list[dict[str, Any]]) -> None:
+        """The tables (atomic writes; also of a stage without survivors, to retry from) and
+        the checkpoints of the survivors ``new``."""
+        h = ctx.hashes[self.name]
+        for s in new:
+            ctx.store.put(
+                finetune_checkpoint(s["trial"]),
+                ctx.checkpoint_bytes(s["state"], trial=s["trial"]),
+                stage_hash=h,
+            )
+        ctx.store.put_table(FINETUNE_EPOCHS_TABLE, st.epoch_rows, stage_hash=h)
+        ctx.store.put_table(FINETUNE_TABLE, st.ft_rows, stage_hash=h)
+
+    def load_failed(self, ctx: SweepContext, st: SweepState) -> bool:
+        if not ctx.store.exists(FINETUNE_TABLE):
+            return False
+        st.ft_rows = ctx.store.get_table(FINETUNE_TABLE).to_pylist()
+        st.survivors = []
+        st.by_strategy = (ctx.store.read_stage(self.name) or {}).get("strategies") or {}
+        return bool(st.by_strategy)
+
+    def retry(self, ctx: SweepContext, st: SweepState) -> bool | None:
+        """The failed trials again, alone, in ``finetune-<hash>-retry<n>`` (:class:`RungStopper`);
+        merged into the stored tables. True when one of them survived (interpolation is
+        then recomputed with it)."""
+        store, h, f = ctx.store, ctx.hashes[self.name], ctx.cfg.finetune
+        failed = [r for r in st.ft_rows if r["status"] == "failed"]
+        if not failed:
+            self.say("--retry-failed: no failed trial")
+            return None
+        if store.exists(FINETUNE_EPOCHS_TABLE):
+            st.epoch_rows = store.get_table(FINETUNE_EPOCHS_TABLE).to_pylist()
+        rec = store.read_stage(self.name) or {}
+        retries = list(rec.get("retries") or [])
+        names = [r["trial"] for r in failed]
+        self.say(f"--retry-failed: {len(failed)} failed trial(s) again, alone: {', '.join(names)}")
+        ctx.tracker.forget(names=[f"ft-{t}" for t in names])
+        stopper = RungStopper.for_trials(failed, st, f, f.primary)
+        experiment = experiment_name("finetune", h, retry=len(retries) + 1)
+        rows, epochs, new, computed = run_finetune(
+            ctx, st.at_state, [], experiment, finetune_baseline(ctx, st.at_state), retry=stopper
+        )
+        by_trial = {r["trial"]: r for r in rows}
+        st.ft_rows = [by_trial.get(r["trial"], r) for r in st.ft_rows]
+        st.epoch_rows = [e for e in st.epoch_rows if e.get("trial") not in by_trial] + epochs
+        st.survivors += new
+        sort_trials(st.ft_rows, st.survivors)
+        self._store(ctx, st, new)
+        still = failures(st.ft_rows, "trial")
+        retries.append({"trials": names, "survivors": [s["trial"] for s in new],
+                        "computed": computed, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # fmt: skip
+        done = {"status": "done", "error": None} if st.survivors else {}
+        store.write_stage(self.name, survivors=[s["trial"] for s in st.survivors],
+                          retries=retries, **done)  # fmt: skip
+        outcome = ", ".join(f"{r['trial']} {r['status']}" for r in rows)
+        self.say(
+            f"--retry-failed: {outcome}" + (f"; still failed: {'; '.join(still)}" if still else "")
+        )
+        self.track(ctx, st)
+        return bool(new)
 
     def track(self, ctx: SweepContext, st: SweepState) -> None:
         ctx.tracker.log_finetune(st.ft_rows, st.epoch_rows)

@@ -28,6 +28,7 @@ from rift_ray.config import SweepConfig
 from rift_ray.errors import StageFailed, one_line
 from rift_ray.progress import TrialBoard
 from rift_ray.rift import MRCBase, MRCOptions, adversarial_set, mrc_base, robust_criticality
+from rift_ray.rift.selection import SelectionInput, strategy_sets
 from rift_ray.stages.base import Stage, SweepContext, SweepState, failures
 from rift_ray.stages.common import (
     attack_kwargs,
@@ -248,11 +249,18 @@ def _mrc_result(ctx: SweepContext) -> Any:
     return on_result
 
 
+def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """MRC rows lowest MRC first, failed ones last (in the order given)."""
+    return sorted(
+        rows, key=lambda r: (r["status"] != "done", r["mrc"] if r.get("mrc") is not None else 0.0)
+    )
+
+
 def run_mrc(
-    ctx: SweepContext, at_state: dict[str, torch.Tensor]
+    ctx: SweepContext, at_state: dict[str, torch.Tensor], experiment: str | None = None
 ) -> tuple[list[dict[str, Any]], int]:
-    """One trial per module of ``ctx.modules``; return (rows sorted by MRC, failed ones last;
-    trials computed now)."""
+    """One trial per module of ``ctx.modules`` in the Tune experiment ``experiment`` (default
+    ``mrc-<hash>``); return (rows sorted by MRC, failed ones last; trials computed now)."""
     cfg, store, splits_ref, model_spec = ctx.cfg, ctx.store, ctx.splits_ref, ctx.spec
     modules, stage_hash, run_token = ctx.modules, ctx.hashes["mrc"], ctx.run_token
     adv = build_adversarial_set(cfg, store, splits_ref, at_state, stage_hash)
@@ -271,7 +279,7 @@ def run_mrc(
     )
     r = cfg.resources.mrc
     with TrialBoard("mrc", len(modules), "mrc") as board:
-        name = experiment_name("mrc", stage_hash)
+        name = experiment or experiment_name("mrc", stage_hash)
         live = LiveTrials(name, board, lambda c: c["module"], "mrc", on_result=_mrc_result(ctx))
         results = run_tune(
             trainable,
@@ -300,13 +308,7 @@ def run_mrc(
         by_module[module]["error"] = by_module[module]["error"] or ""  # a string column always
     for mod in modules:
         rows.append(by_module.get(mod) or {"module": mod, "status": "failed", "error": "no result"})
-    rows.sort(
-        key=lambda row: (
-            row["status"] != "done",
-            row.get("mrc") if row.get("mrc") is not None else 0.0,
-        )
-    )
-    return rows, computed
+    return sort_rows(rows), computed
 
 
 class MRCStage(Stage):
@@ -345,3 +347,61 @@ class MRCStage(Stage):
 
     def track(self, ctx: SweepContext, st: SweepState) -> None:
         ctx.tracker.log_mrc(st.mrc_rows)
+
+    def load_failed(self, ctx: SweepContext, st: SweepState) -> bool:
+        if not ctx.store.exists(MRC_TABLE):
+            return False
+        self.load(ctx, st)
+        return True
+
+    def retry(self, ctx: SweepContext, st: SweepState) -> bool | None:
+        """The failed modules again, alone, in ``mrc-<hash>-retry<n>``; merged into the stored
+        table. True when the modules the strategies select change (fine-tuning and
+        interpolation are then recomputed)."""
+        store, h = ctx.store, ctx.hashes[self.name]
+        failed = [r["module"] for r in st.mrc_rows if r["status"] != "done"]
+        if not failed:
+            self.say("--retry-failed: no failed module")
+            return None
+        before = _selection(ctx, st.mrc_rows)
+        rec = store.read_stage(self.name) or {}
+        retries = list(rec.get("retries") or [])
+        self.say(
+            f"--retry-failed: {len(failed)} failed module(s) again, alone: {', '.join(failed)}"
+        )
+        experiment = experiment_name("mrc", h, retry=len(retries) + 1)
+        rows, computed = run_mrc(dataclasses.replace(ctx, modules=failed), st.at_state, experiment)
+        new = {r["module"]: r for r in rows}
+        st.mrc_rows = sort_rows([new.get(r["module"], r) for r in st.mrc_rows])
+        store.put_table(MRC_TABLE, st.mrc_rows, stage_hash=h)
+        done = [m for m in failed if new.get(m, {}).get("status") == "done"]
+        still = [r["module"] for r in st.mrc_rows if r["status"] != "done"]
+        retries.append({"modules": failed, "done": done, "computed": computed,
+                        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # fmt: skip
+        ok = {"status": "done", "error": None} if len(still) < len(st.mrc_rows) else {}
+        store.write_stage(self.name, failed=still, retries=retries, **ok)
+        self.say(f"--retry-failed: {len(done)} of {len(failed)} module(s) now done"
+                 + (f"; still failed: {'; '.join(failures(st.mrc_rows, 'module'))}" if still else ""))  # fmt: skip
+        self.track(ctx, st)
+        if not done:
+            return False
+        after = _selection(ctx, st.mrc_rows)
+        if after is not None and after == before:
+            self.say("--retry-failed: the strategies select the same modules; fine-tuning is kept")
+            return False
+        return True
+
+
+def _selection(ctx: SweepContext, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the strategies select from MRC ``rows`` (None when it needs the greedy joint MRC,
+    which is only computed by the fine-tuning stage)."""
+
+    def greedy() -> list[str]:
+        raise LookupError
+
+    ranked = [r["module"] for r in rows if r["status"] == "done"]
+    inp = SelectionInput(ranked, ctx.modules, ctx.cfg.finetune, ctx.cfg.seed, greedy)
+    try:
+        return strategy_sets(inp)[0]
+    except LookupError:
+        return None

@@ -110,6 +110,7 @@ def run_tune(
     checkpoint_config: Any = None,
     callbacks: list[Any] | None = None,
     max_failures: int = 2,
+    stop: Any = None,
 ) -> tune.ResultGrid:
     """Fit a Tune grid; when the experiment ``name`` exists in storage, restore it.
 
@@ -149,6 +150,7 @@ def run_tune(
                 checkpoint_config=checkpoint_config,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 callbacks=callbacks,
+                stop=stop,
                 verbose=1 if ray_console() else 0,  # else the stage's board (LiveTrials) shows them
             ),
         )
