@@ -385,6 +385,16 @@ def test_stage_without_usable_result_stops_the_sweep(
     assert table(tmp_path / "t", "tables/finetune.parquet")[0]["status"] == "failed"
     for name in ("m", "t"):
         assert not (tmp_path / name / "summary.json").exists()
+    # --retry-failed, the fault gone: the failed stage is retried from its table, not redone
+    text = finish(start_driver(address, [[*all_ft_fail, "--retry-failed", "--until", "finetune"]],
+                               log), log)  # fmt: skip
+    assert exit_codes(text) == [0], text[-4000:]
+    assert "stage 3/4 finetune: --retry-failed: linear_lr0.01 finished" in " ".join(text.split())
+    rec = stage(tmp_path / "t", "finetune")
+    assert rec["status"] == "done" and rec["survivors"] == ["linear_lr0.01"]
+    assert [r["trials"] for r in rec["retries"]] == [["linear_lr0.01"]]
+    assert len(list((tmp_path / "t").glob("ray/finetune-*-retry1/finetune_trial_*"))) == 1
+    assert table(tmp_path / "t", "tables/finetune.parquet")[0]["status"] == "finished"
 
 
 # -- the driver killed twice, compared with an uninterrupted run -----------------------------------
