@@ -166,6 +166,50 @@ def test_two_drivers_started_together_one_runs(tmp_path: Path) -> None:
     assert len(refused.strip().splitlines()) == 1
 
 
+def test_the_lease_on_s3(
+    s3: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same lease on an object store (a moto S3 server on 127.0.0.1): held, refused,
+    taken over when stale, released; two drivers started together, exactly one runs."""
+    import subprocess
+    import sys
+    import time
+
+    from rift_ray.lease import LeaseHeld, SweepLease, read_lease
+
+    for k, v in s3.items():
+        monkeypatch.setenv(k, v)
+    store = Store.open("s3://sweeps/leases", "x")
+    assert not store.is_local
+    with SweepLease(store) as first:
+        assert read_lease(store)["token"] == first.token
+        with pytest.raises(LeaseHeld, match=r"s3://sweeps/leases/x is being run by another"):
+            with SweepLease(store):
+                pass
+        assert read_lease(store)["token"] == first.token
+        first._stop.set()
+        stale = read_lease(store) | {"heartbeat": time.time() - 3600}
+        store.write_file(layout.LEASE, json.dumps(stale).encode())
+        with SweepLease(store) as second:
+            assert read_lease(store)["token"] == second.token
+    assert "stopped renewing it" in capsys.readouterr().err
+    assert read_lease(store) is None and not store.exists(layout.LEASE)
+    script = (
+        "import sys, time\n"
+        "from rift_ray.lease import SweepLease, LeaseHeld\n"
+        "from rift_ray.store import Store\n"
+        "try:\n"
+        "    with SweepLease(Store.open('s3://sweeps/leases', 'race')):\n"
+        "        print('ran', flush=True); time.sleep(2)\n"
+        "except LeaseHeld as e:\n"
+        "    print(f'rift-ray: error: {e}', file=sys.stderr); sys.exit(2)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert sorted(p.returncode for p in procs) == [0, 2], outs
+
+
 def test_sweep_command_refused_while_another_driver_holds_the_lease(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
