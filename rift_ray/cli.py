@@ -297,7 +297,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     store = open_sweep(args.sweep_dir)
     if args.format == "html":
-        print(write_report(store, args.output))
+        print(write_report(store, args.output, history=args.history))
+    elif args.history:
+        return _fail("--history: only with --format html")
     elif args.output == "-":
         if args.format != "json":
             return _fail("--output -: only with --format json")
@@ -308,11 +310,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rift-ray", description="RiFT (Robust Critical Fine-Tuning) sweeps on Ray")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    s = sub.add_parser("sweep", help="run (or resume) a sweep")
+def _sweep_parser(s: argparse.ArgumentParser) -> None:
+    """The arguments of ``rift-ray sweep``."""
     s.add_argument("sweep", help="sweep YAML file")
     s.add_argument(
         "--address",
@@ -365,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_sweep)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rift-ray", description="RiFT (Robust Critical Fine-Tuning) sweeps on Ray")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    _sweep_parser(sub.add_parser("sweep", help="run (or resume) a sweep"))
+
     v = sub.add_parser("validate", help="print the resolved config, or the first error")
     v.add_argument("sweep")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -395,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         help="html: the file (default <sweep_dir>/report.html); csv / json: a directory "
         "(default <sweep_dir>/export/); '-' prints every table as one JSON object",
+    )
+    rp.add_argument(
+        "--history",
+        metavar="ENTRY",
+        help="the sweep as it was with this history/ entry (<stage>-<hash>, or its hash): "
+        "what a restart or a changed config replaced; `rift-ray status` lists the entries",
     )
     rp.set_defaults(func=cmd_report)
     return p

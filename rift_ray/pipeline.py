@@ -24,6 +24,7 @@ from rift_ray.config import SweepConfig, to_yaml
 from rift_ray.console import RayOutput
 from rift_ray.errors import SweepError, one_line
 from rift_ray.hashing import config_hash, seeds_hash, stage_hashes
+from rift_ray.history import config_key
 from rift_ray.lease import SweepLease
 from rift_ray.progress import log
 from rift_ray.store import Store
@@ -113,7 +114,9 @@ def _run_sweep(
         out.attach_workers()
         if restart:
             restart_stages(store, restart, keep=cfg.keep_history)
-        store.put_text(layout.CONFIG, to_yaml(cfg))
+        text = to_yaml(cfg)
+        keep_config(store, text, keep=cfg.keep_history)
+        store.put_text(layout.CONFIG, text)
         ctx = SweepContext(
             cfg=cfg,
             store=store,
@@ -127,6 +130,7 @@ def _run_sweep(
             data_seed=cfg.seed,
             start_state=prep.start_state,
             retry_failed=retry_failed,
+            config_key=config_key(text),
         )
         st = SweepState()
         try:
@@ -146,6 +150,17 @@ def _run_sweep(
     if not summary.get("reused"):
         log(f"report: rift-ray report {store.uri}")
     return summary
+
+
+def keep_config(store: Store, text: str, *, keep: bool) -> None:
+    """Before a changed config replaces ``config.yaml``: the old one goes to
+    ``history/config-<key>.yaml``, where ``rift-ray report --history`` finds the config a
+    replaced stage ran with (its record's ``config``)."""
+    if not keep or not store.exists(layout.CONFIG):
+        return
+    old = store.read_bytes(layout.CONFIG).decode()
+    if old != text:
+        store.write_file(f"{layout.HISTORY_DIR}/config-{config_key(old)}.yaml", old.encode())
 
 
 def announce_changes(cfg: SweepConfig, store: Store) -> list[str]:

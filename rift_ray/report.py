@@ -279,8 +279,9 @@ def _strategies_section(res: SweepResults, s: dict[str, Any]) -> list[str]:
     return parts
 
 
-def render_html(res: SweepResults) -> str:
-    """The whole report as one HTML string, figures embedded as base64 PNG."""
+def render_html(res: SweepResults, history: str | None = None) -> str:
+    """The whole report as one HTML string, figures embedded as base64 PNG (``history``: the
+    ``history/`` entry the report shows, :func:`rift_ray.history.history_view`)."""
     s = res.summary or {}
     figs = {k: (cap, png_bytes(fig)) for k, (cap, fig) in report_figures(res).items()}
 
@@ -294,7 +295,11 @@ def render_html(res: SweepResults) -> str:
             f"<figcaption>{_e(cap)}</figcaption></figure>"
         )
 
-    parts = [f"<h1>RiFT sweep {_e(res.name)}</h1>", *_headline_html(s, figure)]
+    parts = [f"<h1>RiFT sweep {_e(res.name)}</h1>"]
+    if history:
+        parts.append(f'<p class="muted">As it was with history/{_e(history)}: a result a '
+                     "restart or a changed config replaced; not the sweep's current result.</p>")  # fmt: skip
+    parts += _headline_html(s, figure)
     parts += ["<h2>Stages</h2>", _html_table(_stages_rows(res), left=("stage", "status", "error"))]
     parts += ["<h2>Adversarial training</h2>", figure("fig-adv-train")]
     parts += [
@@ -338,10 +343,18 @@ def default_output(store: Store, filename: str) -> str:
     return os.path.abspath(f"{store.root.rsplit('/', 1)[-1]}-{filename}")
 
 
-def write_report(store: Store, out: str | None = None) -> str:
-    """Write the HTML report; return its path."""
-    out = out or default_output(store, "report.html")
-    text = render_html(SweepResults.load(store))
+def write_report(store: Store, out: str | None = None, history: str | None = None) -> str:
+    """Write the HTML report; return its path. ``history``: a ``history/`` entry of the
+    sweep (a name or its hash): the sweep as it was with it, in ``report-<entry>.html``."""
+    if history:
+        from rift_ray.history import history_view
+
+        view, entry = history_view(store, history)
+        out = out or default_output(store, f"report-{entry}.html")
+        text = render_html(SweepResults.load(view), history=entry)
+    else:
+        out = out or default_output(store, "report.html")
+        text = render_html(SweepResults.load(store))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         f.write(text)

@@ -188,7 +188,10 @@ def status_lines(status: dict[str, Any]) -> list[str]:
     if dirs:
         lines.append(f"  W&B: {len(dirs)} offline run(s); upload with: wandb sync {' '.join(dirs)}")
     if status.get("history"):
-        lines.append(f"  history (what --restart replaced): {', '.join(status['history'])}")
+        lines.append(
+            f"  history (replaced results; `rift-ray report SWEEP --history ENTRY`): "
+            f"{', '.join(status['history'])}"
+        )
     if any(r["status"] == "running" for r in status["stages"]):
         lines.append(
             "  (a stage shown running may also have been interrupted: re-run the sweep to resume)"

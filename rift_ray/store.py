@@ -38,6 +38,7 @@ PUTs (object stores, which are atomic per object); every artifact's checksum is 
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import json
@@ -332,7 +333,11 @@ class Store:
         return json.loads(self.get(rel))
 
     def put_table(
-        self, rel: str, table: pa.Table | list[dict[str, Any]], *, stage_hash: str | None = None
+        self,
+        rel: str,
+        table: pa.Table | builtins.list[dict[str, Any]],
+        *,
+        stage_hash: str | None = None,
     ) -> None:
         if not isinstance(table, pa.Table):
             table = pa.Table.from_pylist(table)
@@ -397,9 +402,10 @@ class Store:
         self.delete(src)
         return True
 
-    def history(self) -> list[str]:
-        """The entries of ``history/`` (``<stage>-<hash>``), oldest first by name order."""
-        return self.list(HISTORY_DIR)
+    def history(self) -> builtins.list[str]:
+        """The entries of ``history/`` (``<stage>-<hash>``), by name; not the configs kept
+        there (``config-<key>.yaml``)."""
+        return [e for e in self.list(HISTORY_DIR) if not e.startswith("config-")]
 
     # -- bookkeeping outside the manifest (W&B run ids, logs) --------------------
     def write_file(self, rel: str, data: bytes) -> None:
@@ -415,7 +421,7 @@ class Store:
             return None
 
     # -- stage records -----------------------------------------------------------
-    def stage_artifacts(self, stage: str) -> list[str]:
+    def stage_artifacts(self, stage: str) -> builtins.list[str]:
         """What a finished stage must have left in storage (fine-tuning: its record names
         the surviving trials whose checkpoints go on to interpolation)."""
         if stage == "finetune":

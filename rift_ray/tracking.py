@@ -112,6 +112,20 @@ class LiveRun:
         self.tracker._save_registry()
 
 
+def _mrc_step(live: LiveRun, row: dict[str, Any]) -> None:
+    """A module's MRC row as the next step of the MRC run, once per module and outcome (what
+    was logged is kept in the run's registry entry, across drivers; a module retried by
+    ``--retry-failed`` logs its new outcome)."""
+    logged = live.entry.setdefault("modules", {})
+    if logged.get(row.get("module")) == row.get("status"):
+        return
+    keys = ("mrc", "loss_before", "loss_after", "acc_after", "seconds")
+    logged[str(row.get("module"))] = row.get("status")
+    live.log({k: row[k] for k in keys if is_finite(row.get(k))})
+    if is_finite(row.get("mrc")):
+        live.run.summary[f"mrc/{row['module']}"] = row["mrc"]
+
+
 class Tracker:
     """Logs each stage to W&B from the driver, live; every failure is a warning."""
 
@@ -395,12 +409,8 @@ class Tracker:
 
         def fn() -> None:
             live = self.open("mrc", "mrc")
-            if live is None:
-                return
-            keys = ("mrc", "loss_before", "loss_after", "acc_after", "seconds")
-            live.log({k: row[k] for k in keys if is_finite(row.get(k))})
-            if is_finite(row.get("mrc")):
-                live.run.summary[f"mrc/{row['module']}"] = row["mrc"]
+            if live is not None:
+                _mrc_step(live, row)
 
         self._guard("mrc", fn)
 
@@ -468,8 +478,15 @@ class Tracker:
         self._record("adv_train")
 
     def log_mrc(self, rows: list[dict[str, Any]]) -> None:
-        """The MRC run: the per-module table, a bar chart by module and the report figure."""
-        self._run("mrc", "mrc", lambda live, wandb: views.mrc_view(live, wandb, self.cfg, rows))
+        """The MRC run: a step for each module no driver logged live (one that finished while
+        the driver was down), the per-module table, a bar chart by module and the figure."""
+
+        def fn(live: LiveRun, wandb: Any) -> None:
+            for row in rows:
+                _mrc_step(live, row)
+            views.mrc_view(live, wandb, self.cfg, rows)
+
+        self._run("mrc", "mrc", fn)
         self._record("mrc")
 
     def log_finetune(

@@ -48,10 +48,19 @@ TINY = [
 ]  # fmt: skip
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port never handed out before in this session: the OS may give a just-closed
+    port again, and Ray refuses a node whose components share one port."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def _pids_with_env(key: str, value: str) -> list[int]:

@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 from rift_ray.checkpoint import load_checkpoint, save_checkpoint
 from rift_ray.cli import main
@@ -328,6 +329,30 @@ def test_retry_failed_reruns_only_the_failed_trials(
         ("mrc", "layer1.0.conv1"), ("mrc", "layer2.0.conv1")
     ]  # fmt: skip
     assert (sweep / "checkpoints/at.pt").read_bytes() == at0
+
+    # a changed interpolate.alphas: stage 4 alone is recomputed, the replaced one (and the
+    # config it ran with) kept, and `rift-ray report --history` renders the sweep with it
+    args = [*args, "--set", "interpolate.alphas=[0.0,1.0]"]
+    log = tmp_path / "c.log"
+    text = finish(start_driver(address, [[a for a in args if a != "--retry-failed"]], log), log)
+    assert exit_codes(text) == [0], text[-4000:]
+    assert (
+        f"stage 4/4 interpolate: config changed (interpolate.alphas): the stored result (hash "
+        f"{interp_hash}) will be recomputed; it moves to history/" in " ".join(text.split())
+    )
+    assert {r["alpha"] for r in table(sweep, "tables/interpolation.parquet")} == {0.0, 1.0}
+    old = sweep / "history" / f"interpolate-{interp_hash}-2"
+    assert {r["alpha"] for r in table(old, "tables/interpolation.parquet")} == {0.0, 0.5, 1.0}
+    from rift_ray.history import history_view
+    from rift_ray.results import open_sweep
+
+    view, entry = history_view(open_sweep(str(sweep)), f"{interp_hash}-2")
+    assert view.get_table("tables/interpolation.parquet") == pq.read_table(
+        old / "tables/interpolation.parquet"
+    )
+    assert yaml.safe_load(view.read_bytes("config.yaml"))["interpolate"]["alphas"] == [0, 0.5, 1]
+    assert main(["report", str(sweep), "--history", entry]) == 0
+    assert "As it was with history/" in (sweep / f"report-{entry}.html").read_text()
 
     log = tmp_path / "b.log"
     text = finish(start_driver(address, [[*args, "--until", "mrc"]], log), log)

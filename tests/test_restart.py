@@ -252,3 +252,58 @@ def test_a_changed_config_says_what_it_recomputes_and_why(tmp_path: Path) -> Non
     assert [ln.split(":")[0] for ln in lines] == ["stage 3/4 finetune", "stage 4/4 interpolate"]
     assert "(finetune.lrs)" in lines[0] and "(the stage before it)" in lines[1]
     assert lines[0].endswith("it is deleted (keep_history: false)")
+
+
+# -- a replaced result, rendered: rift-ray report --history -----------------------------------
+
+
+def test_report_of_a_history_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rift_ray.history import config_key, history_view
+    from rift_ray.pipeline import keep_config
+    from rift_ray.store import StorageError
+
+    store = finished_sweep(tmp_path)
+    for stage, before in (("mrc", "h1"), ("finetune", "h2"), ("interpolate", "h3")):
+        store.write_stage(
+            stage, after=before, config=config_key(store.read_bytes("config.yaml").decode())
+        )
+    old_config = store.read_bytes(layout.CONFIG).decode()
+    old_mrc = store.get_table(layout.MRC_TABLE).to_pylist()
+    # a changed config (mrc settings): the old config is kept, MRC and what follows move away
+    new_config = old_config.replace("epochs: 3", "epochs: 4")
+    assert new_config != old_config
+    keep_config(store, new_config, keep=True)
+    store.put_text(layout.CONFIG, new_config)
+    restart_stages(store, "mrc")
+    # ... and are computed again: MRC at h2b; fine-tuning not yet (stopped after MRC)
+    store.put_table(layout.MRC_TABLE, [{"module": "fc", "mrc": 0.01, "status": "done",
+                                        "error": "", "node": "n1"}])  # fmt: skip
+    store.write_stage("mrc", status="done", hash="h2b", after="h1", computed=1, failed=[])
+    assert store.history() == ["finetune-h3", "interpolate-h4", "mrc-h2"]  # no config file
+
+    view, entry = history_view(store, "h2", root=str(tmp_path / "view"))
+    assert entry == "mrc-h2"
+    assert view.read_stage("adv_train")["hash"] == "h1"  # the current stage 1: unchanged
+    assert view.read_stage("mrc")["hash"] == "h2"
+    assert view.get_table(layout.MRC_TABLE).to_pylist() == old_mrc
+    # the later stages computed from it, found in history/ by their `after`
+    assert view.read_stage("finetune")["hash"] == "h3"
+    assert view.read_stage("interpolate")["hash"] == "h4" and view.exists(layout.SUMMARY)
+    assert view.read_bytes(layout.CONFIG).decode() == old_config  # the config it ran with
+    # from the last stage's entry: the stages it was computed from, from history/ (the
+    # current MRC, h2b, is not one of them)
+    view, _ = history_view(store, "interpolate-h4", root=str(tmp_path / "view2"))
+    assert [view.read_stage(s)["hash"] for s in layout.STAGES] == ["h1", "h2", "h3", "h4"]
+    assert view.get_table(layout.MRC_TABLE).to_pylist() == old_mrc
+    with pytest.raises(StorageError, match="--history h: matches several history entry"):
+        history_view(store, "h")
+    with pytest.raises(StorageError, match="--history nope: matches no history entry"):
+        history_view(store, "nope")
+
+    assert main(["report", store.root, "--history", "mrc-h2"]) == 0
+    out = Path(capsys.readouterr().out.strip())
+    assert out == Path(store.root) / "report-mrc-h2.html"
+    html = out.read_text()
+    assert "As it was with history/mrc-h2" in html
+    assert main(["report", store.root, "--history", "zzz"]) == 2
+    assert "--history zzz: matches no history entry" in capsys.readouterr().err

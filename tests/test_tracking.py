@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +72,19 @@ SUMMARY = {
 
 
 @pytest.fixture
-def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Every W&B file of the test under tmp_path; no key, no mode from the environment."""
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wb"))
     for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_TAGS",
                 "WANDB_RUN_GROUP", "WANDB_DISABLED"):  # fmt: skip
         monkeypatch.delenv(var, raising=False)
-    return tmp_path / "wb"
+    yield tmp_path / "wb"
+    from wandb.sdk import wandb_setup
+
+    held = wandb_setup._singleton  # wandb keeps the settings (an API key too) per process
+    if held is not None and held.settings.api_key:
+        wandb_setup.teardown()
 
 
 def tracker(tmp_path: Path, **wandb: Any) -> Tracker:
@@ -390,3 +396,31 @@ def test_forgotten_runs_get_new_ids_the_rest_keep_theirs(tmp_path: Path, wandb_d
     t.forget(names=["ft-a"])
     third = t._entry("ft-a", "finetune")["id"]
     assert third not in (ids["ft-a"], again["ft-a"])
+
+
+def test_mrc_modules_finished_while_no_driver_listened_are_logged_at_the_end(
+    tmp_path: Path, wandb_dir: Path
+) -> None:
+    """A driver killed after logging conv1 live; the modules finished while it was down are
+    logged by the next driver at the stage's end, conv1 not again; a retried module's new
+    outcome is a step of its own."""
+    first = tracker(tmp_path)
+    assert first.mode == "offline"  # no key left behind by an earlier test's wandb setup
+    first.mrc_row(MRC[0])
+    first.finish()
+    second = tracker(tmp_path)
+    second.log_mrc(MRC)
+    second.finish()
+    dirs = offline_run_dirs(str(tmp_path / "tiny" / "wandb"))
+    history = [h for d in dirs for h in read_offline_run(d, wait=30).history]  # both drivers'
+    assert sorted(h["mrc"] for h in history if "mrc" in h) == [0.1, 0.3]  # conv1 once
+    assert len(history) == len({h["_step"] for h in history})  # no step written twice
+    entry = next(e for e in second._load_registry()["runs"].values() if e["name"] == "mrc")
+    assert entry["modules"] == {"conv1": "done", "fc": "done", "conv2": "failed"}
+    steps = entry["step"]
+    third = tracker(tmp_path)
+    third.mrc_row({**MRC[2], "mrc": 0.2, "status": "done"})  # conv2, retried
+    third.mrc_row(MRC[1])  # fc: held already
+    third.finish()
+    entry = next(e for e in third._load_registry()["runs"].values() if e["name"] == "mrc")
+    assert entry["step"] == steps + 1 and entry["modules"]["conv2"] == "done"

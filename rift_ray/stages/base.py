@@ -46,7 +46,8 @@ class SweepContext:
     (``adv_train.checkpoint``), else None; ``run_token``: this run's id (trials that report
     it were computed now, not restored); ``data_seed``: the sweep's own seed, which made
     the data split and the AT model (``cfg.seed`` is the seed of the RiFT stages);
-    ``retry_failed``: ``--retry-failed`` (:meth:`Stage.retry`).
+    ``retry_failed``: ``--retry-failed`` (:meth:`Stage.retry`); ``config_key``: the sweep's
+    config.yaml as :func:`rift_ray.history.config_key` names it (stage records keep it).
     """
 
     cfg: SweepConfig
@@ -61,6 +62,7 @@ class SweepContext:
     data_seed: int
     start_state: dict[str, torch.Tensor] | None = None
     retry_failed: bool = False
+    config_key: str = ""
 
     def for_seed(self, seed: int) -> SweepContext:
         """The context of the RiFT stages of one seed of ``cfg.seeds`` (``seeds/<seed>/``)."""
@@ -184,7 +186,10 @@ def run_stage(stage: Stage, ctx: SweepContext, st: SweepState) -> None:
                 stage.say(
                     f"the result of hash {old} {'moved to ' + where if ctx.cfg.keep_history else 'was ' + where}"
                 )
-        store.write_stage(stage.name, status="running", hash=h, started=time.time())
+        i = STAGES.index(stage.name)
+        store.write_stage(stage.name, status="running", hash=h, started=time.time(),
+                          after=ctx.hashes.get(STAGES[i - 1]) if i else None,
+                          config=ctx.config_key or None)  # fmt: skip
         try:
             record = stage.compute(ctx, st)
         except StageFailed as e:
@@ -206,7 +211,7 @@ def _retry(stage: Stage, ctx: SweepContext, st: SweepState) -> None:
         return
     keep = ctx.cfg.keep_history
     moved = [d for s in later if (d := ctx.store.archive_stage(s, keep=keep))]
-    ctx.tracker.forget(stages=later)
+    ctx.tracker.forget(stages=list(later))
     if moved:
         stage.say(f"the retried rows change what {', '.join(later)} "
                   f"{'were' if len(later) > 1 else 'was'} computed from: "
