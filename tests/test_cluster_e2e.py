@@ -99,7 +99,7 @@ class RayCluster:
             "COLUMNS": "200",
             **env,
         }
-        for k in ("RAY_ADDRESS", "RIFT_RAY_FAULTS"):
+        for k in ("RAY_ADDRESS", "RIFT_RAY_FAULTS", "WANDB_SERVICE"):
             self.env.pop(k, None)
 
     def ray(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> str:

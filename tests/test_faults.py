@@ -79,6 +79,9 @@ def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
     env.pop("RIFT_RAY_FAULTS", None)
     env.pop("RIFT_RAY_FAULT_SLEEP_S", None)
+    # wandb points a process's children at its own service; a driver on this test process's
+    # service finds a killed driver's run ids still "in use" there, as no user's driver would
+    env.pop("WANDB_SERVICE", None)
     env.update(extra)
     return env
 
