@@ -159,6 +159,10 @@ class MRCConfig(_Section):
 class ASHAConfig(_Section):
     grace_period: PosInt = 2
     reduction_factor: Annotated[float, Field(gt=1)] = 2.0
+    mode: Literal["sync", "async"] = "sync"
+    """``sync``: successive halving, each rung decided once all its trials reported (the same
+    sweep picks the same trials); ``async``: Tune's ASHA (faster on a busy cluster, but which
+    trials go on depends on which report first). See ``rift_ray.stages.rungs``."""
 
 
 Strategy = Literal["lowest", "greedy", "random", "highest"]

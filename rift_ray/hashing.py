@@ -43,6 +43,8 @@ NEW_DEFAULTS: tuple[NewDefault, ...] = (
     NewDefault(("adv_train", "checkpoint_normalization"), "dataset"),
     NewDefault(("interpolate", "search"), "grid"),
     NewDefault(("eval", "autoattack", "alphas"), []),
+    # what every sweep ran before the field existed; the new default (sync) changes the hash
+    NewDefault(("finetune", "asha", "mode"), "async", config_hash=True),
 )
 """Fields added after sweeps were first stored: at the default they are left out of the
 stage hashes, so results stored by an earlier version stay valid. A new field that changes

@@ -59,6 +59,8 @@ MANIFEST = "manifest.json"
 MRC_TABLE = "tables/mrc.parquet"
 FINETUNE_TABLE = "tables/finetune.parquet"
 FINETUNE_EPOCHS_TABLE = "tables/finetune_epochs.parquet"
+FINETUNE_RUNGS_TABLE = "tables/finetune_rungs.parquet"
+"""Every rung decision of the fine-tuning grid (:mod:`rift_ray.stages.rungs`)."""
 INTERPOLATION_TABLE = "tables/interpolation.parquet"
 JOINT_MRC_TABLE = "tables/joint_mrc.parquet"
 STRATEGIES_TABLE = "tables/strategies.parquet"
@@ -97,7 +99,13 @@ were, under their usual relative paths."""
 STAGE_OUTPUTS = {
     "adv_train": [AT_CHECKPOINT],
     "mrc": [MRC_TABLE, ADV_SET, MRC_BASE],
-    "finetune": [FINETUNE_TABLE, FINETUNE_EPOCHS_TABLE, JOINT_MRC_TABLE, "checkpoints/finetune"],
+    "finetune": [
+        FINETUNE_TABLE,
+        FINETUNE_EPOCHS_TABLE,
+        FINETUNE_RUNGS_TABLE,
+        JOINT_MRC_TABLE,
+        "checkpoints/finetune",
+    ],  # fmt: skip
     "interpolate": [
         INTERPOLATION_TABLE,
         RIFT_CHECKPOINT,

@@ -54,11 +54,11 @@ TINY = [
 ]  # fmt: skip
 NO_WANDB = ["--set", "wandb.enabled=false"]
 FOUR_MODULES = ["--set", "mrc.include=[conv1,layer1.0.conv1,layer2.0.conv1,linear]"]
-# three trials, no early stopping (grace period = epochs): every run trains the same trials,
-# so an interrupted sweep can be compared with an uninterrupted one
+# three trials and one rung (epoch 1) under sync halving: one goes on, two stop there, the
+# same ones in an interrupted sweep as in an uninterrupted one (finetune.asha.mode: sync)
 THREE_TRIALS = [
     "--set", "finetune.lrs=[0.001,0.005,0.02]", "--set", "finetune.epochs=2",
-    "--set", "finetune.asha.grace_period=2",
+    "--set", "finetune.asha.grace_period=1",
 ]  # fmt: skip
 
 # a driver process on the test session's Ray instance; RIFT_RAY_FAULTS goes to its workers
@@ -333,27 +333,23 @@ def test_retry_failed_reruns_only_the_failed_trials(
     ]  # fmt: skip
     assert (sweep / "checkpoints/at.pt").read_bytes() == at0
 
-    # a changed interpolate.alphas: stage 4 alone is recomputed, the replaced one (and the
-    # config it ran with) kept, and `rift-ray report --history` renders the sweep with it
-    args = [*args, "--set", "interpolate.alphas=[0.0,1.0]"]
-    log = tmp_path / "c.log"
-    text = finish(start_driver(address, [[a for a in args if a != "--retry-failed"]], log), log)
-    assert exit_codes(text) == [0], text[-4000:]
-    assert (
-        f"stage 4/4 interpolate: config changed (interpolate.alphas): the stored result (hash "
-        f"{interp_hash}) will be recomputed; it moves to history/" in " ".join(text.split())
-    )
-    assert {r["alpha"] for r in table(sweep, "tables/interpolation.parquet")} == {0.0, 1.0}
-    old = sweep / "history" / f"interpolate-{interp_hash}-2"
-    assert {r["alpha"] for r in table(old, "tables/interpolation.parquet")} == {0.0, 0.5, 1.0}
+    # the stage records say what each was computed from, and `rift-ray report --history`
+    # renders the replaced interpolation with the fine-tuning result it was computed from
+    hashes = {s: stage(sweep, s)["hash"] for s in ("adv_train", "mrc", "finetune")}
+    assert stage(sweep, "mrc")["after"] == hashes["adv_train"]
+    assert stage(sweep, "interpolate")["after"] == hashes["finetune"]
     from rift_ray.history import history_view
     from rift_ray.results import open_sweep
 
-    view, entry = history_view(open_sweep(str(sweep)), f"{interp_hash}-2")
+    old = sweep / "history" / f"interpolate-{interp_hash}"
+    view, entry = history_view(open_sweep(str(sweep)), interp_hash)
     assert view.get_table("tables/interpolation.parquet") == pq.read_table(
         old / "tables/interpolation.parquet"
     )
-    assert yaml.safe_load(view.read_bytes("config.yaml"))["interpolate"]["alphas"] == [0, 0.5, 1]
+    assert {r["trial"] for r in view.get_table("tables/interpolation.parquet").to_pylist()} == {
+        "conv1_lr0.001"
+    }  # the faulted sweep's one survivor
+    assert yaml.safe_load(view.read_bytes("config.yaml"))["finetune"]["lrs"] == [0.001, 0.02]
     assert main(["report", str(sweep), "--history", entry]) == 0
     assert "As it was with history/" in (sweep / f"report-{entry}.html").read_text()
 
@@ -529,6 +525,7 @@ def _same_results(a: Path, b: Path) -> None:
         ("tables/finetune.parquet", ("trial", "status", "epochs", "best_epoch", "best_val_score")),
         ("tables/finetune_epochs.parquet", ("trial", "epoch", "train_loss", "val_score")),
         ("tables/interpolation.parquet", ("trial", "alpha", "split", "clean_acc", "robust_acc")),
+        ("tables/finetune_rungs.parquet", ("trial", "rung", "score", "decision")),
     ):
         assert rows(a, rel, keys) == rows(b, rel, keys), rel
     sa, sb = (json.loads((s / "summary.json").read_text()) for s in (a, b))
@@ -558,9 +555,13 @@ def test_driver_killed_during_mrc_and_finetune_resumes(
     trial_dirs = list(sweep.glob("ray/finetune-*/finetune_trial_*"))
     assert len(trial_dirs) == 3
     assert all(len(list(d.glob("checkpoint_*"))) == 1 for d in trial_dirs)
+    # the rung at epoch 1 was decided once, by rank: one trial on to epoch 2, two stopped
+    # (the driver was killed between the rung and the end: the decision held)
     epochs = [(r["trial"], r["epoch"]) for r in table(sweep, "tables/finetune_epochs.parquet")]
-    assert sorted(epochs) == sorted({(t, e) for t in {t for t, _ in epochs} for e in (1, 2)})
-    assert len({t for t, _ in epochs}) == 3
+    assert len({t for t, _ in epochs}) == 3 and sorted(e for _, e in epochs) == [1, 1, 1, 2]
+    rungs = table(sweep, "tables/finetune_rungs.parquet")
+    assert sorted(r["decision"] for r in rungs) == ["kept", "stopped", "stopped"]
+    assert {r["rung"] for r in rungs} == {1}
     # and the result is the uninterrupted run's, bit for bit (CPU, one thread per trial)
     assert reference["code"] == 0, reference["err"][-4000:]
     _same_results(sweep, reference["sweep"])

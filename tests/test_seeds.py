@@ -53,12 +53,17 @@ def test_unset_seeds_change_nothing() -> None:
     sweeps stay valid)."""
     cfg = load_config(SMOKE)
     assert cfg.seeds is None and "seeds" not in cfg.to_dict() and "seeds" not in to_yaml(cfg)
-    assert stage_hashes(cfg) == {
+    # finetune.asha.mode: what every sweep ran before the field existed (async) hashes as then
+    before = load_config(SMOKE, overrides=["finetune.asha.mode=async"])
+    assert stage_hashes(before) == {
         "adv_train": "b8a6f920c317",
         "mrc": "f9b7d0fb3abb",
         "finetune": "0c9e8e41b305",
         "interpolate": "18abf790118d",
     }
+    # ... the new default (sync halving) changes fine-tuning's results, so its hash, on purpose
+    now = stage_hashes(cfg)
+    assert now["mrc"] == "f9b7d0fb3abb" and now["finetune"] != "0c9e8e41b305"
     # a new field away from its default does change the hashes it belongs to
     searched = stage_hashes(load_config(SMOKE, overrides=["interpolate.search=monotone"]))
     assert searched["mrc"] == "f9b7d0fb3abb" and searched["interpolate"] != "18abf790118d"

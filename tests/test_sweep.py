@@ -228,11 +228,12 @@ def test_default_strategy_result_is_unchanged(
         r["trial"]: r["status"]
         for r in pq.read_table(tmp_path / "t/tables/finetune.parquet").to_pylist()
     }
-    if all(ft_full[t] == s for t, s in ft_alone.items()):  # ASHA stopped the same trials
-        assert (alone["trial"], alone["alpha"]) == (full["trial"], full["alpha"])
-        for split in ("val", "test"):
-            for k in ("clean_acc", "robust_acc"):
-                assert alone["rift"][split][k] == full["rift"][split][k]
+    # sync halving (smoke.yaml's default): the same rung decisions, so the same model
+    assert all(ft_full[t] == s for t, s in ft_alone.items()), (ft_full, ft_alone)
+    assert (alone["trial"], alone["alpha"]) == (full["trial"], full["alpha"])
+    for split in ("val", "test"):
+        for k in ("clean_acc", "robust_acc"):
+            assert alone["rift"][split][k] == full["rift"][split][k]
 
 
 def test_corruption_and_autoattack_in_the_final_evaluation(smoke_run: Path) -> None:
@@ -424,6 +425,7 @@ SEEDS_BASE = [
     "--set", "finetune.lrs=[0.02]",
     "--set", "interpolate.alphas=[0.0,1.0]",
     "--set", "seeds=[0,1]",
+    "--set", "finetune.asha.mode=async",  # Tune's ASHA still runs (and records its decision)
 ]  # fmt: skip
 
 
@@ -459,6 +461,8 @@ def test_seeds_sweep_layout_and_aggregate(seeds_run: Path) -> None:
             assert (d / rel).is_file(), (seed, rel)
         assert (d / "ray").is_dir()
         per_seed[seed] = json.loads((d / "summary.json").read_text())
+        rungs = pq.read_table(d / "tables/finetune_rungs.parquet").to_pylist()
+        assert [(r["rung"], r["decision"]) for r in rungs] == [(1, "kept")]  # one trial
         assert per_seed[seed]["seed"] == seed
         assert (d / f"checkpoints/finetune/{per_seed[seed]['trial']}.pt").is_file()
     # one validation split: the same images (labels) attacked with other PGD starts per seed

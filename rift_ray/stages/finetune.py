@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 
 from rift_ray.errors import StageFailed, one_line
 from rift_ray.progress import TrialBoard, log
 from rift_ray.rift.asha import continues, milestones
 from rift_ray.stages.base import Stage, SweepContext, SweepState, failures
 from rift_ray.stages.ft_trial import finetune_baseline, finetune_trial, load_trial_state
+from rift_ray.stages.rungs import RecordedASHA, SyncHalving
 from rift_ray.stages.selection import module_groups
 from rift_ray.stages.tuning import LiveTrials, prune_checkpoints, run_tune
 from rift_ray.store import (
@@ -114,12 +114,7 @@ def run_finetune(
         baseline=baseline,
         run_token=run_token,
     )
-    scheduler = ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=f.epochs,
-        grace_period=min(f.asha.grace_period, f.epochs),
-        reduction_factor=f.asha.reduction_factor,
-    )
+    scheduler = rung_scheduler(ctx, experiment)
     n = len(retry.trials) if retry else len(groups) * len(f.lrs)
     board = TrialBoard("finetune", n, "val_score")
     live = LiveTrials(experiment, board, lambda c: trial_name(c["modules"], c["lr"]), "val_score",
@@ -141,6 +136,20 @@ def run_finetune(
         )
     sort_trials(trial_rows, survivors)
     return trial_rows, epoch_rows, survivors, computed
+
+
+def rung_scheduler(ctx: SweepContext, experiment: str) -> SyncHalving | RecordedASHA:
+    """The scheduler of ``finetune.asha.mode`` at ASHA's rungs, recording its decisions in
+    ``tables/finetune_rungs.parquet`` (:mod:`rift_ray.stages.rungs`)."""
+    f = ctx.cfg.finetune
+    rungs = milestones(f.asha.grace_period, f.asha.reduction_factor, f.epochs)
+    if f.asha.mode == "sync":
+        limit = ctx.cfg.resources.max_concurrent_trials
+        return SyncHalving(ctx.store, experiment, rungs, f.asha.reduction_factor, limit)
+    return RecordedASHA(
+        ctx.store, experiment, rungs, time_attr="training_iteration", max_t=f.epochs,
+        grace_period=min(f.asha.grace_period, f.epochs), reduction_factor=f.asha.reduction_factor,
+    )  # fmt: skip
 
 
 def _trial_result(ctx: SweepContext) -> Any:
@@ -190,7 +199,10 @@ def _fit(
         store=ctx.store,
         name=experiment,
         resources={"cpu": r.cpu, "gpu": r.gpu},
-        max_concurrent=ctx.cfg.resources.max_concurrent_trials,
+        # sync halving limits concurrency itself (Tune's limit counts paused trials)
+        max_concurrent=None
+        if isinstance(scheduler, SyncHalving) and not retry
+        else ctx.cfg.resources.max_concurrent_trials,
         metric="val_score",
         mode="max",
         scheduler=None if retry else scheduler,
