@@ -103,7 +103,8 @@ def test_rung_stopper_judges_against_its_own_strategys_trials() -> None:
     assert stop.trials == [(["conv1"], 0.1)]
     # rungs 1 and 2 (not 4 = max epochs); peers: conv1_lr0.01 only, not the failed trial
     # itself, nor the `random` strategy's linear trials (their own experiment and ASHA)
-    assert stop.recorded == {"conv1_lr0.1": {1: [1.5], 2: [2.5]}}
+    assert stop.recorded == {"conv1_lr0.1": {1: {"conv1_lr0.01": 1.5}, 2: {"conv1_lr0.01": 2.5}}}
+    assert stop.mode == "sync"  # the config's finetune.asha.mode
     at = {"trial": "conv1_lr0.1", "status": "ok"}
     assert not stop("id", {**at, "epoch": 1, "val_score": 1.6})
     assert stop("id", {**at, "epoch": 1, "val_score": 1.4})
@@ -117,5 +118,14 @@ def test_rung_stopper_with_no_peer_lets_the_trial_run(tmp_path: Path) -> None:
     st, f = _state()
     failed = [r for r in st.ft_rows if r["modules"] == "conv1"]  # both of its strategy's trials
     stop = RungStopper.for_trials(failed, st, f, "lowest")
-    assert stop.recorded == {"conv1_lr0.01": {1: [], 2: []}, "conv1_lr0.1": {1: [], 2: []}}
+    assert stop.recorded == {"conv1_lr0.01": {1: {}, 2: {}}, "conv1_lr0.1": {1: {}, 2: {}}}
     assert not stop("id", {"trial": "conv1_lr0.1", "epoch": 1, "val_score": -5.0})
+
+
+def test_rung_stopper_follows_the_sweeps_mode() -> None:
+    """Peers scored 1.0 and 3.0 at rung 1, the retried trial 2.0: successive halving keeps
+    one of three (3.0), Tune's ASHA lets it on (2.0 reaches the median cutoff)."""
+    recorded = {"me": {1: {"a": 1.0, "b": 3.0}}}
+    result = {"trial": "me", "epoch": 1, "val_score": 2.0}
+    assert RungStopper([], recorded, 2.0, "sync")("id", result)
+    assert not RungStopper([], recorded, 2.0, "async")("id", result)

@@ -24,7 +24,7 @@ from ray import tune
 
 from rift_ray.errors import StageFailed, one_line
 from rift_ray.progress import TrialBoard, log
-from rift_ray.rift.asha import continues, milestones
+from rift_ray.rift.asha import continues, milestones, rung_decisions
 from rift_ray.stages.base import Stage, SweepContext, SweepState, failures
 from rift_ray.stages.ft_trial import finetune_baseline, finetune_trial, load_trial_state
 from rift_ray.stages.rungs import RecordedASHA, SyncHalving
@@ -41,23 +41,30 @@ from rift_ray.store import (
 
 class RungStopper(tune.Stopper):
     """``--retry-failed`` for fine-tuning trials: ``trials`` (module set, lr) rerun without a
-    scheduler; at each of ASHA's rungs a trial stops when ASHA would have stopped it had it
-    reported last there (:func:`rift_ray.rift.asha.continues`), judged against ``recorded``:
-    trial name -> {rung epoch: the val_score the other trials of its experiment recorded}."""
+    scheduler; at each of ASHA's rungs a trial stops where the sweep's scheduler would have
+    stopped it, judged against ``recorded``: trial name -> {rung epoch: {the other trials of
+    its experiment: the val_score each recorded there}}. ``sync``: ranked with them
+    (:func:`rift_ray.rift.asha.rung_decisions`); ``async``: as Tune's ASHA judges a trial
+    that reports last (:func:`rift_ray.rift.asha.continues`)."""
 
     def __init__(
         self,
         trials: list[tuple[list[str], float]],
-        recorded: dict[str, dict[int, list[float]]],
+        recorded: dict[str, dict[int, dict[str, float]]],
         reduction_factor: float,
+        mode: str = "sync",
     ) -> None:
-        self.trials, self.recorded, self.rf = trials, recorded, reduction_factor
+        self.trials, self.recorded, self.rf, self.mode = trials, recorded, reduction_factor, mode
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        others = self.recorded.get(str(result.get("trial")), {}).get(int(result.get("epoch") or 0))
+        name = str(result.get("trial"))
+        others = self.recorded.get(name, {}).get(int(result.get("epoch") or 0))
         if others is None or result.get("status") == "failed":
             return False
-        return not continues(float(result.get("val_score", float("-inf"))), others, self.rf)
+        score = float(result.get("val_score", float("-inf")))
+        if self.mode == "sync":
+            return not rung_decisions({**others, name: score}, self.rf)[name]
+        return not continues(score, others.values(), self.rf)
 
     def stop_all(self) -> bool:
         return False
@@ -75,18 +82,18 @@ class RungStopper(tune.Stopper):
                 experiment_of.setdefault("+".join(g), strategy)
         rungs = milestones(f.asha.grace_period, f.asha.reduction_factor, f.epochs)
         retried = {r["trial"] for r in failed}
-        recorded: dict[str, dict[int, list[float]]] = {}
+        recorded: dict[str, dict[int, dict[str, float]]] = {}
         for r in failed:
             mine = experiment_of.get(r["modules"])
             peers = {t["trial"] for t in st.ft_rows
                      if t["trial"] not in retried and experiment_of.get(t["modules"]) == mine}  # fmt: skip
             recorded[r["trial"]] = {
-                m: [e["val_score"] for e in st.epoch_rows
-                    if e.get("trial") in peers and e.get("epoch") == m and e.get("val_score") is not None]
+                m: {e["trial"]: e["val_score"] for e in st.epoch_rows
+                    if e.get("trial") in peers and e.get("epoch") == m and e.get("val_score") is not None}
                 for m in rungs
             }  # fmt: skip
         trials = [(r["modules"].split("+"), float(r["lr"])) for r in failed]
-        return cls(trials, recorded, f.asha.reduction_factor)
+        return cls(trials, recorded, f.asha.reduction_factor, f.asha.mode)
 
 
 def run_finetune(
