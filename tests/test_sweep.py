@@ -344,6 +344,27 @@ def test_restart_interpolate_keeps_the_rest_and_the_old_result(
     old, new = json.loads(before), json.loads((t / "summary.json").read_text())
     assert (new["trial"], new["alpha"], new["rift"]) == (old["trial"], old["alpha"], old["rift"])
 
+    # an edited interpolate.alphas: stage 4 alone is recomputed, announced with the field,
+    # and the outputs it replaces (and the config they ran with) are kept under history/
+    h4b = json.loads((t / "stages/interpolate.json").read_text())["hash"]
+    replaced = (t / "tables/interpolation.parquet").read_bytes()
+    code = main(["sweep", SMOKE, "--storage", str(tmp_path), "--name", "t", *FAST, *EVAL,
+                 *STRATEGIES, "--set", "interpolate.alphas=[0.0,1.0]"])  # fmt: skip
+    assert code == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        f"stage 4/4 interpolate: config changed (interpolate.alphas): the stored result (hash "
+        f"{h4b}) will be recomputed; it moves to history/" in err
+    ), err[-3000:]
+    kept = t / "history" / f"interpolate-{h4b}-2"
+    assert (kept / "tables/interpolation.parquet").read_bytes() == replaced
+    assert (t / "checkpoints/at.pt").read_bytes() == at
+    alphas = {r["alpha"] for r in pq.read_table(t / "tables/interpolation.parquet").to_pylist()}
+    assert alphas == {0.0, 1.0}
+    # each config a re-run replaced (the W&B settings of the first run, then the alphas)
+    configs = [yaml.safe_load(p.read_text()) for p in (t / "history").glob("config-*.yaml")]
+    assert sorted(c["interpolate"]["alphas"] for c in configs) == [[0.0, 0.5, 1.0]] * 2
+
 
 def test_wandb_runs_logged_while_each_stage_ran(smoke_run: Path) -> None:
     """Offline runs under <sweep>/wandb/: every epoch, module and alpha point was logged
