@@ -112,20 +112,6 @@ class LiveRun:
         self.tracker._save_registry()
 
 
-def _mrc_step(live: LiveRun, row: dict[str, Any]) -> None:
-    """A module's MRC row as the next step of the MRC run, once per module and outcome (what
-    was logged is kept in the run's registry entry, across drivers; a module retried by
-    ``--retry-failed`` logs its new outcome)."""
-    logged = live.entry.setdefault("modules", {})
-    if logged.get(row.get("module")) == row.get("status"):
-        return
-    keys = ("mrc", "loss_before", "loss_after", "acc_after", "seconds")
-    logged[str(row.get("module"))] = row.get("status")
-    live.log({k: row[k] for k in keys if is_finite(row.get(k))})
-    if is_finite(row.get("mrc")):
-        live.run.summary[f"mrc/{row['module']}"] = row["mrc"]
-
-
 class Tracker:
     """Logs each stage to W&B from the driver, live; every failure is a warning."""
 
@@ -410,7 +396,7 @@ class Tracker:
         def fn() -> None:
             live = self.open("mrc", "mrc")
             if live is not None:
-                _mrc_step(live, row)
+                views.mrc_step(live, row)
 
         self._guard("mrc", fn)
 
@@ -483,7 +469,7 @@ class Tracker:
 
         def fn(live: LiveRun, wandb: Any) -> None:
             for row in rows:
-                _mrc_step(live, row)
+                views.mrc_step(live, row)
             views.mrc_view(live, wandb, self.cfg, rows)
 
         self._run("mrc", "mrc", fn)

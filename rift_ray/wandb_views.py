@@ -87,6 +87,20 @@ def adv_train_view(
     log_figure(live, wandb, "at/figure", fig_adv_train(history))
 
 
+def mrc_step(live: LiveRun, row: dict[str, Any]) -> None:
+    """A module's MRC row as the next step of the MRC run, once per module and outcome (what
+    was logged is kept in the run's registry entry, across drivers; a module retried by
+    ``--retry-failed`` logs its new outcome)."""
+    logged = live.entry.setdefault("modules", {})
+    if logged.get(row.get("module")) == row.get("status"):
+        return
+    keys = ("mrc", "loss_before", "loss_after", "acc_after", "seconds")
+    logged[str(row.get("module"))] = row.get("status")
+    live.log({k: row[k] for k in keys if is_finite(row.get(k))})
+    if is_finite(row.get("mrc")):
+        live.run.summary[f"mrc/{row['module']}"] = row["mrc"]
+
+
 def mrc_view(live: LiveRun, wandb: Any, cfg: SweepConfig, rows: list[dict[str, Any]]) -> None:
     """The MRC run at the stage's end: the per-module table, a bar chart, the report figure."""
     from rift_ray.figures import fig_mrc
