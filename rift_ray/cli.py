@@ -266,6 +266,7 @@ def follow_status(sweep_dir: str, interval: float) -> int:
 
     seen: set[str] = set()
     waiting = False
+    settle: float | None = None
     while True:
         try:
             status = sweep_status(open_sweep(sweep_dir))
@@ -284,8 +285,15 @@ def follow_status(sweep_dir: str, interval: float) -> int:
                 seen.add(key)
                 print(f"{time.strftime('%H:%M:%S')} {line.strip()}", flush=True)
         if status.get("summary"):
-            print_summary(status["summary"])
-            return 0
+            # the last stage writes the summary just before its record says done: wait for
+            # that record (briefly), so its line is printed too
+            running = any(r["status"] == "running" for r in status["stages"])
+            settle = settle or time.monotonic() + 30
+            if not running or time.monotonic() > settle:
+                print_summary(status["summary"])
+                return 0
+            time.sleep(min(interval, 1.0))
+            continue
         if any(r["status"] == "failed" for r in status["stages"]):
             return 1
         time.sleep(interval)

@@ -336,3 +336,39 @@ def test_online_wandb_runs_are_linked_from_the_report(tmp_path: Path) -> None:
     store.put_json("summary.json", summary)
     text = render_html(SweepResults.load(store))
     assert "<a href='https://wandb.ai/team/rift-ray/runs/abc'>s-summary</a>" in text
+
+
+def test_follow_prints_the_last_stage_done_before_the_summary(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The last stage writes summary.json just before its record says done: a follower that
+    looks in between waits for the record, so "interpolate done" is printed, then the
+    summary (it was missed once: the follower printed the summary and left)."""
+    import rift_ray.results
+    import rift_ray.status
+    from rift_ray import cli
+
+    def stage(name: str, status: str) -> dict[str, object]:
+        return {"stage": name, "status": status, "elapsed": 1.0, "seconds": 2.0, "detail": "",
+                "failed": [], "error": ""}  # fmt: skip
+
+    looks = iter([
+        [stage("mrc", "done"), stage("interpolate", "running")],
+        [stage("mrc", "done"), stage("interpolate", "running")],  # summary already there
+        [stage("mrc", "done"), stage("interpolate", "done")],
+    ])  # fmt: skip
+    summaries = iter([None, {"trial": "t"}, {"trial": "t"}])
+
+    def fake_status(_store: object) -> dict[str, object]:
+        return {"name": "s", "location": "here", "stages": next(looks), "summary": next(summaries)}
+
+    monkeypatch.setattr(rift_ray.results, "open_sweep", lambda _d: None)
+    monkeypatch.setattr(rift_ray.status, "sweep_status", fake_status)
+    monkeypatch.setattr(cli, "print_summary", lambda s: print(f"SUMMARY {s['trial']}"))
+    monkeypatch.setattr("time.sleep", lambda _s: None)
+    assert cli.follow_status("here", 0.01) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [ln.split()[1:3] for ln in out[1:-1]] == [
+        ["mrc", "done"], ["interpolate", "running"], ["interpolate", "done"]
+    ]  # fmt: skip
+    assert out[-1] == "SUMMARY t"
