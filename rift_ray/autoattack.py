@@ -1,120 +1,134 @@
-"""AutoAttack (Croce & Hein 2020) at L-inf through the ``torchattacks`` implementations.
+"""AutoAttack (Croce & Hein 2020) at L-inf: the official implementation.
 
-The official ``autoattack`` package is not on PyPI, so the four attacks come from PyPI
-``torchattacks`` (install with ``pip install 'rift-ray[autoattack]'``), configured here
-with the official "standard" parameters (``docs/evaluation.md`` lists every one):
+The code is fra31/auto-attack, the one RobustBench runs, as published on PyPI as
+``pyautoattack`` (:data:`IMPLEMENTATION`, a regular dependency of rift-ray). Its
+"standard" version, unchanged (``docs/evaluation.md`` lists every parameter):
 
     apgd-ce   APGD on cross-entropy, 100 iterations, 1 restart
-    apgd-t    APGD on the targeted DLR loss, 100 iterations, 9 target classes, 1 restart each
-    fab-t     targeted FAB, 100 iterations, 9 target classes, 1 restart each
-    square    Square Attack, 5000 queries, p_init 0.8, the official (unrescaled) p schedule
+    apgd-t    APGD on the targeted DLR loss, 100 iterations, 9 target classes
+    fab-t     targeted FAB, 100 iterations, 9 target classes
+    square    Square Attack, 5000 queries, p_init 0.8
 
-``version="torchattacks-standard"`` is ``torchattacks.AutoAttack(version="standard")``
-as shipped (10 iterations, n_classes - 1 target classes, rescaled Square schedule): a
-weaker, cheaper variant whose numbers must not be reported as AutoAttack.
+As the official code does: the images are classified first and only correctly classified
+ones are attacked; each attack sees the images that survived the previous ones, in batches
+of ``batch_size``, with the torch RNG reseeded to ``seed`` per batch. Each attack runs as
+one call of the official ``run_standard_evaluation`` on the images still robust, which
+gives the official batches and seeds, so the result is image for image the official one
+(``tests/test_autoattack.py``). On top of it, every counted adversarial image is checked
+to lie in the eps-ball and in [0, 1] (an error, not a log line).
 
-As in the official code, each batch is first classified; only correctly classified images
-are attacked, and each attack only sees the images that survived the previous ones.
-Images are float [0, 1]; normalization lives inside the model. No Ray here.
+``state_path``: after each finished attack, the robust flags and the accuracy after each
+attack are written there, so an interrupted evaluation resumes with the next attack. This
+is rift-ray's own small JSON file: pyautoattack 0.2.0's ``state_path`` cannot resume (it
+writes its attack set as a string, reads the finished attacks back as a list, and returns
+an unset ``y_adv`` after a resume). Images are float [0, 1]; normalization lives inside the
+model. No Ray here.
 
     res = autoattack_accuracy(model, test_data, eps=8/255)   # res["robust_acc"] in percent
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from rift_ray.attacks import eval_mode
 from rift_ray.data import ImageData
 
-Version = Literal["standard", "torchattacks-standard"]
+Version = Literal["standard"]
 ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
-INSTALL_HINT = "pip install 'rift-ray[autoattack]'"
+INSTALL_HINT = "pip install pyautoattack==0.2.0"
+IMPLEMENTATION = "pyautoattack 0.2.0 (fra31/auto-attack)"
+EPS_SLACK = 1e-6
+"""Float rounding allowed beyond eps in the final check (the official code lands ~3e-8 over)."""
 
 
-def require_torchattacks() -> Any:
-    """The torchattacks module, or an ImportError naming the extra (call it before any compute)."""
+def require_autoattack() -> Any:
+    """The ``pyautoattack`` module, or an ImportError naming the install (before any compute)."""
     try:
-        import torchattacks
+        import pyautoattack
     except ImportError as e:
         raise ImportError(
-            f"AutoAttack needs the optional package torchattacks: {INSTALL_HINT} "
-            f"(or pip install 'torchattacks>=3.5'); import failed: {e}"
+            f"AutoAttack needs the package pyautoattack: {INSTALL_HINT}; import failed: {e}"
         ) from None
-    return torchattacks
+    return pyautoattack
 
 
-def build_attacks(
+def build_autoattack(
     model: nn.Module,
     *,
     eps: float,
-    version: Version,
-    n_classes: int,
     seed: int,
+    device: torch.device | str = "cpu",
     steps: int | None = None,
     n_queries: int | None = None,
-) -> list[tuple[str, Any]]:
-    """The four torchattacks objects of AutoAttack ``version``, in the order they run.
+) -> Any:
+    """The official ``AutoAttack(version="standard")`` object.
 
-    ``steps`` (APGD, APGD-T, FAB iterations) and ``n_queries`` (Square) override the
-    version's budget: for tests and smoke runs only, such a number is not AutoAttack.
-    """
-    if n_classes < 4:
-        raise ValueError(f"AutoAttack needs >= 4 classes (targeted DLR loss), got {n_classes}")
-    if version == "standard":
-        default_steps, targets, rescale = 100, min(9, n_classes - 1), False
-    elif version == "torchattacks-standard":
-        default_steps, targets, rescale = 10, n_classes - 1, True
-    else:
-        raise ValueError(f"unknown AutoAttack version {version!r}")
-    steps = steps or default_steps
-    ta = require_torchattacks()
-    common = {"norm": "Linf", "eps": eps, "seed": seed}
-    apgd = ta.APGD(model, steps=steps, n_restarts=1, loss="ce", rho=0.75, **common)
-    apgdt = ta.APGDT(model, steps=steps, n_restarts=1, n_classes=n_classes, rho=0.75, **common)
-    apgdt.n_target_classes = targets
-    fab = ta.FAB(
-        model, steps=steps, n_restarts=1, multi_targeted=True, n_classes=n_classes, **common
+    ``steps`` (APGD, APGD-T, FAB iterations) and ``n_queries`` (Square) shrink the budget:
+    for tests and smoke runs only, such a number is not AutoAttack."""
+    aa = require_autoattack().AutoAttack(
+        model, norm="Linf", eps=eps, version="standard", seed=seed, device=device
     )
-    fab.n_target_classes = targets
-    square = ta.Square(
-        model,
-        n_queries=n_queries or 5000,
-        n_restarts=1,
-        p_init=0.8,
-        loss="margin",
-        resc_schedule=rescale,
-        **common,
-    )
-    return list(zip(ATTACKS, (apgd, apgdt, fab, square)))
+    if steps:
+        aa.apgd.n_iter = aa.apgd_targeted.n_iter = aa.fab.n_iter = steps
+    if n_queries:
+        aa.square.n_queries = n_queries
+    return aa
 
 
-def _attack_batch(
-    model: nn.Module, attacks: list[tuple[str, Any]], x: Tensor, y: Tensor, eps: float
-) -> tuple[Tensor, Tensor, dict[str, int]]:
-    """(robust mask [B], adversarial images [B,...], images still robust after each attack)."""
-    with torch.no_grad():
-        robust = model(x).argmax(1) == y
-    x_adv = x.clone()
-    after: dict[str, int] = {}
-    for name, attack in attacks:
-        idx = robust.nonzero().flatten()
-        if len(idx):
-            adv = attack(x[idx], y[idx]).detach()
-            with torch.no_grad():
-                fooled = model(adv).argmax(1) != y[idx]
-            # an adversarial example counts only if it is a valid one: inside the eps-ball and [0,1]
-            dist = (adv - x[idx]).abs().flatten(1).amax(1)
-            fooled &= (
-                (dist <= eps + 1e-6) & (adv.flatten(1).amin(1) >= 0) & (adv.flatten(1).amax(1) <= 1)
-            )
-            x_adv[idx[fooled]] = adv[fooled]
-            robust[idx[fooled]] = False
-        after[name] = int(robust.sum())
-    return robust, x_adv, after
+def _one_attack(
+    aa: Any, attack: str, x: torch.Tensor, y: torch.Tensor, batch_size: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One attack of the standard sequence on the images still robust, through the official
+    ``run_standard_evaluation`` (so its batches and per-batch seeds are the official ones):
+    (adversarial images, fooled mask). The final check: a counted adversarial image must lie
+    in the eps-ball and in [0, 1] (an error otherwise, not a log line)."""
+    aa.attacks_to_run = [attack]
+    adv, pred = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+    adv, fooled = adv.cpu(), pred.cpu() != y
+    dist = (adv - x).abs().flatten(1).amax(1)
+    bad = fooled & ((dist > eps + EPS_SLACK) | (adv.flatten(1).amin(1) < 0)
+                    | (adv.flatten(1).amax(1) > 1))  # fmt: skip
+    if bad.any():
+        raise RuntimeError(
+            f"AutoAttack ({attack}) returned {int(bad.sum())} adversarial image(s) outside the "
+            f"eps-ball or [0, 1] (max L-inf {float(dist[bad].max()):.6g}, eps {eps:.6g})"
+        )
+    return adv, fooled
+
+
+def _load_state(path: Path | None, n: int) -> dict[str, Any]:
+    """The evaluation state at ``path``: robust flags and the accuracy after each finished
+    attack (a fresh one when there is none, or one for another number of images)."""
+    fresh: dict[str, Any] = {"n": n, "robust": None, "after": {}, "resumed": []}
+    if path is None or not path.exists():
+        return fresh
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return fresh
+    if state.get("n") != n or len(state.get("robust") or []) != n:
+        return fresh
+    state["after"] = {a: v for a, v in state.get("after", {}).items() if a in ATTACKS}
+    state["resumed"] = list(state["after"])
+    return state
+
+
+def _save_state(path: Path | None, state: dict[str, Any]) -> None:
+    """Write the state whole or not at all (a temp file, then renamed)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({k: v for k, v in state.items() if k != "resumed"}))
+    os.replace(tmp, path)
 
 
 def autoattack_accuracy(
@@ -130,64 +144,76 @@ def autoattack_accuracy(
     steps: int | None = None,
     n_queries: int | None = None,
     return_adv: bool = False,
+    state_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """AutoAttack robust accuracy (percent) of ``model`` on ``data`` at L-inf ``eps``.
 
-    The model must already be on ``device``; it runs in eval mode (modes restored after).
-    Batches of ``batch_size`` consecutive images are attacked independently, each with the
-    torch RNG reseeded to ``seed`` (the official behaviour), so the result is a function of
-    the weights, the images, ``seed`` and the batch boundaries; the global RNG state is
-    restored afterwards. ``n_classes`` defaults to ``len(data.classes)``. ``steps`` and
-    ``n_queries`` shrink the attack budget for tests (see :func:`build_attacks`); they are
-    echoed in the result so such a number is never mistaken for AutoAttack.
+    The model must already be on ``device``; it runs in eval mode (modes restored after),
+    and the global RNG state is restored afterwards. ``n_classes`` defaults to
+    ``len(data.classes)`` (AutoAttack needs >= 4). ``steps`` and ``n_queries`` shrink the
+    budget for tests (echoed in the result). ``state_path``: the evaluation state; an existing
+    one for the same number of images is resumed (the attacks it finished are not run again:
+    ``resumed`` names them).
 
     Returns ``robust_acc``, ``clean_acc``, ``n``, ``correct_mask`` (bool [N], robust images),
-    ``clean_mask`` (bool [N]), ``after`` (robust accuracy after each attack, cumulative),
-    ``version``, ``eps``, ``steps``, ``n_queries`` (None = the version's own) and, with ``return_adv``, ``x_adv`` (float [N,C,H,W] on the CPU;
-    clean images where no attack succeeded).
+    ``clean_mask`` (bool [N]), ``after`` (robust accuracy after each attack), ``resumed``,
+    ``implementation``, ``version``, ``eps``, ``steps``, ``n_queries`` and, with
+    ``return_adv``, ``x_adv`` (float [N,C,H,W] on the CPU; clean images where no attack
+    succeeded).
     """
     n = len(data)
     if n == 0:
         raise ValueError("autoattack_accuracy: no images in data")
-    n_classes = n_classes or len(data.classes)
-    attacks = build_attacks(
-        model,
-        eps=eps,
-        version=version,
-        n_classes=n_classes,
-        seed=seed,
-        steps=steps,
-        n_queries=n_queries,
-    )
+    if version != "standard":
+        raise ValueError(f"unknown AutoAttack version {version!r}")
+    if (n_classes or len(data.classes)) < 4:
+        raise ValueError(f"AutoAttack needs >= 4 classes (targeted DLR loss), got {n_classes}")
     device = torch.device(device)
-    masks, clean_masks, advs = [], [], []
-    after = dict.fromkeys(ATTACKS, 0)
+    aa = build_autoattack(model, eps=eps, seed=seed, device=device, steps=steps,
+                          n_queries=n_queries)  # fmt: skip
+    x, y = data.images.float() / 255, data.labels
+    path = Path(state_path) if state_path is not None else None
+    state = _load_state(path, n)
+    log = logging.getLogger("auto-attack")
+    quiet = log.propagate
+    log.propagate = False  # the official code logs every batch (and its checks) itself
     fork_devices = [device] if device.type == "cuda" else []
-    with eval_mode(model), torch.random.fork_rng(devices=fork_devices):
-        for start in range(0, n, batch_size):
-            x = data.images[start : start + batch_size].to(device).float() / 255
-            y = data.labels[start : start + batch_size].to(device)
+    try:
+        with eval_mode(model), torch.random.fork_rng(devices=fork_devices):
             with torch.no_grad():
-                clean_masks.append((model(x).argmax(1) == y).cpu())
-            robust, x_adv, counts = _attack_batch(model, attacks, x, y, eps)
-            masks.append(robust.cpu())
-            for k, v in counts.items():
-                after[k] += v
-            if return_adv:
-                advs.append(x_adv.cpu())
-    mask, clean = torch.cat(masks), torch.cat(clean_masks)
+                clean = torch.cat([
+                    model(x[i : i + batch_size].to(device)).argmax(1).cpu() == y[i : i + batch_size]
+                    for i in range(0, n, batch_size)
+                ])  # fmt: skip
+            robust = clean.clone() if state["robust"] is None else torch.tensor(state["robust"])
+            x_adv = x.clone()
+            for attack in ATTACKS:
+                if attack in state["after"]:  # finished before an interruption
+                    continue
+                idx = robust.nonzero().flatten()
+                if len(idx):
+                    adv, fooled = _one_attack(aa, attack, x[idx], y[idx], batch_size, eps)
+                    x_adv[idx[fooled]] = adv[fooled]
+                    robust[idx[fooled]] = False
+                state["after"][attack] = 100.0 * int(robust.sum()) / n
+                state["robust"] = robust.tolist()
+                _save_state(path, state)
+    finally:
+        log.propagate = quiet
     out: dict[str, Any] = {
-        "robust_acc": 100.0 * int(mask.sum()) / n,
+        "robust_acc": 100.0 * int(robust.sum()) / n,
         "clean_acc": 100.0 * int(clean.sum()) / n,
         "n": n,
-        "correct_mask": mask,
+        "correct_mask": robust,
         "clean_mask": clean,
-        "after": {k: 100.0 * v / n for k, v in after.items()},
+        "resumed": state["resumed"],
+        "after": {a: state["after"][a] for a in ATTACKS},
+        "implementation": IMPLEMENTATION,
         "version": version,
         "eps": eps,
         "steps": steps,
         "n_queries": n_queries,
     }
     if return_adv:
-        out["x_adv"] = torch.cat(advs)
+        out["x_adv"] = x_adv
     return out

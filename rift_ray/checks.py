@@ -46,10 +46,10 @@ def preflight(cfg: SweepConfig) -> Prepared:
             raise ConfigError(f"adv_train.checkpoint: file not found: {cfg.adv_train.checkpoint}")
     check_corruptions(cfg)
     if cfg.eval.autoattack.enabled:
-        from rift_ray.autoattack import require_torchattacks
+        from rift_ray.autoattack import require_autoattack
 
         try:
-            require_torchattacks()
+            require_autoattack()
         except ImportError as e:
             raise ConfigError(f"eval.autoattack.enabled: {e}") from None
     splits = field_call("data.root", load_dataset, cfg.data, seed=cfg.seed)

@@ -154,9 +154,10 @@ def print_summary(summary: dict[str, Any]) -> None:
             console.print(f"  {r['strategy']}: {mods}{mrc}")
         console.print("  * primary strategy: its best trial is the final RiFT model")
     for who, aa in (summary.get("autoattack") or {}).items():
+        impl = aa["settings"].get("implementation", "torchattacks").split(" (")[0]  # older: none
         console.print(
-            f"AutoAttack ({aa['settings'].get('version')}, test, n={aa['n']}): "
-            f"{'AT' if who == 'at' else 'RiFT'} {aa['robust_acc']:.2f}"
+            escape(f"AutoAttack ({aa['settings'].get('version')}, {impl}, test, n={aa['n']}): ")
+            + f"{'AT' if who == 'at' else 'RiFT'} {aa['robust_acc']:.2f}"
         )
     failures = summary.get("failures")
     if failures:  # what is missing from the result, and why

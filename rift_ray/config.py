@@ -257,9 +257,8 @@ class InterpolateConfig(_Section):
 
 
 class AutoAttackConfig(_Section):
-    """AutoAttack (torchattacks, official "standard" parameters) at L-inf ``attack.eps``.
-
-    Needs the ``autoattack`` extra. ``subset``: the first N test images (None = all);
+    """AutoAttack, the official implementation (``pyautoattack``, "standard" version) at
+    L-inf ``attack.eps`` (``docs/evaluation.md``). ``subset``: the first N test images (None = all);
     ``shard_size``: images per Ray task (each shard is stored as it finishes).
     """
 

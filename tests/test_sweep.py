@@ -242,6 +242,7 @@ def test_corruption_and_autoattack_in_the_final_evaluation(smoke_run: Path) -> N
         assert 0.0 <= summary[who]["test"]["corruption_acc"] <= 100.0
         aa = summary["autoattack"][who]
         assert aa["n"] == 4 and aa["settings"]["version"] == "standard"
+        assert aa["settings"]["implementation"] == "pyautoattack 0.2.0 (fra31/auto-attack)"
         # robust accuracy can never exceed clean accuracy on the same images
         assert aa["robust_acc"] <= aa["clean_acc"]
     assert summary["at"]["test"]["autoattack_acc"] == summary["autoattack"]["at"]["robust_acc"]

@@ -13,16 +13,19 @@ computes the rest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import sys
+import tempfile
 import time
 from typing import Any
 
 import ray
 import torch
 
-from rift_ray.autoattack import ATTACKS, autoattack_accuracy
+from rift_ray.autoattack import ATTACKS, IMPLEMENTATION, autoattack_accuracy
 from rift_ray.config import SweepConfig, TrialResources
 from rift_ray.data import DatasetSplits, ImageData
 from rift_ray.stages.common import ModelSpec, start_worker
@@ -58,8 +61,10 @@ def _shard_task(
     stop: int,
     settings: dict[str, Any],
     cpus: float,
+    state_path: str,
 ) -> dict[str, Any]:
     _cfg, device, model = start_worker(cfg_dict, cpus, spec, state, compute=False)
+    os.makedirs(os.path.dirname(state_path), exist_ok=True)
     shard = _images(data, settings["subset"]).subset(torch.arange(start, stop))
     t0 = time.time()
     res = autoattack_accuracy(
@@ -73,7 +78,10 @@ def _shard_task(
         n_classes=spec.num_classes,
         steps=settings["steps"],
         n_queries=settings["n_queries"],
+        state_path=state_path,
     )
+    with contextlib.suppress(OSError):  # done: the result goes to the store now
+        os.remove(state_path)
     n = res["n"]
     return {
         "start": start,
@@ -161,6 +169,7 @@ def run_autoattack_points(
         "shard_size": shard_size,
         "steps": steps,
         "n_queries": n_queries,
+        "implementation": IMPLEMENTATION,
     }
     bounds = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
     cfg_dict = cfg.to_dict()
@@ -178,8 +187,9 @@ def run_autoattack_points(
         state_ref = ray.put(state_dict)
         for i in todo[name]:
             ref = _shard_task.options(**opts).remote(
-                cfg_dict, spec, data_ref, state_ref, *bounds[i], settings, r.cpu
-            )
+                cfg_dict, spec, data_ref, state_ref, *bounds[i], settings, r.cpu,
+                shard_state_path(store, name, i, key),
+            )  # fmt: skip
             jobs[ref] = (name, i)
     pending = list(jobs)
     while pending:
@@ -197,6 +207,19 @@ def run_autoattack_points(
         name: _combined([results[name][i] for i in range(len(bounds))], len(todo[name]), settings)
         for name in points
     }
+
+
+def shard_state_path(store: Store, name: str, i: int, key: str) -> str:
+    """Where the shard's official evaluation state lives while it runs: beside its result in
+    local (or shared) storage, so a retried task resumes inside the attack sequence; with
+    object storage on the worker's own disk (a retry on the same node resumes, another node
+    starts the shard over)."""
+    rel = f"{autoattack_shard(name, i)[: -len('.json')]}.state-{key}.json"
+    if store.is_local:
+        return store.path(rel)
+    return os.path.join(
+        tempfile.gettempdir(), "rift-ray-autoattack", store.uri.replace("/", "_"), rel
+    )
 
 
 def _stored_shards(store: Store, name: str, key: str, count: int) -> dict[int, dict[str, Any]]:
@@ -217,7 +240,13 @@ def _combined(
         "robust_acc": 100.0 * sum(s["robust"] for s in rows) / n,
         "clean_acc": 100.0 * sum(s["clean"] for s in rows) / n,
         "n": n,
-        "after": {a: 100.0 * sum(s["after"][a] for s in rows) / n for a in ATTACKS},
+        # after each attack: known when every shard ran it in one go (a resumed shard
+        # reports only the attacks it ran after resuming)
+        "after": {
+            a: 100.0 * sum(s["after"][a] for s in rows) / n
+            for a in ATTACKS
+            if all(a in s["after"] for s in rows)
+        },  # fmt: skip
         "correct_mask": [b for s in rows for b in s["correct_mask"]],
         "shards": len(rows),
         "computed": computed,
