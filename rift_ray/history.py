@@ -71,14 +71,16 @@ def history_view(store: Store, arg: str, root: str | None = None) -> tuple[Store
     sources: dict[str, str] = {first: top}
     need = rec.get("after")  # backwards: what the entry was computed from
     for stage in reversed(STAGES[:here]):
-        src = _with_hash(store, stage, need) if need else ("" if store.read_stage(stage) else None)
+        src = (
+            _find(store, stage, "hash", need) if need else ("" if store.read_stage(stage) else None)
+        )
         if src is None:
             break
         sources[stage] = src
         need = (_record(store, src, stage) or {}).get("after")
     before = rec.get("hash")  # forwards: what was computed from it
     for stage in STAGES[here + 1 :]:
-        src = _computed_from(store, stage, before)
+        src = _find(store, stage, "after", before)
         if src is None:
             break
         sources[stage] = src
@@ -105,21 +107,14 @@ def _entry_order(src: str) -> tuple[str, int]:
     return (head, int(n)) if n.isdigit() and len(n) < 4 else (stem, 1)
 
 
-def _with_hash(store: Store, stage: str, h: str) -> str | None:
-    """Where the result of ``stage`` at hash ``h`` is, None when nowhere."""
-    for src in _candidates(store, stage):
-        if (_record(store, src, stage) or {}).get("hash") == h:
-            return src
-    return None
-
-
-def _computed_from(store: Store, stage: str, before: str | None) -> str | None:
-    """Where the result of ``stage`` computed from the stage before it at hash ``before`` is
-    (its record's ``after``), None when nowhere."""
-    if before is None:
+def _find(store: Store, stage: str, key: str, value: str | None) -> str | None:
+    """Where the result of ``stage`` whose record holds ``key == value`` is (``hash``: that
+    result; ``after``: the one computed from the stage before it at that hash), None when
+    nowhere."""
+    if value is None:
         return None
     for src in _candidates(store, stage):
-        if (_record(store, src, stage) or {}).get("after") == before:
+        if (_record(store, src, stage) or {}).get(key) == value:
             return src
     return None
 

@@ -52,12 +52,18 @@ def _epoch(result: dict[str, Any] | None) -> int:
 
 
 class RungLog:
-    """The rows of ``tables/finetune_rungs.parquet`` of one Tune experiment: read once, then
-    each change written through (the other experiments' rows are kept as they are)."""
+    """The rows of ``tables/finetune_rungs.parquet`` of one Tune experiment: the table is read
+    once, then each change written through (the other experiments' rows kept as read: one
+    driver writes the sweep, one experiment at a time). Pickled without the rows (Tune keeps
+    the scheduler in its experiment), so a restored copy reads the table again."""
 
     def __init__(self, store: Store, experiment: str) -> None:
         self.store, self.experiment = store, experiment
         self.rows: dict[tuple[str, int], dict[str, Any]] | None = None
+        self.others: list[dict[str, Any]] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"store": self.store, "experiment": self.experiment, "rows": None, "others": []}
 
     def load(self) -> dict[tuple[str, int], dict[str, Any]]:
         if self.rows is None:
@@ -66,6 +72,7 @@ class RungLog:
                 if self.store.exists(FINETUNE_RUNGS_TABLE)
                 else []
             )
+            self.others = [r for r in rows if r["experiment"] != self.experiment]
             self.rows = {
                 (r["trial"], int(r["rung"])): r for r in rows if r["experiment"] == self.experiment
             }
@@ -83,11 +90,7 @@ class RungLog:
             arrival = old["arrival"] if old else 1 + sum(r == rung for _, r in mine)
             mine[(trial, rung)] = {"experiment": self.experiment, "trial": trial, "rung": rung,
                                    "score": score, "decision": decision, "arrival": arrival}  # fmt: skip
-        others = []
-        if self.store.exists(FINETUNE_RUNGS_TABLE):
-            others = [r for r in self.store.get_table(FINETUNE_RUNGS_TABLE).to_pylist()
-                      if r["experiment"] != self.experiment]  # fmt: skip
-        rows = others + sorted(mine.values(), key=lambda r: (r["rung"], r["trial"]))
+        rows = self.others + sorted(mine.values(), key=lambda r: (r["rung"], r["trial"]))
         self.store.put_table(FINETUNE_RUNGS_TABLE, rows)
 
 
@@ -124,7 +127,6 @@ class SyncHalving(FIFOScheduler):
         state = dict(self.__dict__)
         for k in ("trials", "scores", "decided", "ended", "release", "queued", "to_stop"):
             state.pop(k, None)
-        state["log"] = RungLog(self.log.store, self.log.experiment)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -255,11 +257,6 @@ class RecordedASHA(ASHAScheduler):
     def __init__(self, store: Store, experiment: str, rungs: list[int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.log, self.rung_epochs = RungLog(store, experiment), list(rungs)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["log"] = RungLog(self.log.store, self.log.experiment)
-        return state
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
