@@ -106,8 +106,11 @@ def pgd_attack(
     parameters' ``requires_grad`` is left as is. ``random_start`` draws the start
     uniformly from the eps-ball (seeded by ``generator``). With ``restarts > 1`` each
     example keeps its worst restart: misclassified first, else highest per-example
-    cross-entropy (CE is used for this choice whatever ``loss_fn`` is). ``steps=0``
-    returns a copy of the clean images.
+    cross-entropy (CE is used for this choice whatever ``loss_fn`` is). So an image stays
+    correctly classified only if every restart fails: accuracy on the result is the
+    per-image worst of the restarts, never above the lowest of the restarts' separate
+    accuracies (the paper's "worst of 3 runs"). ``steps=0`` returns a copy of the clean
+    images.
     """
     x = x.detach()
     if steps == 0:
@@ -178,7 +181,8 @@ def evaluate(
 
     ``data``: an ``ImageData`` or an iterable of (x, y) batches. ``attack``: keys
     ``eps``, ``step_size``, ``steps`` and optionally ``random_start`` (default True);
-    the random starts are seeded by ``seed``. The model must already be on ``device``;
+    the random starts are seeded by ``seed``. ``restarts``: ``robust_acc`` is the per-image
+    worst of that many PGD restarts (:func:`pgd_attack`). The model must already be on ``device``;
     it runs in eval mode and its modes are restored afterwards. ``amp="bf16"``: forwards
     and the attack under bf16 autocast (:mod:`rift_ray.compute`).
     Returns ``clean_acc``, ``clean_loss``, ``n`` and, with an attack, ``robust_acc``, ``robust_loss``.

@@ -8,6 +8,15 @@
 A file is ``{"format": "rift-ray/1", "state_dict": {name: tensor}, "meta": {...}}`` written
 by ``torch.save``. Loading always uses ``weights_only=True``: a pickle that needs code to
 load is refused, never executed.
+
+Foreign robust models (``adv_train.checkpoint``) go through one function:
+
+    fit_checkpoint(model, "~/models/Carmon2019Unlabeled", dataset="cifar10",
+                   normalization="robustbench")    # a file, or RobustBench's model_dir/name
+
+``normalization`` names how the network normalized its inputs (:data:`NORMALIZATIONS`); the
+known sources' conventions, read from their code, are :data:`RIFT_REFERENCE_STATS` and
+:data:`ROBUSTBENCH_STATS` (see docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -25,9 +34,74 @@ import torch
 from torch import Tensor, nn
 
 FORMAT = "rift-ray/1"
-_WRAPPER_KEYS = ("state_dict", "model", "net", "model_state_dict")
+# "last": RobustBench files that keep two models ({"last": ..., "best": ...}); it loads "last"
+_WRAPPER_KEYS = ("state_dict", "model", "net", "model_state_dict", "last")
 _PREFIXES = ("module.", "_orig_mod.", "model.")
-_FOREIGN_NORMALIZE = ("normalizer.", "norm.")
+# foreign names of the input normalization -> ours; "mu"/"sigma": RobustBench's model classes
+_FOREIGN_STATS = {
+    "normalizer.mean": "normalize.mean",
+    "normalizer.std": "normalize.std",
+    "norm.mean": "normalize.mean",
+    "norm.std": "normalize.std",
+    "mu": "normalize.mean",
+    "sigma": "normalize.std",
+}
+# A second first stage of WideResNet, built but never called by forward(), in the RiFT
+# reference code's WideResNet and RobustBench's WideResNet(sub_block1=True): dropped.
+_UNUSED_PREFIXES = ("sub_block1.",)
+
+NORMALIZATIONS = ("dataset", "none", "rift_reference", "robustbench")
+"""How a checkpoint's network normalized its [0, 1] inputs, when its file does not say:
+``dataset``: with the sweep dataset's mean/std, outside the model; ``none``: not at all;
+``rift_reference``: as the RiFT reference code did (:data:`RIFT_REFERENCE_STATS`);
+``robustbench``: as RobustBench's model class does (:data:`ROBUSTBENCH_STATS`, else none)."""
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+CIFAR10_STATS: Stats = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
+IMAGENET_STATS: Stats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+RAW_STATS: Stats = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+RIFT_REFERENCE_STATS: dict[str, Stats] = {
+    "cifar10": CIFAR10_STATS,
+    "cifar100": CIFAR10_STATS,  # sic: the reference code normalizes CIFAR-100 with CIFAR-10's
+    "tinyimagenet": IMAGENET_STATS,
+}
+"""The ``transforms.Normalize`` of microsoft/robustlearn RiFT/main.py, dataloader.py and
+utils.py (evaluate_*_robustness) per dataset; its models hold no normalization."""
+
+_C10_RB = ((0.4913997551666284, 0.48215855929893703, 0.4465309133731618),
+           (0.24703225141799082, 0.24348516474564, 0.26158783926049628))  # fmt: skip
+_C100_RB = ((0.5070751592371323, 0.48654887331495095, 0.4409178433670343),
+            (0.2673342858792401, 0.2564384629170883, 0.27615047132568404))  # fmt: skip
+_HALF: Stats = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+ROBUSTBENCH_STATS: dict[tuple[str, str], Stats] = {
+    ("cifar10", "Rice2020Overfitting"): CIFAR10_STATS,  # Linf WRN-34-20; L2 PreActResNet18
+    ("cifar10", "Hendrycks2019Using"): _HALF,  # forward: 2x - 1
+    ("cifar10", "Chen2020Efficient"): CIFAR10_STATS,
+    ("cifar10", "Augustin2020Adversarial_34_10"): _C10_RB,
+    ("cifar10", "Augustin2020Adversarial_34_10_extra"): _C10_RB,
+    ("cifar10", "Rony2019Decoupling"): ((0.491, 0.482, 0.447), (0.247, 0.243, 0.262)),
+    ("cifar10", "Hendrycks2020AugMix_WRN"): _HALF,
+    ("cifar10", "Kireev2021Effectiveness_Gauss50percent"): CIFAR10_STATS,
+    ("cifar10", "Kireev2021Effectiveness_AugMixNoJSD"): CIFAR10_STATS,
+    ("cifar10", "Kireev2021Effectiveness_RLAT"): CIFAR10_STATS,
+    ("cifar10", "Kireev2021Effectiveness_RLATAugMixNoJSD"): CIFAR10_STATS,
+    ("cifar10", "Kireev2021Effectiveness_RLATAugMix"): CIFAR10_STATS,
+    ("cifar100", "Chen2020Efficient"): ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    ("cifar100", "Wu2020Adversarial"): _C100_RB,
+    ("cifar100", "Rice2020Overfitting"): _C100_RB,
+    ("cifar100", "Hendrycks2019Using"): _HALF,
+    ("cifar100", "Hendrycks2020AugMix_WRN"): _HALF,
+}
+"""RobustBench model-zoo entries (robustbench/model_zoo/cifar10.py, cifar100.py) of our
+architectures whose normalization is in the model class's code (``mu``/``sigma`` buffers,
+absent from most of these files); every other entry of our architectures takes [0, 1]
+inputs unnormalized. Looked up by the file name, as RobustBench stores it (``<name>.pt``)."""
+
+_ROBUSTBENCH_UNSUPPORTED = {
+    "Ding2020MMA": "standardizes each image by its own mean/std",
+}
+ROBUSTBENCH_THREAT_MODELS = ("Linf", "L2", "corruptions")
 
 PathOrFile = str | os.PathLike[str] | IO[bytes]
 
@@ -179,45 +253,130 @@ def load_checkpoint(
     return _strip_prefixes(sd), meta
 
 
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def implied_stats(
+    normalization: str, dataset: str | None = None, name: str | None = None, *, source: str = ""
+) -> Stats | None:
+    """The (mean, std) a network took its inputs with, by the ``normalization`` convention,
+    for a file that stores none; None for ``dataset`` (the model keeps what ``build_model``
+    set from the sweep's data). ``name``: the RobustBench model name (the file's stem).
+
+    Raises ValueError for an unknown ``normalization`` and :class:`CheckpointError` where
+    the convention has no answer (``rift_reference`` on a dataset the reference code never
+    trained, a RobustBench model whose normalization no mean/std can express).
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}"
+        )
+    where = f"{source}: " if source else ""
+    if normalization == "dataset":
+        return None
+    if normalization == "none":
+        return RAW_STATS
+    if normalization == "rift_reference":
+        if dataset not in RIFT_REFERENCE_STATS:
+            raise CheckpointError(
+                f"{where}checkpoint_normalization rift_reference: the RiFT reference code "
+                f"trains {', '.join(RIFT_REFERENCE_STATS)} only, not {dataset}"
+            )
+        return RIFT_REFERENCE_STATS[dataset]
+    if name in _ROBUSTBENCH_UNSUPPORTED:
+        raise CheckpointError(
+            f"{where}RobustBench model {name} {_ROBUSTBENCH_UNSUPPORTED[name]}, "
+            "which an input mean/std cannot express"
+        )
+    return ROBUSTBENCH_STATS.get((str(dataset), str(name)), RAW_STATS)
+
+
+def _mismatch_hint(own: Mapping[str, Tensor], sd: Mapping[str, Tensor], missing: list[str]) -> str:
+    """Why a known foreign layout cannot fit, where it is one we recognise; else ''."""
+    for head in ("linear.weight", "fc.weight"):
+        if head in own and head in sd and sd[head].dim() == own[head].dim() == 2:
+            if sd[head].shape[1] == 4 * own[head].shape[1]:
+                return (
+                    f" ({head} takes 4x the features: its head keeps 2x2 cells, as the RiFT "
+                    "reference code's Tiny-ImageNet (64x64) models do, this model's one cell)"
+                )
+    if missing and all(k.startswith("bn.") for k in missing):
+        return (
+            " (a RobustBench PreActResNet without bn_before_fc, e.g. Wong2020Fast or "
+            "Andriushchenko2020Understanding; its shortcut also differs from preact_resnet18)"
+        )
+    return ""
+
+
 def load_into_model(
     model: nn.Module,
     state_dict: Mapping[str, Tensor],
     *,
     source: str = "checkpoint",
     normalization: str = "dataset",
+    dataset: str | None = None,
+    name: str | None = None,
 ) -> None:
-    """``model.load_state_dict(strict=True)`` after reconciling normalization and BN counters.
+    """``model.load_state_dict(strict=True)`` after reconciling normalization and foreign names.
 
-    - ``normalizer.mean/std`` or ``norm.mean/std`` (foreign names) become ``normalize.mean/std``.
-    - Without normalization keys, ``normalization`` says what the network was trained on:
-      ``"dataset"`` (it normalized outside itself with the dataset mean/std, as most CIFAR
-      code does): the model keeps its own ``normalize.mean/std``, which ``build_model``
-      set from the config; ``"none"`` (it took raw [0, 1] images, as the TRADES and MART
-      reference code do): mean 0, std 1. With normalization keys in the state dict they win.
+    - ``normalizer.mean/std``, ``norm.mean/std`` and RobustBench's ``mu``/``sigma`` become
+      ``normalize.mean/std``; ``sub_block1.*`` (a WideResNet stage forward() never calls,
+      in the RiFT reference and RobustBench code) is dropped.
+    - Normalization keys in the file win. Without them, ``normalization``
+      (:data:`NORMALIZATIONS`) says what the network was trained on: ``dataset``: the model
+      keeps the ``normalize.mean/std`` ``build_model`` set from the sweep's data; ``none``:
+      mean 0, std 1; ``rift_reference``/``robustbench``: :func:`implied_stats` for
+      ``dataset`` (the sweep's dataset name) and ``name`` (the RobustBench model name).
+    - Contradictions are errors: ``rift_reference`` with a file that stores other statistics
+      (the reference code's files store none); ``dataset`` with a ``sub_block1`` file and no
+      statistics (a RiFT reference or RobustBench WideResNet: it must say which).
     - Missing BatchNorm ``num_batches_tracked`` counters (old checkpoints) keep the model's.
-    Raises :class:`CheckpointError` listing up to 5 missing, 5 unexpected and 5 mis-shaped keys.
+    Raises :class:`CheckpointError` (one line) listing up to 5 missing, 5 unexpected and
+    5 mis-shaped keys, with the reason where the layout is a known foreign one.
     """
+    implied = implied_stats(normalization, dataset, name, source=source)
     own = model.state_dict()
     sd = dict(state_dict)
-    for prefix in _FOREIGN_NORMALIZE:
-        for stat in ("mean", "std"):
-            if (
-                f"{prefix}{stat}" in sd
-                and f"normalize.{stat}" not in sd
-                and f"normalize.{stat}" in own
-            ):
-                sd[f"normalize.{stat}"] = sd.pop(f"{prefix}{stat}")
-    if normalization not in ("dataset", "none"):
-        raise ValueError(f"normalization must be 'dataset' or 'none', got {normalization!r}")
+    for foreign, ours in _FOREIGN_STATS.items():
+        if foreign in sd and ours not in sd and ours in own and foreign not in own:
+            sd[ours] = sd.pop(foreign)
+    dropped = [k for k in sd if k.startswith(_UNUSED_PREFIXES) and k not in own]
+    for k in dropped:
+        del sd[k]
+    stats = ("normalize.mean", "normalize.std")
+    stored = [k for k in stats if k in own and k in sd]
+    if dropped and not stored and normalization == "dataset":
+        raise CheckpointError(
+            f"{source}: a WideResNet with sub_block1 (the RiFT reference code's or a RobustBench "
+            "layout) stores no input normalization; set adv_train.checkpoint_normalization to "
+            "rift_reference or robustbench"
+        )
+    if normalization == "rift_reference" and stored and implied is not None:
+        for k, want in zip(stats, implied):
+            got = sd[k].detach().flatten().float()
+            if got.numel() != len(want) or not torch.allclose(got, torch.tensor(want), atol=1e-4):
+                raise CheckpointError(
+                    f"{source}: the file stores input normalization {k.split('.')[1]} "
+                    f"{_fmt(got.tolist())}, but checkpoint_normalization rift_reference means "
+                    f"{_fmt(want)} for {dataset}: not a RiFT reference checkpoint"
+                )
     for key, value in own.items():
-        if key not in sd and key in ("normalize.mean", "normalize.std") and normalization == "none":
-            sd[key] = torch.zeros_like(value) if key.endswith("mean") else torch.ones_like(value)
-        elif key not in sd and (
-            key in ("normalize.mean", "normalize.std") or key.endswith("num_batches_tracked")
-        ):
+        if key in stats and key not in sd:
+            if implied is None:
+                sd[key] = value
+            else:
+                want = implied[stats.index(key)]
+                sd[key] = torch.tensor(want, dtype=value.dtype).reshape(-1, 1, 1).unsqueeze(0)
+                if sd[key].numel() != value.numel():
+                    raise CheckpointError(
+                        f"{source}: checkpoint_normalization {normalization} gives "
+                        f"{len(want)} channels, the model has {value.numel()}"
+                    )
+        elif key not in sd and key.endswith("num_batches_tracked"):
             sd[key] = value
-        elif key.startswith("normalize.") and key in sd and sd[key].numel() == value.numel():
-            sd[key] = sd[key].reshape(value.shape)
+        if key in stats and sd[key].numel() == value.numel():
+            sd[key] = sd[key].reshape(value.shape).to(value.dtype)
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [
@@ -235,5 +394,69 @@ def load_into_model(
             if keys:
                 more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
                 parts.append(f"{label} {len(keys)}: {', '.join(keys[:5])}{more}")
-        raise CheckpointError(f"{source}: state dict does not match the model: " + "; ".join(parts))
+        raise CheckpointError(
+            f"{source}: state dict does not match the model: "
+            + "; ".join(parts)
+            + _mismatch_hint(own, sd, missing)
+        )
     model.load_state_dict(sd, strict=True)
+
+
+def find_checkpoint(path: str | os.PathLike[str], dataset: str | None = None) -> Path | None:
+    """The file ``path`` names: itself, or, where ``path`` is RobustBench's ``model_dir/name``
+    (no such file), ``model_dir/<dataset>/<threat model>/<name>.pt`` as ``robustbench``
+    stores it, for the one threat model (Linf, L2, corruptions) that has it; None when
+    neither exists. Raises :class:`CheckpointError` when several threat models have it."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if not dataset or p.suffix == ".pt":
+        return None
+    found = [
+        c
+        for tm in ROBUSTBENCH_THREAT_MODELS
+        if (c := p.parent / dataset / tm / f"{p.name}.pt").is_file()
+    ]
+    if len(found) > 1:
+        raise CheckpointError(
+            f"{path}: RobustBench model {p.name} is stored for several threat models "
+            f"({', '.join(c.parent.name for c in found)}); give the .pt file's path"
+        )
+    return found[0] if found else None
+
+
+def fit_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    dataset: str | None = None,
+    normalization: str = "dataset",
+) -> dict[str, Any]:
+    """Load the robust model at ``path`` into ``model``: :func:`find_checkpoint`, then
+    :func:`load_checkpoint`, then :func:`load_into_model` with the file's stem as the
+    RobustBench model name. ``dataset``: the sweep's dataset name (``cifar100``...).
+    Returns the file's metadata, with ``path`` (the file read) and ``input_mean``/
+    ``input_std`` (the normalization the model now applies). Raises :class:`CheckpointError`.
+    """
+    file = find_checkpoint(path, dataset)
+    if file is None:
+        where = ""
+        if dataset and Path(path).suffix != ".pt":
+            p, tms = Path(path), ",".join(ROBUSTBENCH_THREAT_MODELS)
+            where = f" (nor a RobustBench model {p.parent}/{dataset}/{{{tms}}}/{p.name}.pt)"
+        raise CheckpointError(f"{path}: no such checkpoint file{where}")
+    state, meta = load_checkpoint(file)
+    load_into_model(
+        model,
+        state,
+        source=str(path),
+        normalization=normalization,
+        dataset=dataset,
+        name=file.stem,
+    )
+    norm = getattr(model, "normalize", None)
+    meta = dict(meta, path=str(file))
+    if norm is not None:
+        meta["input_mean"] = [float(v) for v in norm.mean.flatten()]
+        meta["input_std"] = [float(v) for v in norm.std.flatten()]
+    return meta

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rift_ray.checkpoint import CheckpointError, load_checkpoint, load_into_model
+from rift_ray.checkpoint import CheckpointError, find_checkpoint, fit_checkpoint
 from rift_ray.config import ConfigError, SweepConfig, expand_path
 from rift_ray.data import DataError, DatasetSplits, load_dataset
 from rift_ray.models import mrc_candidates, select_modules
@@ -42,7 +42,10 @@ def preflight(cfg: SweepConfig) -> Prepared:
     store.check_writable()
     if cfg.adv_train.checkpoint is not None:
         path = field_call("adv_train.checkpoint", expand_path, cfg.adv_train.checkpoint)
-        if not path or not os.path.isfile(path):
+        # a file, or RobustBench's model_dir/<name> (rift_ray.checkpoint.find_checkpoint)
+        if not path or not field_call(
+            "adv_train.checkpoint", find_checkpoint, path, cfg.data.dataset
+        ):
             raise ConfigError(f"adv_train.checkpoint: file not found: {cfg.adv_train.checkpoint}")
     check_corruptions(cfg)
     if cfg.eval.autoattack.enabled:
@@ -77,7 +80,8 @@ def preflight(cfg: SweepConfig) -> Prepared:
 
 
 def check_corruptions(cfg: SweepConfig) -> None:
-    """The corruptions asked for can be generated, or their CIFAR-10-C files exist."""
+    """The corruptions asked for can be generated, or their CIFAR-10-C files exist (where
+    :func:`rift_ray.downloads.cifar_c_dir` says; else the error names ``rift-ray data``)."""
     if cfg.eval.corruptions and cfg.eval.corruption_source == "generated":
         from rift_ray.corruptions import AVAILABLE
 
@@ -87,12 +91,22 @@ def check_corruptions(cfg: SweepConfig) -> None:
                     f"eval.corruptions: {c!r} cannot be generated (available: {', '.join(AVAILABLE)})"
                 )
     elif cfg.eval.corruptions:
-        root = field_call("eval.cifar_c_root", expand_path, cfg.eval.cifar_c_root)
+        from rift_ray.downloads import cifar_c_dir, data_hint
+
+        fallback = "or --set eval.corruption_source=generated (regenerated, not the official files)"
+        where = "eval.cifar_c_root" if cfg.eval.cifar_c_root else "data.root"  # the default
+        root = field_call(where, cifar_c_dir, cfg)
         if not root:
-            raise ConfigError("eval.cifar_c_root: required when eval.corruptions is set")
+            raise ConfigError(
+                "eval.cifar_c_root: required when eval.corruptions is set and data.dataset is "
+                f"{cfg.data.dataset} (no official CIFAR-C files of its own); {fallback}"
+            )
         for c in [*cfg.eval.corruptions, "labels"]:
             if not os.path.isfile(os.path.join(root, f"{c}.npy")):
-                raise ConfigError(f"eval.corruptions: {os.path.join(root, c + '.npy')} not found")
+                raise ConfigError(
+                    f"eval.corruptions: {os.path.join(root, c + '.npy')} not found: "
+                    f"{data_hint(cfg)} for the official files, {fallback}"
+                )
 
 
 def check_selection(cfg: SweepConfig, modules: list[str]) -> None:
@@ -127,7 +141,11 @@ def load_start_checkpoint(cfg: SweepConfig, spec: Any) -> dict[str, torch.Tensor
     """The robust model the sweep starts from; CheckpointError when it does not fit the model."""
     path = expand_path(cfg.adv_train.checkpoint)
     assert path is not None
-    state, _meta = load_checkpoint(path)
     model = new_model(cfg, spec)
-    load_into_model(model, state, source=path, normalization=cfg.adv_train.checkpoint_normalization)
+    fit_checkpoint(
+        model,
+        path,
+        dataset=cfg.data.dataset,
+        normalization=cfg.adv_train.checkpoint_normalization,
+    )
     return cpu_state(model)

@@ -6,6 +6,7 @@
     rift-ray sweep sweeps/smoke.yaml --set finetune.lrs=[0.001,0.005] --name try2
     rift-ray validate sweeps/wrn.yaml                 # print the resolved config
     rift-ray status results/smoke                     # what is done
+    rift-ray data cifar10-c                           # the official CIFAR-10-C files, once
 
 Bad input (config, data, checkpoint, storage, arguments) exits with code 2 and one
 line naming the problem; a sweep that fails while computing exits with code 1.
@@ -19,6 +20,7 @@ import sys
 from typing import Any
 
 from rift_ray.config import ConfigError, SweepConfig, load_config, to_yaml
+from rift_ray.rift.selection import set_label
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,7 +112,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from rift_ray.results import STRATEGY_COLUMNS, pct
+    from rift_ray.results import STRATEGY_COLUMNS, pct, summary_corruption
 
     console = Console(highlight=False)
     mods = "+".join(summary["modules"])
@@ -121,7 +123,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     table = Table(title="AT vs RiFT (accuracy, %)")
     table.add_column("model")
     table.add_column("split")
-    for col in ("clean", "PGD", "corruption"):
+    for col in ("clean", "PGD", summary_corruption(summary) or "corruption"):  # "regenerated"
         table.add_column(col, justify="right")
     for who, label in (("at", "AT"), ("rift", "RiFT")):
         for split in ("val", "test"):
@@ -150,7 +152,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         console.print(comp)
         for r in strategies:
             mrc = "" if r.get("set_mrc") is None else f" (MRC {r['set_mrc']:.4g})"
-            mods = escape(r.get("modules") or "no feasible trial")
+            mods = escape(set_label(r.get("modules") or "no feasible trial"))
             console.print(f"  {r['strategy']}: {mods}{mrc}")
         console.print("  * primary strategy: its best trial is the final RiFT model")
     for who, aa in (summary.get("autoattack") or {}).items():
@@ -178,7 +180,7 @@ def print_seeds_summary(summary: dict[str, Any]) -> None:
 
     from rift_ray.aggregate import lookup
     from rift_ray.aggregate import mean_std_text as pm
-    from rift_ray.results import pct
+    from rift_ray.results import pct, summary_corruption
 
     console = Console(highlight=False, soft_wrap=True)
     n, chosen = summary.get("n"), summary.get("chosen") or {}
@@ -195,7 +197,7 @@ def print_seeds_summary(summary: dict[str, Any]) -> None:
         f"robust drop {pm(summary, 'robust_drop_val')} (points)"
     )
     table = Table(title=f"AT vs RiFT (accuracy, %: mean ± std over n={n} seeds)")
-    for col in ("model", "split", "clean", "PGD", "corruption"):
+    for col in ("model", "split", "clean", "PGD", summary_corruption(summary) or "corruption"):
         table.add_column(col, justify="left" if col in ("model", "split") else "right")
     for who, label in (("at", "AT"), ("rift", "RiFT"), ("delta", "RiFT - AT")):
         for split in ("val", "test"):
@@ -210,6 +212,7 @@ def print_seeds_summary(summary: dict[str, Any]) -> None:
                 ),
             )
     console.print(table)
+    _print_strategies_over_seeds(console, summary)
     for who in ("at", "rift"):
         if lookup(summary.get("mean"), "autoattack", who) is not None:
             console.print(
@@ -230,6 +233,30 @@ def print_seeds_summary(summary: dict[str, Any]) -> None:
         console.print(f"[yellow]{line}[/yellow]")
     secs = summary.get("seconds", {})
     console.print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in secs.items()))
+
+
+def _print_strategies_over_seeds(console: Any, summary: dict[str, Any]) -> None:
+    """The module-selection strategies of a ``seeds`` summary (finetune.strategies): change
+    over AT per strategy and the paired difference primary - strategy with its 95% interval."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from rift_ray.aggregate import strategy_seed_cells
+
+    cells = strategy_seed_cells(summary)
+    if not cells:
+        return
+    primary = summary["strategies"]["primary"]
+    table = Table(
+        title=f"Module selection strategies (test, points: mean ± std over seeds; "
+        f"{primary} - strategy paired by seed, 95% t interval)"
+    )
+    shown = ["strategy", "metric", "change over AT", f"{primary} - strategy [95% CI]"]
+    for col in shown:
+        table.add_column(escape(col), justify="left" if col in ("strategy", "metric") else "right")
+    for row in cells:
+        table.add_row(*(escape(row[c]) for c in shown))
+    console.print(table)
 
 
 def _strategy_cell(v: float | None, accuracy: bool) -> str:
@@ -316,6 +343,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         for path in export_tables(store, args.format, args.output):
             print(path)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from rift_ray.downloads import OFFICIAL, default_root, fetch
+
+    spec = OFFICIAL[args.dataset]
+    dest, downloaded = fetch(args.dataset, args.root, url=args.url, md5=args.md5)
+    what = "downloaded, checked (md5) and extracted to" if downloaded else "already in"
+    print(f"rift-ray: {spec.folder} {what} {dest}" + ("" if downloaded else "; nothing downloaded"))
+    where = "by default" if dest.parent == default_root() else f"with data.root: {dest.parent}"
+    print(
+        f"sweeps on data.dataset {spec.name.removesuffix('-c')} read it {where} "
+        f"(eval.corruption_source: files; or set eval.cifar_c_root: {dest})"
+    )
     return 0
 
 
@@ -418,6 +460,22 @@ def build_parser() -> argparse.ArgumentParser:
         "what a restart or a changed config replaced; `rift-ray status` lists the entries",
     )
     rp.set_defaults(func=cmd_report)
+
+    from rift_ray.downloads import OFFICIAL
+
+    d = sub.add_parser(
+        "data", help="download the official CIFAR-10-C / CIFAR-100-C files (checked, once)"
+    )
+    d.add_argument("dataset", choices=list(OFFICIAL))
+    d.add_argument(
+        "--root",
+        metavar="DIR",
+        help="put <DIR>/CIFAR-10-C/ (or CIFAR-100-C/) here; default: data.root's default "
+        "($RIFT_DATA_ROOT, else ~/.cache/rift-ray/data), where sweeps look for it",
+    )
+    d.add_argument("--url", help="download from this mirror of the official tar instead of Zenodo")
+    d.add_argument("--md5", help=argparse.SUPPRESS)  # with --url: another file (the tests)
+    d.set_defaults(func=cmd_data)
     return p
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rift_ray.config import ConfigError, SweepConfig
-from rift_ray.rift.selection import max_module_sets
+from rift_ray.rift.selection import max_trials
 
 LOCAL = "local"
 """``--address local``: always a private instance of our own."""
@@ -128,7 +128,7 @@ def stage_bundles(cfg: SweepConfig, n_modules: int, *, adv_train: bool = True) -
             Bundle("adv_train", "resources.adv_train", "AT worker", a.cpus_per_worker, gpu,
                    a.num_workers, gang=True)
         )  # fmt: skip
-    trials = max_module_sets(cfg.finetune) * len(cfg.finetune.lrs)
+    trials = max_trials(cfg.finetune)
     out.append(Bundle("mrc", "resources.mrc", "trial", r.mrc.cpu, r.mrc.gpu, n_modules))
     out.append(Bundle("finetune", "resources.finetune", "trial", r.finetune.cpu, r.finetune.gpu,
                       trials))  # fmt: skip

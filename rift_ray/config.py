@@ -83,7 +83,20 @@ class DataConfig(_Section):
     train_subset: PosInt | None = None
     test_subset: PosInt | None = None
     augment: bool = True
+    crop_padding: NonNegInt = 4
+    """Pixels of (reflect) padding before the random crop of training images. Unset: the
+    reference's, 8 for Tiny-ImageNet (64x64) and 4 otherwise; filled in when the config is
+    read, so a Tiny-ImageNet sweep's config and stage hashes say 8 (stored Tiny-ImageNet
+    sweeps of earlier versions, which padded 4, are recomputed)."""
     synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reference_crop_padding(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("crop_padding") is None:
+            pad = 8 if data.get("dataset") == "tinyimagenet" else 4
+            data = {**data, "crop_padding": pad}
+        return data
 
 
 class ModelConfig(_Section):
@@ -111,10 +124,15 @@ class AttackConfig(_Section):
 
 class AdvTrainConfig(_Section):
     checkpoint: str | None = None
-    """An existing robust model (our format or a plain state dict): skips training."""
-    checkpoint_normalization: Literal["dataset", "none"] = "dataset"
-    """For a checkpoint without normalization keys: the network normalized its inputs with the
-    dataset mean/std outside itself (``dataset``) or took raw [0, 1] images (``none``)."""
+    """An existing robust model: skips training. A file (our format, a plain or wrapped state
+    dict, a RobustBench ``.pt``) or RobustBench's ``model_dir/<name>`` (docs/checkpoints.md)."""
+    checkpoint_normalization: Literal["dataset", "none", "rift_reference", "robustbench"] = (
+        "dataset"
+    )
+    """For a checkpoint without normalization keys, how its network normalized its inputs:
+    with the dataset mean/std outside itself (``dataset``), not at all (``none``), as the RiFT
+    reference code did (``rift_reference``: CIFAR-10 statistics for CIFAR-10 and CIFAR-100,
+    ImageNet's for Tiny-ImageNet) or as RobustBench's model class does (``robustbench``)."""
     method: Literal["pgd", "trades"] = "pgd"
     trades_beta: PosFloat = 6.0
     epochs: PosInt = 110
@@ -126,6 +144,26 @@ class AdvTrainConfig(_Section):
     lr_gamma: PosFloat = 0.1
     checkpoint_every: PosInt = 1
     max_failures: NonNegInt = 3
+    sync_bn: bool | None = None
+    """SyncBatchNorm over the adversarial-training workers: BatchNorm statistics of the whole
+    batch (``batch_size``, as on one GPU in the paper) instead of each worker's share of it.
+    Unset: on when ``resources.adv_train`` has more than one worker. torch's SyncBatchNorm
+    trains on GPUs only, so on CPU workers unset means off (the start-up line says so) and
+    ``true`` is an error. On, it changes the results, so it enters the adv_train hash (stored
+    multi-GPU sweeps of earlier versions are recomputed); off, single-worker or on CPU, the
+    hashes stay those of before (:meth:`uses_sync_bn`)."""
+
+    def uses_sync_bn(self, resources: ATResources) -> bool:
+        """Whether training converts BatchNorm to SyncBatchNorm on ``resources``: ``sync_bn``,
+        or by default more than one worker; never with one worker (nothing to synchronise)
+        nor on CPU. :class:`ConfigError` for ``sync_bn: true`` on CPU workers."""
+        if self.sync_bn and not resources.use_gpu:
+            raise ConfigError(
+                "adv_train.sync_bn: true needs GPU workers (resources.adv_train.use_gpu: true); "
+                "torch's SyncBatchNorm does not train on CPU"
+            )
+        wanted = resources.num_workers > 1 if self.sync_bn is None else self.sync_bn
+        return wanted and resources.use_gpu and resources.num_workers > 1
 
 
 class MRCConfig(_Section):
@@ -165,7 +203,10 @@ class ASHAConfig(_Section):
     trials go on depends on which report first). See ``rift_ray.stages.rungs``."""
 
 
-Strategy = Literal["lowest", "greedy", "random", "highest"]
+Strategy = Literal[
+    "lowest", "lowest_k", "greedy", "random", "highest", "full", "last_layer", "bn_stats",
+    "first_block",
+]  # fmt: skip
 """The closed set of module-selection strategies; what each means: ``rift_ray.rift.selection``."""
 
 
@@ -180,13 +221,17 @@ class GreedyConfig(_Section):
 
 class FinetuneConfig(_Section):
     top_k: PosInt = 1
-    """The ``lowest`` strategy fine-tunes each of the top_k lowest-MRC modules (one trial set each)."""
+    """The ``lowest_k`` strategy fine-tunes each of the top_k lowest-MRC modules (one trial
+    set each; the best by validation wins). ``lowest`` is always the single lowest."""
     joint: bool = False
-    """``lowest`` also fine-tunes the top_k modules together as one trial (the paper's top-k ablation)."""
+    """``lowest_k`` also fine-tunes the top_k modules together as one trial (the paper's top-k ablation)."""
     strategies: Annotated[list[Strategy], Field(min_length=1)] = ["lowest"]
-    """Module selections to run and compare in this sweep: ``lowest`` (the paper's RiFT),
-    ``greedy`` (a set chosen by joint MRC), ``random`` (``random_draws`` seeded random modules)
-    and ``highest`` (the most critical module), the last two the paper's ablation."""
+    """Module selections to run and compare in this sweep: ``lowest`` (the paper's RiFT: the
+    single lowest-MRC module), ``lowest_k`` (best of the top_k lowest), ``greedy`` (a set
+    chosen by joint MRC), ``random`` (``random_draws`` seeded random modules), ``highest``
+    (the most critical module), and the ablations ``full`` (every weight), ``last_layer``
+    (the classifier), ``bn_stats`` (no weight; BatchNorm statistics re-estimated on clean
+    data) and ``first_block`` (the first stage). See ``rift_ray.rift.selection``."""
     primary: Strategy = "lowest"
     """The strategy whose best trial is the sweep's final RiFT model; the others are comparisons."""
     greedy: GreedyConfig = GreedyConfig()
@@ -202,8 +247,16 @@ class FinetuneConfig(_Section):
     asha: ASHAConfig = ASHAConfig()
     metric_subset: PosInt = 1000
     """Validation images used for the per-epoch ASHA metric (interpolated-model gain)."""
+    score: Literal["rule", "penalised"] = "rule"
+    """The ASHA metric (``val_score``), which also picks the epoch that is interpolated:
+    ``rule``: the paper's rule on the metric alphas (the largest clean gain among those whose
+    robust drop is within interpolate.tolerance); a trial with no such alpha ranks below every
+    trial with one, by its penalised score. ``penalised``: the penalised score over every
+    metric alpha, feasible or not (sweeps before this field). See
+    ``rift_ray.rift.finetune.asha_score``."""
     metric_penalty: NonNegFloat = 2.0
-    """ASHA score: clean gain minus this x robust drop beyond interpolate.tolerance (points)."""
+    """The penalised score: clean gain minus this x robust drop beyond interpolate.tolerance
+    (points); with ``score: rule`` it only ranks trials that have no feasible alpha."""
     metric_alphas: Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=1)] = [
         0.5,
         0.7,
@@ -218,6 +271,14 @@ class FinetuneConfig(_Section):
         if self.primary not in self.strategies:
             raise ValueError(
                 f"primary: {self.primary!r} is not one of finetune.strategies {self.strategies}"
+            )
+        if (self.top_k > 1 or self.joint) and "lowest_k" not in self.strategies:
+            what = f"top_k: {self.top_k}" if self.top_k > 1 else "joint: true"
+            raise ValueError(
+                f"{what} applies to the lowest_k strategy (best of the top_k lowest-MRC "
+                "modules by validation), which finetune.strategies does not list; `lowest` is "
+                "the paper's single lowest-MRC module. Add lowest_k to finetune.strategies "
+                "(and primary: lowest_k to keep it as the final model), or set top_k: 1"
             )
         return self
 
@@ -275,7 +336,9 @@ class AutoAttackConfig(_Section):
 class EvalConfig(_Section):
     batch_size: PosInt = 256
     restarts: PosInt = 1
-    """PGD restarts for robust accuracy (worst case); the paper uses 3."""
+    """PGD restarts for robust accuracy, combined per image: an image counts as robust only
+    if no restart fools the model (the per-image worst of N restarts). That is at most, and
+    usually below, the paper's "worst of 3 runs" (the lowest of 3 whole-run accuracies)."""
     val_subset: PosInt | None = None
     test_subset: PosInt | None = None
     corruptions: list[str] = []
@@ -394,6 +457,14 @@ class SweepConfig(_Section):
             twice = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
             if twice:
                 raise ValueError(f"seeds: must be distinct (repeated: {twice[0]})")
+        return self
+
+    @model_validator(mode="after")
+    def _sync_bn_needs_gpus(self) -> SweepConfig:
+        try:
+            self.adv_train.uses_sync_bn(self.resources.adv_train)
+        except ConfigError as e:  # as a ValueError, so the message keeps its one-line form
+            raise ValueError(str(e)) from None
         return self
 
     def to_dict(self) -> dict[str, Any]:

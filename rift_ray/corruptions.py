@@ -521,6 +521,9 @@ def generate_cifar_c(
     return out
 
 
+_GET = "`rift-ray data cifar10-c` or `rift-ray data cifar100-c` downloads the official files"
+
+
 def load_cifar_c(
     root: str | Path,
     corruptions: Sequence[str],
@@ -532,18 +535,19 @@ def load_cifar_c(
 
     Severity s (1..5) is rows (s-1)*n_per_severity to s*n_per_severity. Files are memory-mapped,
     so only the requested rows are read. ``classes`` defaults to "0", "1", ...
+    ``rift-ray data cifar10-c`` (:mod:`rift_ray.downloads`) puts the official files in a ``root``.
     """
     root = Path(root).expanduser()
     labels_file = root / "labels.npy"
     if not labels_file.is_file():
-        raise DataError(f"{labels_file}: CIFAR-C labels not found")
+        raise DataError(f"{labels_file}: CIFAR-C labels not found ({_GET})")
     labels = np.load(labels_file)
     names = list(classes) if classes is not None else [str(i) for i in range(int(labels.max()) + 1)]
     out: dict[tuple[str, int], ImageData] = {}
     for corruption in corruptions:
         f = root / f"{corruption}.npy"
         if not f.is_file():
-            raise DataError(f"{f}: CIFAR-C file for corruption {corruption!r} not found")
+            raise DataError(f"{f}: CIFAR-C file for corruption {corruption!r} not found ({_GET})")
         arr = np.load(f, mmap_mode="r")
         for s in severities:
             if not 1 <= s <= 5:

@@ -59,6 +59,7 @@ class ImageData:
     images: torch.Tensor  # uint8 [N, C, H, W]
     labels: torch.Tensor  # int64 [N]
     classes: list[str]
+    crop_padding: int = 4  # its random crop's padding when augmented (data.crop_padding)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -77,7 +78,7 @@ class ImageData:
     def subset(self, indices: torch.Tensor | Sequence[int]) -> ImageData:
         """The images at ``indices`` (in that order); classes are kept."""
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
-        return ImageData(self.images[idx], self.labels[idx], list(self.classes))
+        return ImageData(self.images[idx], self.labels[idx], list(self.classes), self.crop_padding)
 
 
 @dataclass
@@ -244,6 +245,7 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetSplits:
             f"data.val_size: {val_size} is more than half of the {len(train)} training images"
         )
     train, val = split_validation(train, val_size, seed)
+    train.crop_padding = cfg.crop_padding  # what :func:`batches` augments it with
     mean, std = _STATS[name] if name in _STATS else channel_stats(train.images)
     return DatasetSplits(name, train, val, test, len(train.classes), mean, std)
 
@@ -504,7 +506,8 @@ def batches(
     The order is a permutation seeded by (seed, epoch) when ``shuffle``. With
     ``world_size > 1`` rank r takes every world_size-th index from r, after the order is
     padded by wrapping to a multiple of world_size (as DistributedSampler), so ranks get
-    equal, disjoint shards. Augmentation is seeded by (seed, epoch, rank).
+    equal, disjoint shards. Augmentation (:func:`augment_batch`, padding
+    ``data.crop_padding``) is seeded by (seed, epoch, rank).
     """
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(
@@ -527,4 +530,4 @@ def batches(
             break
         x = data.images[idx].to(device, non_blocking=True).float().div_(255)
         y = data.labels[idx].to(device, non_blocking=True)
-        yield (augment_batch(x, gen) if gen is not None else x), y
+        yield (augment_batch(x, gen, data.crop_padding) if gen is not None else x), y

@@ -10,7 +10,7 @@ from typing import Any
 
 from rift_ray.aggregate import lookup, mean_std_text
 from rift_ray.metrics import METRICS, is_finite
-from rift_ray.results import SweepResults
+from rift_ray.results import SweepResults, regenerated_label
 
 AT_COLOR, RIFT_COLOR, LIMIT_COLOR = "#7f7f7f", "#d62728", "#b8860b"
 
@@ -368,7 +368,18 @@ def _seed_figures(res: SweepResults) -> dict[str, tuple[str, Any]]:
             fig_interpolation(tagged(res.rows("interpolation"), winner), choices),
         ),
     }
-    return {k: v for k, v in figs.items() if v[1] is not None}
+    return _label_corruption(res, {k: v for k, v in figs.items() if v[1] is not None})
+
+
+def _label_corruption(
+    res: SweepResults, figs: dict[str, tuple[str, Any]]
+) -> dict[str, tuple[str, Any]]:
+    """Captions of figures with corruption accuracy say when it is regenerated (a fallback)."""
+    label = regenerated_label(res)
+    for k in ("fig-before-after", "fig-interpolation"):
+        if label and k in figs:
+            figs[k] = (f"{figs[k][0]} Corruption: {label}.", figs[k][1])
+    return figs
 
 
 def report_figures(res: SweepResults) -> dict[str, tuple[str, Any]]:
@@ -407,4 +418,4 @@ def report_figures(res: SweepResults) -> dict[str, tuple[str, Any]]:
             ),
         ),
     }
-    return {k: v for k, v in figs.items() if v[1] is not None}
+    return _label_corruption(res, {k: v for k, v in figs.items() if v[1] is not None})

@@ -45,6 +45,12 @@ NEW_DEFAULTS: tuple[NewDefault, ...] = (
     NewDefault(("eval", "autoattack", "alphas"), []),
     # what every sweep ran before the field existed; the new default (sync) changes the hash
     NewDefault(("finetune", "asha", "mode"), "async", config_hash=True),
+    # the same: every sweep before the field ranked trials by the penalised score
+    NewDefault(("finetune", "score"), "penalised", config_hash=True),
+    # unset: off where every sweep before ran it (one worker, CPU); see stage_hashes
+    NewDefault(("adv_train", "sync_bn"), None, config_hash=True),
+    # 4 for every dataset but Tiny-ImageNet, where the reference's 8 changes the hash
+    NewDefault(("data", "crop_padding"), 4, config_hash=True),
 )
 """Fields added after sweeps were first stored: at the default they are left out of the
 stage hashes, so results stored by an earlier version stay valid. A new field that changes
@@ -118,6 +124,10 @@ def stage_hashes(cfg: SweepConfig, seed: int | None = None) -> dict[str, str]:
     training keeps the hash of ``cfg.seed``, so every seed starts from the same AT model).
     """
     d = without_new_defaults(cfg.to_dict())
+    # adv_train.sync_bn by what it does on these resources: only "on" enters (multi-GPU)
+    d["adv_train"].pop("sync_bn", None)
+    if cfg.adv_train.uses_sync_bn(cfg.resources.adv_train):
+        d["adv_train"]["sync_bn"] = True
     ev = d["eval"]
     compute = [d["compute"]] if "compute" in d else []  # its own list item, when not default
     h1 = stable_hash(

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from rift_ray.config import SweepConfig
-from rift_ray.rift.selection import max_module_sets
+from rift_ray.rift.selection import max_module_sets, max_trials
 
 STAGES_2_4 = ("mrc", "finetune", "interpolate")
 
@@ -57,8 +57,7 @@ def estimate(
     mrc = (
         n_adv * k * t_img + n_modules * cfg.mrc.epochs * n_adv * 1.3 * t_img
     )  # ascent + a forward pass per epoch
-    groups = max_module_sets(cfg.finetune)
-    trials = groups * len(cfg.finetune.lrs)
+    trials = max_trials(cfg.finetune)
     metric = (len(cfg.finetune.metric_alphas) * min(n_val, cfg.finetune.metric_subset) * k) * t_img
     ft = trials * cfg.finetune.epochs * (n_train * t_img + metric)
     ft += joint_sets(cfg) * cfg.mrc.epochs * n_adv * 1.3 * t_img  # greedy joint MRC

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from rift_ray import __version__
-from rift_ray.aggregate import is_seeds_summary, lookup, mean_std_text
+from rift_ray.aggregate import is_seeds_summary, lookup, mean_std_text, strategy_seed_cells
 from rift_ray.figures import png_bytes, report_figures
 from rift_ray.metrics import METRICS, is_finite
 from rift_ray.progress import duration
@@ -28,8 +28,10 @@ from rift_ray.results import (
     SweepResults,
     pct,
     per_seed_rows,
+    regenerated_label,
     stage_records,
 )
+from rift_ray.rift.selection import set_label
 from rift_ray.store import Store
 
 # -- HTML ---------------------------------------------------------------------------------
@@ -86,14 +88,19 @@ def _html_table(
     return f'<div class="wide"><table><tr>{head}</tr>{body}</table></div>'
 
 
-def _before_after_html(summary: dict[str, Any]) -> str:
+def _names(corruption: str | None) -> dict[str, str]:
+    """METRICS' names, the corruption one replaced by ``corruption`` (regenerated) if given."""
+    return {**METRICS, **({"corruption_acc": corruption} if corruption else {})}
+
+
+def _before_after_html(summary: dict[str, Any], corruption: str | None = None) -> str:
     head = (
         "<tr><th class='l'>split</th><th class='l'>metric</th>"
         "<th>AT</th><th>RiFT</th><th>change</th></tr>"
     )
     body = ""
     for split in ("val", "test"):
-        for metric, label in METRICS.items():
+        for metric, label in _names(corruption).items():
             a = ((summary.get("at") or {}).get(split) or {}).get(metric)
             b = ((summary.get("rift") or {}).get(split) or {}).get(metric)
             if a is None and b is None:
@@ -108,7 +115,7 @@ def _before_after_html(summary: dict[str, Any]) -> str:
     return f"<table>{head}{body}</table>"
 
 
-def _before_after_seeds_html(summary: dict[str, Any]) -> str:
+def _before_after_seeds_html(summary: dict[str, Any], corruption: str | None = None) -> str:
     """The before/after table of a ``seeds`` summary: mean ± std over seeds in every cell."""
     n = summary.get("n")
     head = (
@@ -117,7 +124,7 @@ def _before_after_seeds_html(summary: dict[str, Any]) -> str:
     )
     body = ""
     for split in ("val", "test"):
-        for metric, label in METRICS.items():
+        for metric, label in _names(corruption).items():
             if lookup(summary.get("mean"), "at", split, metric) is None:
                 continue
             d = lookup(summary.get("mean"), "delta", split, metric)
@@ -147,16 +154,46 @@ def _before_after_seeds_html(summary: dict[str, Any]) -> str:
 def _strategies_html(rows: list[dict[str, Any]]) -> str:
     shown = [
         {
-            c.label: (
-                r.get(c.key)
-                if c.key != "strategy"
-                else r[c.key] + (" (primary)" if r.get("primary") else "")
-            )
-            for c in STRATEGY_COLUMNS
+            **({"seed": r["seed"]} if "seed" in r else {}),  # the per-seed rows of a seeds sweep
+            **{
+                c.label: (
+                    r[c.key] + (" (primary)" if r.get("primary") else "")
+                    if c.key == "strategy"
+                    else set_label(r[c.key])
+                    if c.key == "modules" and r.get(c.key)
+                    else r.get(c.key)
+                )
+                for c in STRATEGY_COLUMNS
+            },
         }
         for r in rows
     ]
     return _html_table(shown, left=("strategy", "module set"))
+
+
+def _strategies_seeds_html(s: dict[str, Any]) -> list[str]:
+    """The strategy comparison of a ``seeds`` summary: over seeds, then every seed's rows."""
+    cells = strategy_seed_cells(s)
+    if not cells:
+        return []
+    primary = _e(s["strategies"]["primary"])
+    per_seed = [
+        {"seed": p.get("seed"), **r}
+        for p in s.get("per_seed") or []
+        for r in p.get("strategies") or []
+    ]
+    return [
+        "<h2>Module selection strategies</h2>",
+        f"<p>Each strategy's best trial at its alpha*, over {_e(s.get('n'))} seeds (test, %): "
+        "accuracy and its change over the same seed's AT model as mean ± sample std (n: the "
+        f"seeds with the figure); <b>{primary}</b> (primary: the final model) minus each "
+        "strategy, paired by seed, as mean ± std with a 95% Student t interval over seeds "
+        "(n - 1 degrees of freedom; none for one seed).</p>",
+        _html_table(cells, left=("strategy", "metric")),
+        "<details><summary>Per seed</summary>",
+        _strategies_html(per_seed),
+        "</details>",
+    ]
 
 
 def _stages_rows(res: SweepResults) -> list[dict[str, Any]]:
@@ -231,8 +268,17 @@ def _metadata_html(res: SweepResults) -> str:
     return f"<table>{rows}</table>"
 
 
-def _headline_html(s: dict[str, Any], figure: Any) -> list[str]:
-    """What the sweep chose and the before/after table (per seed for a seeds sweep)."""
+def _headline_html(s: dict[str, Any], figure: Any, corruption: str | None = None) -> list[str]:
+    """What the sweep chose and the before/after table (per seed for a seeds sweep);
+    ``corruption``: the label of regenerated corruption figures, said up front."""
+    note = []
+    if corruption and s:
+        note = [
+            f"<p class='bad'><b>{_e(corruption)}</b>: the corruption figures of this sweep were "
+            "measured on corruptions regenerated by rift-ray (<code>eval.corruption_source: "
+            "generated</code>), a fallback not comparable to published CIFAR-C numbers; "
+            "<code>rift-ray data cifar10-c</code> fetches the official files.</p>"
+        ]
     if is_seeds_summary(s):
         chosen, n = s.get("chosen") or {}, s.get("n")
         mods = ", ".join(f"{m} ({k} of {n})" for m, k in chosen.get("modules", {}).items())
@@ -241,8 +287,9 @@ def _headline_html(s: dict[str, Any], figure: Any) -> list[str]:
             f"<p>The RiFT stages ran once per seed ({_e(', '.join(map(str, s.get('seeds', []))))}) "
             f"from one AT model (seed {_e(s.get('seed'))}). Fine-tuned module: {_e(mods)}; "
             f"lr: {_e(lrs)}; <b>alpha* = {_e(mean_std_text(s, 'alpha'))}</b>.</p>",
+            *note,
             "<h2>Before / after</h2>",
-            _before_after_seeds_html(s),
+            _before_after_seeds_html(s, corruption),
             figure("fig-before-after"),
             "<h2>Per seed</h2>",
             _html_table(per_seed_rows(s), left=("modules",)),
@@ -253,8 +300,9 @@ def _headline_html(s: dict[str, Any], figure: Any) -> list[str]:
             f"<p>Fine-tuned module <b>{_e(mods)}</b> at lr {_e(fmt(s.get('lr')))}, "
             f"interpolated at <b>alpha* = {_e(fmt(s.get('alpha')))}</b>. "
             f"{_e(s.get('reason', ''))}</p>",
+            *note,
             "<h2>Before / after</h2>",
-            _before_after_html(s),
+            _before_after_html(s, corruption),
             figure("fig-before-after"),
         ]
     return ['<p class="muted">The sweep has not finished: no summary yet.</p>']
@@ -262,6 +310,8 @@ def _headline_html(s: dict[str, Any], figure: Any) -> list[str]:
 
 def _strategies_section(res: SweepResults, s: dict[str, Any]) -> list[str]:
     """The strategy comparison and the greedy joint MRC table, when the sweep has them."""
+    if is_seeds_summary(s):  # strategies over seeds; joint MRC tables are per seed
+        return _strategies_seeds_html(s)
     joint = res.rows("joint_mrc")
     if len(s.get("strategies") or []) <= 1 and not joint:
         return []
@@ -299,7 +349,7 @@ def render_html(res: SweepResults, history: str | None = None) -> str:
     if history:
         parts.append(f'<p class="muted">As it was with history/{_e(history)}: a result a '
                      "restart or a changed config replaced; not the sweep's current result.</p>")  # fmt: skip
-    parts += _headline_html(s, figure)
+    parts += _headline_html(s, figure, regenerated_label(res))
     parts += ["<h2>Stages</h2>", _html_table(_stages_rows(res), left=("stage", "status", "error"))]
     parts += ["<h2>Adversarial training</h2>", figure("fig-adv-train")]
     parts += [

@@ -51,6 +51,7 @@ SUMMARY_SCHEMA = pa.schema(
         ("robust_acc", pa.float64()),
         ("corruption_acc", pa.float64()),
         ("autoattack_acc", pa.float64()),
+        ("corruption_source", pa.string()),  # files | generated (regenerated: a fallback)
     ]
 )
 SEEDS_SUMMARY_SCHEMA = pa.schema(
@@ -119,6 +120,50 @@ def pct(v: Any, *, finite_only: bool = True) -> str:
     if finite_only:
         return f"{v:.2f}" if is_finite(v) else "-"
     return "-" if v is None else f"{v:.2f}"
+
+
+def corruption_name(source: str | None, dataset: str | None = None) -> str:
+    """What a corruption accuracy is called where people see it: "corruption" (the official
+    CIFAR-10-C / CIFAR-100-C files), or for ``eval.corruption_source: generated``
+    "corruption (regenerated, not the official CIFAR-10-C)": a fallback, not comparable to
+    published numbers."""
+    if source != "generated":
+        return METRICS["corruption_acc"]
+    official = "CIFAR-100-C" if dataset == "cifar100" else "CIFAR-10-C"
+    return f"corruption (regenerated, not the official {official})"
+
+
+def corruption_fields(cfg: Any) -> dict[str, str | None]:
+    """``summary.json``'s ``corruption_source`` (files | generated; None: no corruptions) and
+    ``corruption_label`` (:func:`corruption_name`)."""
+    if not cfg.eval.corruptions:
+        return {"corruption_source": None, "corruption_label": None}
+    source = cfg.eval.corruption_source
+    return {
+        "corruption_source": source,
+        "corruption_label": corruption_name(source, cfg.data.dataset),
+    }
+
+
+def summary_corruption(summary: dict[str, Any] | None, key: str = "corruption_label") -> Any:
+    """``corruption_label`` (or ``corruption_source``) of a summary, a ``seeds`` summary's
+    from its seeds; None when it has none (no corruptions, or written before labels)."""
+    for s in (summary or {}, *((summary or {}).get("per_seed") or [])):
+        if s.get(key):
+            return s[key]
+    return None
+
+
+def regenerated_label(res: SweepResults) -> str | None:
+    """The corruption label of a sweep whose corruption figures are regenerated (a fallback,
+    to be said wherever they are shown); None for the official files or no corruptions. A
+    summary written before labels existed: from the sweep's config."""
+    source = summary_corruption(res.summary, "corruption_source")
+    if source is None and res.setting("eval", "corruptions"):
+        source = res.setting("eval", "corruption_source", "files")
+    return (
+        corruption_name(source, res.setting("data", "dataset")) if source == "generated" else None
+    )
 
 
 # -- reading a sweep directory -----------------------------------------------------------
@@ -241,6 +286,7 @@ def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                     "trial": summary.get("trial") if model == "rift" else None,
                     "alpha": float(summary.get("alpha") or 0.0) if model == "rift" else 0.0,
                     **{k: m.get(k) for k in METRICS},
+                    "corruption_source": _source(summary, m.get("corruption_acc")),
                 }
             )
     return rows
@@ -262,12 +308,17 @@ def _mean_std_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                     "trial": None,
                     "alpha": mean.get("alpha") if rift else 0.0,
                     **{k: m.get(k) for k in METRICS},
+                    "corruption_source": _source(summary, m.get("corruption_acc")),
                     "n": max((lookup(count, model, split, k) or 0) for k in METRICS),
                     "alpha_std": std.get("alpha") if rift else None,
                     **{f"{k}_std": lookup(std, model, split, k) for k in METRICS},
                 }
             )
     return rows
+
+
+def _source(summary: dict[str, Any], corruption_acc: Any) -> str | None:
+    return summary_corruption(summary, "corruption_source") if corruption_acc is not None else None
 
 
 def summary_table(summary: dict[str, Any]) -> pa.Table:

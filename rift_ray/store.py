@@ -127,8 +127,10 @@ def finetune_checkpoint(trial: str) -> str:
 
 def trial_name(modules: list[str] | tuple[str, ...], lr: float) -> str:
     """A fine-tuning trial's name: its modules joined by ``+`` (characters a file name cannot
-    hold replaced by ``_``) and its learning rate, e.g. ``layer2.1.conv2_lr0.01``."""
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", "+".join(modules)) + f"_lr{lr:g}"
+    hold replaced by ``_``) and its learning rate, e.g. ``layer2.1.conv2_lr0.01``; the
+    ablations' sets ``:all`` and ``:bn_stats`` give ``all_lr0.01`` and ``bn_stats_lr0``."""
+    joined = "+".join(m.removeprefix(":") for m in modules)
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", joined) + f"_lr{lr:g}"
 
 
 def experiment_name(

@@ -143,7 +143,9 @@ def trial_view(
 
 def seeds_view(live: LiveRun, wandb: Any, summary: dict[str, Any]) -> None:
     """The aggregate run of a ``seeds`` sweep: mean, std and n of every figure, how often each
-    module / lr was chosen, the per-seed and mean/std before/after tables."""
+    module / lr was chosen, the per-seed and mean/std before/after tables, and with several
+    strategies their comparison over seeds (``seeds/strategies``, ``paired/...``)."""
+    from rift_ray.aggregate import strategy_seed_rows
     from rift_ray.figures import fig_before_after_seeds
     from rift_ray.results import per_seed_rows, summary_rows
 
@@ -165,6 +167,15 @@ def seeds_view(live: LiveRun, wandb: Any, summary: dict[str, Any]) -> None:
         }
     )
     log_figure(live, wandb, "seeds/figure", fig_before_after_seeds(summary))
+    rows = strategy_seed_rows(summary)
+    if rows:  # the module-selection comparison over seeds (finetune.strategies)
+        live.log({"seeds/strategies": table(wandb, rows)})
+        for p in summary["strategies"].get("paired") or []:  # primary - strategy, 95% t CI
+            key = f"paired/{p['strategy']}/{p['metric']}"
+            run.summary[f"{key}/mean"] = p["mean"]
+            run.summary[f"{key}/n"] = p["n"]
+            if p.get("ci95"):
+                run.summary[f"{key}/ci95_lo"], run.summary[f"{key}/ci95_hi"] = p["ci95"]
 
 
 def interp_view(

@@ -21,7 +21,7 @@ def _build(arch: str, num_classes: int = 7, **kw: object) -> nn.Module:
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("size", [32, 64])
 def test_output_shape(arch: str, size: int) -> None:
-    model = _build(arch).eval()
+    model = _build(arch, image_size=size).eval()  # sizes the reference heads' classifier
     with torch.no_grad():
         out = model(torch.rand(2, 3, size, size))
     assert out.shape == (2, 7)

@@ -272,6 +272,36 @@ def test_finetune_trains_only_the_named_module() -> None:
     assert all(p.requires_grad for p in model.parameters())  # flags restored when exhausted
 
 
+def test_ablation_sets_train_every_weight_or_only_batchnorm_statistics() -> None:
+    """``full`` (:all) moves every parameter; ``bn_stats`` (:bn_stats) moves no parameter, only
+    the BatchNorm running statistics, with the same batches; both restore flags and modes."""
+    from rift_ray.rift.finetune import ALL_WEIGHTS, BN_STATS
+
+    x, y = blobs(32, num_classes=3)
+
+    def batches(epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(x[:16], y[:16]), (x[16:], y[16:])]
+
+    model = tiny_cnn()
+    before = snapshot(model)
+    list(finetune(model, [ALL_WEIGHTS], batches, epochs=2, lr=0.05))
+    after = snapshot(model)
+    for k, _ in model.named_parameters():
+        assert not torch.equal(before[k], after[k]), k
+    model = tiny_cnn()
+    model.eval()
+    before = snapshot(model)
+    rows = list(finetune(model, [BN_STATS], batches, epochs=2, lr=0.05))
+    after = snapshot(model)
+    for k, _ in model.named_parameters():
+        assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["1.running_mean"], after["1.running_mean"])
+    assert [r["lr"] for r in rows] == [0.0, 0.0] and rows[0]["images"] == 32
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        finetune(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)), [BN_STATS], batches)
+
+
 def test_finetune_resume_continues_the_same_run() -> None:
     """4 epochs in one go == 2 epochs, then a resume from (weights, optimizer state) for 2 more."""
     x, y = blobs(32, num_classes=3)

@@ -48,25 +48,30 @@ def test_bad_seeds_are_one_line_errors_naming_seeds(override: str, message: str)
 
 def test_unset_seeds_change_nothing() -> None:
     """Without seeds the config dict and YAML have no seeds key, and the stage hashes are those
-    from before seeds existed (the values of commit 558e6d1 for sweeps/smoke.yaml: fields added
-    since then leave the hashes alone at their defaults, hashing.NEW_DEFAULTS, so stored
-    sweeps stay valid)."""
+    from before seeds existed: fields added since leave the hashes alone at the value every
+    sweep ran before them (hashing.NEW_DEFAULTS), so stored sweeps stay valid. The pinned
+    values are those commit 6242904 computed for sweeps/smoke.yaml with top_k 1 (558e6d1's
+    adv_train and MRC hashes)."""
     cfg = load_config(SMOKE)
     assert cfg.seeds is None and "seeds" not in cfg.to_dict() and "seeds" not in to_yaml(cfg)
-    # finetune.asha.mode: what every sweep ran before the field existed (async) hashes as then
-    before = load_config(SMOKE, overrides=["finetune.asha.mode=async"])
+    # finetune.asha.mode / finetune.score: what every sweep ran before the fields existed
+    # (async ASHA, the penalised score) hashes as then
+    before = load_config(SMOKE, overrides=["finetune.asha.mode=async", "finetune.score=penalised"])
     assert stage_hashes(before) == {
         "adv_train": "b8a6f920c317",
         "mrc": "f9b7d0fb3abb",
-        "finetune": "0c9e8e41b305",
-        "interpolate": "18abf790118d",
+        "finetune": "07e980b17eb4",
+        "interpolate": "6e8eaf533581",
     }
-    # ... the new default (sync halving) changes fine-tuning's results, so its hash, on purpose
+    # ... the new defaults (sync halving, the rule's score) change fine-tuning's results, so
+    # its hash, on purpose
     now = stage_hashes(cfg)
-    assert now["mrc"] == "f9b7d0fb3abb" and now["finetune"] != "0c9e8e41b305"
+    assert now["mrc"] == "f9b7d0fb3abb" and now["finetune"] != "07e980b17eb4"
+    rule_async = stage_hashes(load_config(SMOKE, overrides=["finetune.asha.mode=async"]))
+    assert rule_async["finetune"] not in ("07e980b17eb4", now["finetune"])
     # a new field away from its default does change the hashes it belongs to
     searched = stage_hashes(load_config(SMOKE, overrides=["interpolate.search=monotone"]))
-    assert searched["mrc"] == "f9b7d0fb3abb" and searched["interpolate"] != "18abf790118d"
+    assert searched["mrc"] == "f9b7d0fb3abb" and searched["interpolate"] != now["interpolate"]
 
 
 def test_seed_hashes_share_adv_training_and_ignore_the_other_seeds() -> None:

@@ -322,8 +322,11 @@ def test_module_groups_of_the_strategies_without_greedy() -> None:
 
     by, sets = groups()  # the default: the paper's single lowest-MRC module
     assert by == {"lowest": [["l2"]]} and sets == [["l2"]]
-    by, sets = groups("finetune.top_k=2", "finetune.joint=true")  # top_k / joint as before
-    assert by == {"lowest": [["l2"], ["l1"], ["l2", "l1"]]}
+    by, sets = groups(  # top_k / joint: the lowest_k strategy
+        "finetune.top_k=2", "finetune.joint=true", "finetune.strategies=[lowest_k]",
+        "finetune.primary=lowest_k",
+    )  # fmt: skip
+    assert by == {"lowest_k": [["l2"], ["l1"], ["l2", "l1"]]}
     by, sets = groups(
         "finetune.strategies=[lowest,highest,random]", "finetune.random_draws=5", "seed=3"
     )

@@ -46,7 +46,7 @@ EVAL = [
 
 # ... and compares the module selections (README "Module selection strategies").
 STRATEGIES = [
-    "--set", "finetune.strategies=[lowest,greedy]",  # random, highest: tests/test_selection.py
+    "--set", "finetune.strategies=[lowest,greedy,bn_stats]",  # random, highest: test_selection.py
     "--set", "finetune.greedy.candidates=2",
 ]  # fmt: skip
 
@@ -139,7 +139,7 @@ def test_strategy_comparison(smoke_run: Path) -> None:
     """One row per strategy; the final model is the primary (lowest) strategy's best trial."""
     summary = json.loads((smoke_run / "summary.json").read_text())
     rows = summary["strategies"]
-    assert [r["strategy"] for r in rows] == ["lowest", "greedy"]
+    assert [r["strategy"] for r in rows] == ["lowest", "greedy", "bn_stats"]
     assert pq.read_table(smoke_run / "tables/strategies.parquet").to_pylist() == rows
     mrc = [r["module"] for r in pq.read_table(smoke_run / "tables/mrc.parquet").to_pylist()]
     by = {r["strategy"]: r for r in rows}
@@ -151,6 +151,17 @@ def test_strategy_comparison(smoke_run: Path) -> None:
         for k, v in summary["rift"][split].items():
             if k != "autoattack_acc":  # AutoAttack: the final model only, not per strategy
                 assert low[f"{split}_{k}"] == pytest.approx(v)
+    bn = by.pop("bn_stats")  # one trial, no weight trained: only BatchNorm statistics moved
+    assert (bn["trial"], bn["lr"], bn["modules"]) == ("bn_stats_lr0", 0.0, ":bn_stats")
+    state = torch.load(smoke_run / "checkpoints/finetune/bn_stats_lr0.pt", weights_only=True)
+    at = torch.load(smoke_run / "checkpoints/at.pt", weights_only=True)
+    moved = {
+        k for k in at["state_dict"] if not torch.equal(at["state_dict"][k], state["state_dict"][k])
+    }
+    assert moved and all(
+        k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved
+    )
+    rows = list(by.values())
     for r in rows:  # every strategy has its best trial, at an alpha* within the tolerance
         assert r["trial"] and r["alpha"] is not None and r["lr"] in (0.001, 0.02)
         assert r["val_robust_acc"] >= summary["at"]["val"]["robust_acc"] - 0.1 - 1e-9
@@ -166,9 +177,9 @@ def test_strategy_comparison(smoke_run: Path) -> None:
     # each strategy ran its own ASHA experiment
     ft = pq.read_table(smoke_run / "tables/finetune.parquet").to_pylist()
     sets = {r["modules"] for r in ft}
-    assert len(ft) == 2 * len(sets) and {mrc[0], kept["modules"]} == sets
+    assert len(ft) == 2 * (len(sets) - 1) + 1 and {mrc[0], kept["modules"], ":bn_stats"} == sets
     runs = {p.name.split("-", 2)[-1] for p in (smoke_run / "ray").glob("finetune-*-*")}
-    assert runs == {"greedy"}
+    assert runs == {"greedy", "bn_stats"}
 
 
 def test_default_strategy_result_is_unchanged(

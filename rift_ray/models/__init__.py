@@ -61,19 +61,26 @@ def build_model(
     std: Sequence[float] = (0.5, 0.5, 0.5),
     depth: int = 34,
     widen_factor: int = 10,
+    image_size: int | Sequence[int] = 32,
 ) -> nn.Module:
     """A freshly initialised model; ``depth`` and ``widen_factor`` apply to ``wrn`` only.
 
     ``mean``/``std`` (per channel, for images in [0, 1]) set the input normalization and,
-    by their length, the number of input channels.
+    by their length, the number of input channels. ``image_size`` (H, or (H, W)) sizes the
+    classifier of the reference architectures (resnet18/34, wrn, preact_resnet18), whose
+    heads pool as the reference code does: 64x64 inputs leave 2x2 cells, so 4x the inputs.
     """
     if arch not in _BUILDERS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if arch == "wrn":
-        return WideResNet(depth, num_classes, widen_factor, mean=mean, std=std)
-    return _BUILDERS[arch](num_classes, mean=mean, std=std)
+        return WideResNet(
+            depth, num_classes, widen_factor, mean=mean, std=std, image_size=image_size
+        )
+    if arch in ("small_resnet", "small_cnn"):  # global pooling: any input size
+        return _BUILDERS[arch](num_classes, mean=mean, std=std)
+    return _BUILDERS[arch](num_classes, mean=mean, std=std, image_size=image_size)
 
 
 def mrc_candidates(model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32)) -> list[str]:

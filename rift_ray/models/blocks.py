@@ -60,8 +60,32 @@ class Block:
 
 
 def global_pool(x: Tensor) -> Tensor:
-    """[B, C, H, W] -> [B, C]: global average pooling, as the models' heads do it."""
+    """[B, C, H, W] -> [B, C]: global average pooling."""
     return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+def reference_pool(x: Tensor, kernel: int) -> Tensor:
+    """The heads' pooling, as in the reference RiFT models: ``avg_pool2d(x, kernel)`` then
+    flatten, so [B, C, H, W] -> [B, C * (H // kernel) * (W // kernel)].
+
+    ``kernel`` is 4 for the ResNets and 8 for WideResNet: on 32x32 inputs the last feature
+    map is exactly one window (global pooling, [B, C]); on 64x64 (Tiny-ImageNet) it is 2x2
+    windows, [B, 4C], and the classifier has 4x the inputs. A map no larger than the window
+    is pooled globally (bit-identical to :func:`global_pool`; the reference would fail
+    on a smaller one).
+    """
+    if x.shape[-2] <= kernel and x.shape[-1] <= kernel:
+        return global_pool(x)
+    return torch.flatten(F.avg_pool2d(x, kernel), 1)
+
+
+def pooled_cells(image_size: int | Sequence[int], downsample: int, kernel: int) -> int:
+    """How many cells :func:`reference_pool` leaves of an ``image_size`` input (an int or
+    (H, W)) whose last feature map is ``downsample`` times smaller (stride-2 3x3 convs with
+    padding 1 round up): the factor by which the classifier's input grows."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)[-2:]
+    side = [max(1, -(-s // downsample) // kernel) for s in (h, w)]
+    return side[0] * side[1]
 
 
 def model_blocks(model: nn.Module) -> list[Block]:

@@ -3,6 +3,8 @@
 Names: ``conv1``; ``layerX.Y.bn1/conv1/bn2/conv2``; projection shortcut ``layerX.Y.shortcut.0``
 (a 1x1 conv, no BN); final ``bn``; classifier ``linear``. Note the shortcut conv runs
 before ``conv1`` of its block, which :func:`rift_ray.models.mrc_candidates` reflects.
+The head pools 4x4 windows (``avg_pool2d(out, 4)``, as fast_adversarial and the reference
+RiFT code): one cell for 32x32 inputs, 2x2 for 64x64, which size ``linear``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rift_ray.models.blocks import Block, Split, global_pool, run_blocks
+from rift_ray.models.blocks import Block, Split, pooled_cells, reference_pool, run_blocks
 from rift_ray.models.resnet import Normalize
 
 
@@ -67,7 +69,9 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
-    """Input [B, C, H, W] in [0, 1]; output logits [B, num_classes]."""
+    """Input [B, C, H, W] in [0, 1] of ``image_size``; output logits [B, num_classes]."""
+
+    POOL = 4  # the head's pooling window (F.avg_pool2d(out, 4))
 
     def __init__(
         self,
@@ -77,6 +81,7 @@ class PreActResNet(nn.Module):
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         base_width: int = 64,
+        image_size: int | Sequence[int] = 32,
     ) -> None:
         """``base_width``: channels of the first stage (64 in PreActResNet18), doubled per stage."""
         super().__init__()
@@ -93,13 +98,15 @@ class PreActResNet(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
         self.num_stages = len(num_blocks)
         self.bn = nn.BatchNorm2d(in_planes)
-        self.linear = nn.Linear(in_planes, num_classes)
+        downsample = 2 ** (len(num_blocks) - 1)
+        cells = pooled_cells(image_size, downsample, self.POOL)
+        self.linear = nn.Linear(in_planes * cells, num_classes)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv1(self.normalize(x))
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        return global_pool(F.relu(self.bn(x)))
+        return reference_pool(F.relu(self.bn(x)), self.POOL)
 
     def blocks(self) -> list[Block]:
         """stem, every block (``layerX.Y``), head (bn, relu, pool), linear: composed, the forward pass."""
@@ -118,5 +125,6 @@ def preact_resnet18(
     *,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
+    image_size: int | Sequence[int] = 32,
 ) -> PreActResNet:
-    return PreActResNet((2, 2, 2, 2), num_classes, mean=mean, std=std)
+    return PreActResNet((2, 2, 2, 2), num_classes, mean=mean, std=std, image_size=image_size)

@@ -3,7 +3,9 @@
 Names: ``conv1``, ``bn1``, ``layer1`` .. ``layerK``, blocks ``layerX.Y.conv1/bn1/conv2/bn2``,
 projection shortcut ``layerX.Y.shortcut.0`` (conv) / ``.1`` (BN), classifier ``linear``.
 This is the layout of the reference RiFT code, so its checkpoints map key for key
-(plus our ``normalize.mean`` / ``normalize.std`` buffers).
+(plus our ``normalize.mean`` / ``normalize.std`` buffers). The head pools as the reference
+does (``avg_pool2d(out, 4)``, :func:`~rift_ray.models.blocks.reference_pool`): on 64x64
+Tiny-ImageNet images it keeps 2x2 cells and ``linear`` takes 4 x 512 inputs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rift_ray.models.blocks import Block, Split, global_pool, run_blocks
+from rift_ray.models.blocks import (
+    Block,
+    Split,
+    global_pool,
+    pooled_cells,
+    reference_pool,
+    run_blocks,
+)
 
 
 class Normalize(nn.Module):
@@ -85,12 +94,14 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A CIFAR ResNet: stem conv, one stage per entry of ``widths``, global pool, linear.
+    """A CIFAR ResNet: stem conv, one stage per entry of ``widths``, pool, linear.
 
-    The stem convolves with stride ``stem_stride`` (1 for CIFAR ResNets); stage 1 keeps
-    the resolution, every later stage halves it. Adaptive pooling makes
-    any input size >= 8 pixels work (32x32 CIFAR, 64x64 Tiny-ImageNet).
-    Input: [B, C, H, W] in [0, 1]; output: logits [B, num_classes].
+    The stem convolves with stride ``stem_stride`` (1 for CIFAR ResNets, as in the
+    reference; no max-pool); stage 1 keeps the resolution, every later stage halves it.
+    The head average-pools windows of ``pool_window`` (4: the reference's
+    ``avg_pool2d(out, 4)``): one cell for 32x32 inputs, 2x2 cells for 64x64 (``image_size``
+    sizes ``linear``); ``pool_window=None`` pools globally whatever the input size.
+    Input: [B, C, H, W] in [0, 1] of ``image_size``; output: logits [B, num_classes].
     """
 
     def __init__(
@@ -102,6 +113,8 @@ class ResNet(nn.Module):
         stem_stride: int = 1,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
+        image_size: int | Sequence[int] = 32,
+        pool_window: int | None = 4,
     ) -> None:
         super().__init__()
         if len(num_blocks) != len(widths):
@@ -118,10 +131,16 @@ class ResNet(nn.Module):
                 in_planes = width
             self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
         self.num_stages = len(widths)
-        self.linear = nn.Linear(in_planes, num_classes)
+        self.pool_window = pool_window
+        downsample = stem_stride * 2 ** (len(widths) - 1)
+        cells = 1 if pool_window is None else pooled_cells(image_size, downsample, pool_window)
+        self.linear = nn.Linear(in_planes * cells, num_classes)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn1(self.conv1(self.normalize(x))))
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return global_pool(x) if self.pool_window is None else reference_pool(x, self.pool_window)
 
     def blocks(self) -> list[Block]:
         """stem, every residual block (``layerX.Y``), pool, linear: composed, the forward pass."""
@@ -129,7 +148,7 @@ class ResNet(nn.Module):
         for i in range(1, self.num_stages + 1):
             for j, block in enumerate(getattr(self, f"layer{i}")):
                 out.append(Block(f"layer{i}.{j}", (f"layer{i}.{j}",), block, block.mrc_split))
-        return out + [Block("pool", (), global_pool), Block("linear", ("linear",), self.linear)]
+        return out + [Block("pool", (), self._pool), Block("linear", ("linear",), self.linear)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_blocks(self.blocks(), x)
@@ -140,8 +159,9 @@ def resnet18(
     *,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
+    image_size: int | Sequence[int] = 32,
 ) -> ResNet:
-    return ResNet((2, 2, 2, 2), num_classes, mean=mean, std=std)
+    return ResNet((2, 2, 2, 2), num_classes, mean=mean, std=std, image_size=image_size)
 
 
 def resnet34(
@@ -149,5 +169,6 @@ def resnet34(
     *,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
+    image_size: int | Sequence[int] = 32,
 ) -> ResNet:
-    return ResNet((3, 4, 6, 3), num_classes, mean=mean, std=std)
+    return ResNet((3, 4, 6, 3), num_classes, mean=mean, std=std, image_size=image_size)

@@ -5,7 +5,9 @@ Sequential of ``BasicBlock``\\ s with ``bn1, relu1, conv1, bn2, relu2, conv2`` a
 ``convShortcut`` when in != out channels); then ``bn1``, ``relu``, ``fc``. E.g.
 ``block1.layer.3.conv2``, ``block2.layer.0.convShortcut``. The first block of ``block1``
 goes 16 -> 16k channels, so it has a ``convShortcut`` whenever k > 1. The optional
-``sub_block1`` of some WRN-34-10 checkpoints is not part of this model.
+``sub_block1`` of some WRN-34-10 checkpoints is not part of this model. The head pools as
+the reference does (``avg_pool2d(out, 8)``): on 64x64 Tiny-ImageNet images it keeps 2x2
+cells and ``fc`` takes 4 x 64k inputs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rift_ray.models.blocks import Block, Split, global_pool, run_blocks
+from rift_ray.models.blocks import Block, Split, pooled_cells, reference_pool, run_blocks
 from rift_ray.models.resnet import Normalize
 
 
@@ -105,7 +107,12 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-widen_factor. Input [B, C, H, W] in [0, 1]; output logits [B, num_classes]."""
+    """WRN-depth-widen_factor. Input [B, C, H, W] in [0, 1] of ``image_size``; output logits
+    [B, num_classes]. The head average-pools 8x8 windows (the reference's
+    ``avg_pool2d(out, 8)``): one cell for 32x32 inputs, 2x2 cells for 64x64, which size ``fc``.
+    """
+
+    POOL = 8  # the head's pooling window (reference: F.avg_pool2d(out, 8))
 
     def __init__(
         self,
@@ -116,6 +123,7 @@ class WideResNet(nn.Module):
         drop_rate: float = 0.0,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
+        image_size: int | Sequence[int] = 32,
     ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
@@ -131,7 +139,7 @@ class WideResNet(nn.Module):
         self.block3 = NetworkBlock(n, channels[2], channels[3], 2, drop_rate)
         self.bn1 = nn.BatchNorm2d(channels[3])
         self.relu = nn.ReLU(inplace=True)
-        self.fc = nn.Linear(channels[3], num_classes)
+        self.fc = nn.Linear(channels[3] * pooled_cells(image_size, 4, self.POOL), num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -145,7 +153,7 @@ class WideResNet(nn.Module):
         return self.conv1(self.normalize(x))
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        return global_pool(self.relu(self.bn1(x)))
+        return reference_pool(self.relu(self.bn1(x)), self.POOL)
 
     def blocks(self) -> list[Block]:
         """stem, every BasicBlock (``blockK.layer.Y``), head (bn1, relu, pool), fc: composed, the forward pass."""

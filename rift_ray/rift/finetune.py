@@ -23,15 +23,29 @@ from rift_ray.compute import Amp, autocast
 Batches = Iterable[tuple[Tensor, Tensor]]
 
 
+ALL_WEIGHTS = ":all"
+"""The module set of the ``full`` ablation: every parameter of the model (BatchNorm's included)."""
+BN_STATS = ":bn_stats"
+"""The module set of the ``bn_stats`` ablation: no parameter trains; the epochs only move the
+BatchNorm running statistics to clean data (forward passes in train mode)."""
+
+
 def trainable_parameters(model: nn.Module, module_names: Sequence[str]) -> list[nn.Parameter]:
     """Parameters of the named modules and their children (exact module match, no substrings).
 
     The reference matches parameter names by substring (``"layer2.1.conv2" in name``),
     which also catches e.g. ``layer2.1.conv2x``; matching modules avoids that.
+    ``[ALL_WEIGHTS]``: every parameter; ``[BN_STATS]``: none (only BatchNorm statistics move).
     Raises ValueError naming an unknown module or one without parameters.
     """
     if not module_names:
         raise ValueError("module_names: must name at least one module")
+    if list(module_names) == [BN_STATS]:
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ValueError("bn_stats: the model has no BatchNorm layer to re-estimate")
+        return []
+    if list(module_names) == [ALL_WEIGHTS]:
+        return list(model.parameters())
     params: dict[int, nn.Parameter] = {}
     for name in module_names:
         try:
@@ -148,6 +162,14 @@ def _epochs(
     chosen = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
+    if not params:  # bn_stats: forward passes only, so only BatchNorm statistics move
+        try:
+            yield from _statistics_epochs(
+                model, epoch_batches, epochs, evaluate_fn, start_epoch, amp
+            )
+        finally:
+            _restore(saved_flags, saved_modes)
+        return
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=list(lr_milestones), gamma=lr_gamma
@@ -198,25 +220,87 @@ def _epochs(
                 row["optimizer_state"] = optimizer.state_dict()
             yield row
     finally:
-        for p, flag in saved_flags:
-            p.requires_grad_(flag)
-        for m, training in saved_modes:
-            m.training = training
+        _restore(saved_flags, saved_modes)
 
 
-def asha_score(rows: Sequence[dict[str, float]], tolerance: float, penalty: float) -> float:
-    """max over alpha > 0 of (clean gain - penalty x robust drop beyond the tolerance), in points.
+def _restore(flags: list[tuple[nn.Parameter, bool]], modes: list[tuple[nn.Module, bool]]) -> None:
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    for m, training in modes:
+        m.training = training
 
-    ``rows[0]`` is the AT model (alpha = 0), the others interpolated models (dicts with
-    ``clean_acc``, ``robust_acc`` in percent). For a feasible alpha the term is the clean
-    gain itself, so the score equals the paper's selection rule whenever that rule finds
-    a gain. Where it finds none the score is 0 or negative and still ranks trials by how
-    close they come, instead of tying them all at 0 (a validation subset of a few hundred
-    images moves in steps larger than the 0.1-point tolerance).
+
+def _statistics_epochs(
+    model: nn.Module,
+    epoch_batches: Callable[[int], Batches],
+    epochs: int,
+    evaluate_fn: Callable[[nn.Module], dict[str, Any]] | None,
+    start_epoch: int,
+    amp: Amp,
+) -> Iterator[dict[str, Any]]:
+    """The ``bn_stats`` ablation's epochs: the same batches in train mode without gradients
+    (rows as :func:`finetune` yields, ``lr`` 0). The caller restores modes and flags."""
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        start = time.perf_counter()
+        n, loss_sum, correct = 0, 0.0, 0
+        with torch.no_grad():
+            for x, y in epoch_batches(epoch):
+                with autocast(amp, x.device):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y)
+                n += len(y)
+                loss_sum += float(loss) * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+        seconds = time.perf_counter() - start
+        if n == 0:
+            raise ValueError("finetune: an epoch had no batches")
+        row: dict[str, Any] = {
+            "epoch": epoch + 1, "lr": 0.0, "train_loss": loss_sum / n,
+            "train_acc": 100.0 * correct / n, "images": n, "seconds": seconds,
+            "images_per_s": n / seconds if seconds > 0 else float("inf"),
+        }  # fmt: skip
+        if evaluate_fn is not None:
+            with eval_mode(model):
+                row |= evaluate_fn(model)
+        yield row
+
+
+INFEASIBLE_OFFSET = 200.0
+"""Points subtracted from the penalised score of a trial with no feasible alpha: clean gains
+lie in [-100, 100], so every such trial ranks below every trial with a feasible one."""
+
+
+def asha_score(
+    rows: Sequence[dict[str, float]], tolerance: float, penalty: float, score: str = "rule"
+) -> float:
+    """The ASHA metric of one epoch, in points; ``rows[0]`` is the AT model (alpha = 0), the
+    others interpolated models (dicts with ``clean_acc``, ``robust_acc`` in percent).
+
+    ``score="rule"`` (the default): where some alpha > 0 is feasible (robust drop at most
+    ``tolerance``), the score is the paper's rule: the largest clean gain among the feasible
+    alphas (negative when every feasible alpha loses clean accuracy), infeasible alphas
+    ignored. Where none is feasible, the penalised score below minus
+    :data:`INFEASIBLE_OFFSET`: it still ranks such trials by how close they come (instead of
+    tying them all), always below every trial with a feasible alpha.
+
+    ``score="penalised"`` (what sweeps ran before ``finetune.score`` existed): max over
+    alpha > 0 of (clean gain - ``penalty`` x robust drop beyond the tolerance), infeasible
+    alphas included, so an infeasible alpha can outrank the rule's choice.
     """
     base = rows[0]
-    return max(
-        (r["clean_acc"] - base["clean_acc"])
-        - penalty * max(0.0, base["robust_acc"] - r["robust_acc"] - tolerance)
-        for r in rows[1:]
-    )
+
+    def drop(r: dict[str, float]) -> float:
+        return base["robust_acc"] - r["robust_acc"]
+
+    def penalised(r: dict[str, float]) -> float:
+        return (r["clean_acc"] - base["clean_acc"]) - penalty * max(0.0, drop(r) - tolerance)
+
+    if score == "penalised":
+        return max(penalised(r) for r in rows[1:])
+    if score != "rule":
+        raise ValueError(f"asha_score: unknown score {score!r} (rule or penalised)")
+    feasible = [r for r in rows[1:] if drop(r) <= tolerance + 1e-9]
+    if feasible:
+        return max(r["clean_acc"] - base["clean_acc"] for r in feasible)
+    return max(penalised(r) for r in rows[1:]) - INFEASIBLE_OFFSET

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import get_args
 
 from rift_ray.config import FinetuneConfig, Strategy
+from rift_ray.rift.finetune import ALL_WEIGHTS, BN_STATS
 
 
 @dataclass(frozen=True)
@@ -117,10 +118,48 @@ class SelectionInput:
 
 
 def _lowest(inp: SelectionInput) -> list[list[str]]:
-    """The paper's RiFT: each of the ``top_k`` lowest-MRC modules, and with ``joint`` them together."""
+    """The paper's RiFT: the single lowest-MRC module."""
+    return [inp.ranked[:1]]
+
+
+def _lowest_k(inp: SelectionInput) -> list[list[str]]:
+    """Best of k: each of the ``top_k`` lowest-MRC modules (the best by validation wins), and
+    with ``joint`` them together (the paper's top-k ablation)."""
     f = inp.settings
     top = inp.ranked[: f.top_k]
     return [[m] for m in top] + ([top] if f.joint and len(top) > 1 else [])
+
+
+def _full(inp: SelectionInput) -> list[list[str]]:
+    """Ablation: every weight fine-tuned (BatchNorm's included), then interpolated."""
+    return [[ALL_WEIGHTS]]
+
+
+def _last_layer(inp: SelectionInput) -> list[list[str]]:
+    """Ablation: the classifier only (the last module in forward order)."""
+    return [[inp.forward[-1]]]
+
+
+def _bn_stats(inp: SelectionInput) -> list[list[str]]:
+    """Ablation: no weight trained; only the BatchNorm running statistics move to clean data."""
+    return [[BN_STATS]]
+
+
+def first_block(forward: Sequence[str]) -> list[str]:
+    """The first stage of a ResNet-like model: every module under the top-level container
+    of the first module with a dotted name (``layer1`` of a ResNet, ``block1`` of a WRN);
+    the stem conv before it is not included. Surgical fine-tuning's "block 1". A model
+    without nested modules has no block: its first module stands for it."""
+    dotted = [m for m in forward if "." in m]
+    if not dotted:
+        return list(forward[:1])
+    top = dotted[0].split(".")[0]
+    return [m for m in forward if m.split(".")[0] == top and "." in m]
+
+
+def _first_block(inp: SelectionInput) -> list[list[str]]:
+    """Ablation: the first block (:func:`first_block`), as in surgical fine-tuning."""
+    return [first_block(inp.forward)]
 
 
 def _highest(inp: SelectionInput) -> list[list[str]]:
@@ -143,17 +182,24 @@ def _greedy(inp: SelectionInput) -> list[list[str]]:
 
 @dataclass(frozen=True)
 class StrategyDef:
-    """One strategy: its module sets, and how many it yields at most for given settings."""
+    """One strategy: its module sets, how many it yields at most for given settings, and
+    whether it trains weights (``bn_stats`` does not: one trial, learning rate 0)."""
 
     sets: Callable[[SelectionInput], list[list[str]]]
     max_sets: Callable[[FinetuneConfig], int]
+    trains: bool = True
 
 
 STRATEGIES: dict[Strategy, StrategyDef] = {
-    "lowest": StrategyDef(_lowest, lambda f: f.top_k + (1 if f.joint and f.top_k > 1 else 0)),
+    "lowest": StrategyDef(_lowest, lambda f: 1),
+    "lowest_k": StrategyDef(_lowest_k, lambda f: f.top_k + (1 if f.joint and f.top_k > 1 else 0)),
     "greedy": StrategyDef(_greedy, lambda f: 1),
     "random": StrategyDef(_random, lambda f: f.random_draws),
     "highest": StrategyDef(_highest, lambda f: 1),
+    "full": StrategyDef(_full, lambda f: 1),
+    "last_layer": StrategyDef(_last_layer, lambda f: 1),
+    "bn_stats": StrategyDef(_bn_stats, lambda f: 1, trains=False),
+    "first_block": StrategyDef(_first_block, lambda f: 1),
 }
 if set(STRATEGIES) != set(get_args(Strategy)):  # the closed set of names lives in config
     raise ImportError(f"STRATEGIES {sorted(STRATEGIES)} != config.Strategy {get_args(Strategy)}")
@@ -177,10 +223,31 @@ def strategy_sets(
     return by_strategy, list(canonical.values())
 
 
+def set_label(modules: str) -> str:
+    """A module set (names joined by ``+``) as people read it: the ablations' sets spelled out."""
+    return {
+        ALL_WEIGHTS: "every weight", BN_STATS: "no weight (BatchNorm statistics only)"
+    }.get(modules, modules)  # fmt: skip
+
+
+def strategy_lrs(strategy: str, lrs: Sequence[float]) -> list[float]:
+    """The learning rates a strategy's sets are fine-tuned with: ``finetune.lrs``, or [0.0]
+    for a strategy that trains no weight (``bn_stats``)."""
+    return list(lrs) if STRATEGIES[strategy].trains else [0.0]  # type: ignore[index]
+
+
 def max_module_sets(settings: FinetuneConfig) -> int:
     """Module sets stage 3 fine-tunes, at most (sets two strategies share are fine-tuned
     once); times ``len(lrs)`` it bounds the number of fine-tuning trials."""
     return sum(STRATEGIES[s].max_sets(settings) for s in settings.strategies)
+
+
+def max_trials(settings: FinetuneConfig) -> int:
+    """Fine-tuning trials at most: each strategy's sets times its learning rates."""
+    return sum(
+        STRATEGIES[s].max_sets(settings) * len(strategy_lrs(s, settings.lrs))
+        for s in settings.strategies
+    )
 
 
 __all__ = [
@@ -190,6 +257,9 @@ __all__ = [
     "StrategyDef",
     "greedy_joint_selection",
     "max_module_sets",
+    "max_trials",
     "random_modules",
+    "first_block",
+    "strategy_lrs",
     "strategy_sets",
 ]

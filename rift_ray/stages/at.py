@@ -183,7 +183,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if p["epoch"] and rank == 0:
         print(f"[adv_train] resuming from the checkpoint of epoch {p['epoch']}", flush=True)
         _put(config.get("progress"), {"resumed_from": p["epoch"]})
-    model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
+    model = distributed_model(model, cfg, world, device)
     core = model.module if hasattr(model, "module") else model
     gen = torch.Generator(device=device)
     devices = worker_devices(device, world)
@@ -229,6 +229,41 @@ def train_loop(config: dict[str, Any]) -> None:
                 os.path.join(d, "state.pt"),
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def distributed_model(
+    model: torch.nn.Module, cfg: SweepConfig, world: int, device: torch.device
+) -> torch.nn.Module:
+    """The model as this worker trains it. One worker: moved to ``device``. Several: DDP
+    (``ray.train.torch.prepare_model``), its BatchNorm layers first converted to SyncBatchNorm
+    where ``adv_train.sync_bn`` resolves on (GPU workers), so they normalise over the whole
+    batch. SyncBatchNorm has BatchNorm's state dict keys: checkpoints load into the plain model.
+    """
+    if world <= 1:
+        return model.to(device)
+    if cfg.adv_train.uses_sync_bn(cfg.resources.adv_train):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return ray.train.torch.prepare_model(model)
+
+
+def start_line(cfg: SweepConfig) -> str:
+    """What the stage says when training starts: the method, the epochs, how the batch is
+    split over the workers (each worker's batch is ``batch_size // num_workers``) and whether
+    BatchNorm is synchronised, e.g. ``pgd for 110 epochs, batch 128 = 4 workers x 32,
+    SyncBatchNorm``."""
+    at, r = cfg.adv_train, cfg.resources.adv_train
+    head = f"{at.method} for {at.epochs} epochs, "
+    if r.num_workers == 1:
+        return head + f"batch {at.batch_size} on 1 worker"
+    per = at.batch_size // r.num_workers
+    line = head + f"batch {per * r.num_workers} = {r.num_workers} workers x {per}"
+    if per * r.num_workers != at.batch_size:
+        line += f" (adv_train.batch_size {at.batch_size} does not divide evenly)"
+    if at.uses_sync_bn(r):
+        return line + ", SyncBatchNorm"
+    if at.sync_bn is None:  # wanted with several workers, but SyncBatchNorm trains on GPUs only
+        return line + ", BatchNorm per worker (sync_bn ignored: SyncBatchNorm needs GPU workers)"
+    return line + ", BatchNorm per worker (adv_train.sync_bn: false)"
 
 
 def worker_devices(device: torch.device, world: int) -> str:
@@ -334,10 +369,7 @@ class AdvTrainStage(Stage):
             assert ctx.start_state is not None
             st.at_state, st.at_history = ctx.start_state, []
         else:
-            self.say(
-                f"{cfg.adv_train.method} for {cfg.adv_train.epochs} epochs on "
-                f"{cfg.resources.adv_train.num_workers} worker(s)"
-            )
+            self.say(start_line(cfg))
             try:
                 st.at_state, st.at_history = run_adv_train(ctx)
             except Exception as e:

@@ -196,13 +196,15 @@ class ModelSpec:
 
 
 def new_model(cfg: SweepConfig, splits: DatasetSplits | ModelSpec) -> torch.nn.Module:
+    spec = splits if isinstance(splits, ModelSpec) else ModelSpec.of(splits)
     return build_model(
         cfg.model.arch,
-        splits.num_classes,
-        mean=splits.mean,
-        std=splits.std,
+        spec.num_classes,
+        mean=spec.mean,
+        std=spec.std,
         depth=cfg.model.depth,
         widen_factor=cfg.model.widen_factor,
+        image_size=spec.image_shape[1:],  # sizes the classifier (64x64: 2x2 pooled cells)
     )
 
 

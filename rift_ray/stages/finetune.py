@@ -5,9 +5,10 @@ Trials are (module set) x (learning rate), single-process Tune function trials
 wants, cheaply: the clean-accuracy gain of the *interpolated* model over the AT model at the
 best alpha in ``finetune.metric_alphas`` whose PGD accuracy stays within
 ``interpolate.tolerance`` of the AT model, on ``finetune.metric_subset`` validation images
-(``val_gain``, 0 when no alpha qualifies). ASHA stops trials on ``val_score``, the same
-quantity with infeasible alphas penalised instead of discarded (see
-:func:`rift_ray.rift.finetune.asha_score`); each trial checkpoints its latest epoch (to
+(``val_gain``, 0 when no alpha qualifies). ASHA stops trials on ``val_score``
+(:func:`rift_ray.rift.finetune.asha_score`): the rule's gain where some metric alpha is
+feasible (it may be negative), and only for a trial with no feasible alpha a penalised score
+that ranks it below all of those; each trial checkpoints its latest epoch (to
 resume) together with its best epoch by the same metric (the state that goes on to
 interpolation). ``--retry-failed`` reruns failed trials alone, each judged at ASHA's rungs
 against the scores the other trials recorded there (:class:`RungStopper`).
@@ -25,6 +26,7 @@ from ray import tune
 from rift_ray.errors import StageFailed, one_line
 from rift_ray.progress import TrialBoard, log
 from rift_ray.rift.asha import continues, milestones, rung_decisions
+from rift_ray.rift.selection import strategy_lrs
 from rift_ray.stages.base import Stage, SweepContext, SweepState, failures
 from rift_ray.stages.ft_trial import finetune_baseline, finetune_trial, load_trial_state
 from rift_ray.stages.rungs import RecordedASHA, SyncHalving
@@ -103,9 +105,11 @@ def run_finetune(
     experiment: str,
     baseline: dict[str, float],
     retry: RungStopper | None = None,
+    lrs: list[float] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], int]:
-    """Run the ASHA grid of ``groups`` x ``finetune.lrs`` as the Tune experiment ``experiment``;
-    return (trial rows, epoch rows, surviving trials with best states, trials computed now).
+    """Run the ASHA grid of ``groups`` x ``lrs`` (default ``finetune.lrs``) as the Tune
+    experiment ``experiment``; return (trial rows, epoch rows, surviving trials with best
+    states, trials computed now).
 
     ``baseline``: :func:`finetune_baseline` (the same for every strategy, so measured once).
     ``retry``: rerun exactly ``retry.trials`` (module set, lr) instead, without a scheduler,
@@ -122,12 +126,13 @@ def run_finetune(
         run_token=run_token,
     )
     scheduler = rung_scheduler(ctx, experiment)
-    n = len(retry.trials) if retry else len(groups) * len(f.lrs)
+    lrs = list(f.lrs) if lrs is None else lrs
+    n = len(retry.trials) if retry else len(groups) * len(lrs)
     board = TrialBoard("finetune", n, "val_score")
     live = LiveTrials(experiment, board, lambda c: trial_name(c["modules"], c["lr"]), "val_score",
                       on_result=_trial_result(ctx), on_end=_trial_end(ctx))  # fmt: skip
     with board:
-        results = _fit(trainable, groups, f, experiment, ctx, scheduler, live, retry)
+        results = _fit(trainable, groups, lrs, experiment, ctx, scheduler, live, retry)
     trial_rows, epoch_rows, survivors, computed = [], [], [], 0
     for res in results:
         row, history, survivor = trial_result(res, at_state, cfg.finetune.epochs)
@@ -186,13 +191,13 @@ def _trial_end(ctx: SweepContext) -> Any:
 
 
 def _fit(
-    trainable: Any, groups: list[list[str]], f: Any, experiment: str, ctx: SweepContext,
-    scheduler: Any, live: LiveTrials, retry: RungStopper | None = None,
+    trainable: Any, groups: list[list[str]], lrs: list[float], experiment: str,
+    ctx: SweepContext, scheduler: Any, live: LiveTrials, retry: RungStopper | None = None,
 ) -> Any:  # fmt: skip
-    """The Tune grid of ``groups`` x ``f.lrs`` under ``scheduler`` (``retry``: its trials,
+    """The Tune grid of ``groups`` x ``lrs`` under ``scheduler`` (``retry``: its trials,
     under its rung rule)."""
     r = ctx.cfg.resources.finetune
-    space = {"modules": tune.grid_search(groups), "lr": tune.grid_search(list(f.lrs))}
+    space = {"modules": tune.grid_search(groups), "lr": tune.grid_search(lrs)}
     if retry is not None:  # given (modules, lr) pairs, not a product
         pairs = [(list(m), lr) for m, lr in retry.trials]
         space = {
@@ -297,17 +302,19 @@ def finetune_strategies(
         seen |= {frozenset(g) for g in groups}
         if not groups:
             continue
+        lrs = strategy_lrs(strategy, cfg.finetune.lrs)
         if len(by_strategy) > 1:
+            what = "lr 0: no weight trains" if lrs == [0.0] else f"{len(lrs)} lr(s)"
             log(
                 f"stage 3/4 finetune: strategy {strategy}: {len(groups)} module set(s) x "
-                f"{len(cfg.finetune.lrs)} lr(s) under its own ASHA"
+                f"{what} under its own ASHA"
             )
         name = experiment_name(
             "finetune", ctx.hashes["finetune"], None if strategy == primary else strategy
         )
         if baseline is None:
             baseline = finetune_baseline(ctx, at_state)
-        t, e, s, c = run_finetune(ctx, at_state, groups, name, baseline)
+        t, e, s, c = run_finetune(ctx, at_state, groups, name, baseline, lrs=lrs)
         trial_rows += t
         epoch_rows += e
         survivors += s

@@ -76,7 +76,9 @@ def interpolated_gain(
     out = {
         "val_gain": float(choice.clean_gain or 0.0),
         "val_alpha": float(choice.alpha or 0.0),
-        "val_score": asha_score(rows, cfg.interpolate.tolerance, cfg.finetune.metric_penalty),
+        "val_score": asha_score(
+            rows, cfg.interpolate.tolerance, cfg.finetune.metric_penalty, cfg.finetune.score
+        ),
     }
     for r in rows[1:]:
         out[f"val_clean_acc@{r['alpha']:g}"] = r["clean_acc"]

@@ -18,14 +18,15 @@ import ray
 import torch
 
 from rift_ray.attacks import corruption_accuracy
-from rift_ray.config import SweepConfig, expand_path
+from rift_ray.config import SweepConfig
 from rift_ray.corruptions import load_cifar_c
 from rift_ray.data import DatasetSplits, ImageData
+from rift_ray.downloads import cifar_c_dir
 from rift_ray.errors import StageFailed
 from rift_ray.hashing import config_hash
 from rift_ray.metrics import ACCURACIES
 from rift_ray.progress import Progress, log
-from rift_ray.results import environment_info, summary_table, versions
+from rift_ray.results import corruption_fields, environment_info, summary_table, versions
 from rift_ray.rift import interpolate, search_alpha, select_alpha
 from rift_ray.rift.interpolate import best_trial
 from rift_ray.stages.base import Stage, SweepContext, SweepState
@@ -181,7 +182,7 @@ def corruption_sets(
 
         seed = cfg.seed if data_seed is None else data_seed
         return generate_cifar_c(test, cfg.eval.corruptions, cfg.eval.severities, seed=seed)
-    root = expand_path(cfg.eval.cifar_c_root)
+    root = cifar_c_dir(cfg)
     assert root is not None  # checked before any compute
     cells = load_cifar_c(root, cfg.eval.corruptions, cfg.eval.severities)
     n = len(test)
@@ -278,10 +279,12 @@ def run_interpolation(
     baseline, per_trial = _evaluate_points(cfg, spec, splits_ref, at_state, trials, cdata, on_rows)
     table: list[dict[str, Any]] = []
     choices = []
+    source = cfg.eval.corruption_source  # "generated": a fallback, labelled wherever it is shown
     for t in trials:
         rows = [dict(row) for row in baseline] + per_trial[t["trial"]]
         for row in rows:
             row.update(trial=t["trial"], modules="+".join(t["modules"]), lr=t["lr"])
+            row["corruption_source"] = source if row.get("corruption_acc") is not None else None
         rows.sort(key=lambda row: (row["split"], row["alpha"]))
         table += rows
         val = [row for row in rows if row["split"] == "val"]
@@ -471,6 +474,7 @@ def build_summary(
             if r["status"] not in ("done", "finished", "stopped")
         ],
         "choices": choice["choices"],
+        **corruption_fields(cfg),
         "at": {s: metrics(0.0, s) for s in ("val", "test")},
         "rift": {s: metrics(best["alpha"], s) for s in ("val", "test")},
         "seconds": {**timings, "total": wall},

@@ -30,7 +30,7 @@ from rift_ray.rift import (
     robust_criticality,
 )
 from rift_ray.rift.interpolate import best_trial
-from rift_ray.rift.selection import SelectionInput, strategy_sets
+from rift_ray.rift.selection import SelectionInput, strategy_lrs, strategy_sets
 from rift_ray.stages.base import SweepContext
 from rift_ray.stages.common import device_name, start_worker
 from rift_ray.stages.mrc import build_adversarial_set, mrc_options
@@ -195,7 +195,7 @@ def compare_strategies(
     by_trial = {c["trial"]: c for c in choices}
     rows = []
     for strategy, groups in by_strategy.items():
-        names = {trial_name(g, lr): g for g in groups for lr in lrs}
+        names = {trial_name(g, lr): g for g in groups for lr in strategy_lrs(strategy, lrs)}
         best = best_trial(by_trial.values(), names)
         row: dict[str, Any] = {
             "strategy": strategy,
