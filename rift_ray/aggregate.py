@@ -107,6 +107,19 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         "trial": counts(lambda s: str(s.get("trial"))),
     }
     out = {"n": len(per_seed), **stats, "chosen": chosen}
+    # RiFT - AT over seeds: the t interval of the per-seed changes (each seed's own paired
+    # interval over images is in its summary)
+    deltas: dict[Path, list[float]] = {}
+    for s in per_seed:
+        for path, v in figures(s).items():
+            if path[0] == "delta":
+                deltas.setdefault(path, []).append(v)
+    ci: dict[str, Any] = {}
+    for path, values in deltas.items():
+        if len(values) > 1:
+            _set(ci, path, mean_ci95(values)["ci95"])
+    if ci:
+        out["ci95"] = ci
     strategies = strategies_over_seeds(per_seed)
     if strategies is not None:
         out["strategies"] = strategies

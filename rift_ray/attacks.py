@@ -176,7 +176,8 @@ def evaluate(
     restarts: int = 1,
     seed: int = 0,
     amp: Amp = "none",
-) -> dict[str, float]:
+    per_image: bool = False,
+) -> dict[str, Any]:
     """Clean (and, with ``attack``, PGD) accuracy in percent and mean CE loss.
 
     ``data``: an ``ImageData`` or an iterable of (x, y) batches. ``attack``: keys
@@ -185,16 +186,23 @@ def evaluate(
     worst of that many PGD restarts (:func:`pgd_attack`). The model must already be on ``device``;
     it runs in eval mode and its modes are restored afterwards. ``amp="bf16"``: forwards
     and the attack under bf16 autocast (:mod:`rift_ray.compute`).
-    Returns ``clean_acc``, ``clean_loss``, ``n`` and, with an attack, ``robust_acc``, ``robust_loss``.
+    Returns ``clean_acc``, ``clean_loss``, ``n`` and, with an attack, ``robust_acc``, ``robust_loss``;
+    ``per_image=True`` adds ``clean_correct`` (and ``robust_correct``): bool CPU tensors, one
+    entry per image in data order (the per-image results paired statistics need).
     """
     gen = torch.Generator(device=device).manual_seed(seed) if attack else None
     n, correct, loss_sum, rob_correct, rob_loss_sum = 0, 0, 0.0, 0, 0.0
+    clean_hits: list[Tensor] = []
+    robust_hits: list[Tensor] = []
     with eval_mode(model), autocast(amp, device):
         for x, y in iter_batches(data, batch_size, device):
             with torch.no_grad():
                 logits = model(x)
             n += len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            hit = logits.argmax(1) == y
+            correct += int(hit.sum())
+            if per_image:
+                clean_hits.append(hit.cpu())
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             if attack:
                 x_adv = pgd_attack(
@@ -210,13 +218,20 @@ def evaluate(
                 )
                 with torch.no_grad():
                     logits = model(x_adv)
-                rob_correct += int((logits.argmax(1) == y).sum())
+                rob_hit = logits.argmax(1) == y
+                rob_correct += int(rob_hit.sum())
+                if per_image:
+                    robust_hits.append(rob_hit.cpu())
                 rob_loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
     if n == 0:
         raise ValueError("evaluate: no images in data")
     out = {"clean_acc": 100.0 * correct / n, "clean_loss": loss_sum / n, "n": n}
     if attack:
         out |= {"robust_acc": 100.0 * rob_correct / n, "robust_loss": rob_loss_sum / n}
+    if per_image:
+        out["clean_correct"] = torch.cat(clean_hits)
+        if attack:
+            out["robust_correct"] = torch.cat(robust_hits)
     return out
 
 
@@ -227,20 +242,32 @@ def corruption_accuracy(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     amp: Amp = "none",
-) -> dict[str, float]:
+    per_image: bool = False,
+) -> dict[str, Any]:
     """Clean accuracy (percent) on each corruption cell and their unweighted mean.
 
     ``cdata`` maps ``(corruption, severity)`` to an ``ImageData`` (or iterable of
     batches). Returns ``{"<corruption>-<severity>": acc, ..., "mean": acc}``. Given the
     15 standard corruptions x severities 1-5 the mean is the RobustBench protocol
     (mean over 75 cells); other selections give a mean over whatever cells were passed.
+    ``per_image=True`` adds ``per_image``: each image's fraction of the cells it is classified
+    correctly in (the cells must hold the same images in the same order).
     """
     if not cdata:
         raise ValueError("corruption_accuracy: no corruption data given")
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
+    hits: Tensor | None = None
     for (name, severity), data in cdata.items():
-        out[f"{name}-{severity}"] = evaluate(
-            model, data, batch_size=batch_size, device=device, amp=amp
-        )["clean_acc"]
+        m = evaluate(
+            model, data, batch_size=batch_size, device=device, amp=amp, per_image=per_image
+        )
+        out[f"{name}-{severity}"] = m["clean_acc"]
+        if per_image:
+            cell = m["clean_correct"].to(torch.int32)
+            if hits is not None and len(hits) != len(cell):
+                raise ValueError("corruption_accuracy: per_image needs cells of the same images")
+            hits = cell if hits is None else hits + cell
     out["mean"] = sum(out.values()) / len(out)
+    if per_image:  # per image: the fraction of the cells it is classified correctly in
+        out["per_image"] = hits.to(torch.float32) / len(cdata)  # type: ignore[union-attr]
     return out

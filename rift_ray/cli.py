@@ -112,6 +112,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from rift_ray.paired import noise_lines
     from rift_ray.results import STRATEGY_COLUMNS, pct, summary_corruption
 
     console = Console(highlight=False)
@@ -137,6 +138,8 @@ def print_summary(summary: dict[str, Any]) -> None:
                 ),
             )
     console.print(table)
+    for line in noise_lines(summary):  # paired intervals, noise floor, confirmation
+        console.print(escape(line))
     strategies = summary.get("strategies") or []
     if len(strategies) > 1:  # the comparison of module selections (finetune.strategies)
         comp = Table(title="Module selection strategies (best trial each, accuracy %)")
@@ -212,6 +215,21 @@ def print_seeds_summary(summary: dict[str, Any]) -> None:
                 ),
             )
     console.print(table)
+    ci = summary.get("ci95") or {}
+    for split in ("test", "val"):  # RiFT - AT: the t interval over seeds
+        cells = [
+            f"{label} [{iv[0]:+.2f}, {iv[1]:+.2f}]"
+            for k, label in (
+                ("clean_acc", "clean"),
+                ("robust_acc", "PGD"),
+                ("corruption_acc", "corruption"),
+            )  # fmt: skip
+            if (iv := lookup(ci, "delta", split, k))
+        ]
+        if cells:
+            console.print(
+                f"RiFT - AT on {split}, 95% t interval over the seeds: " + ", ".join(cells)
+            )
     _print_strategies_over_seeds(console, summary)
     for who in ("at", "rift"):
         if lookup(summary.get("mean"), "autoattack", who) is not None:

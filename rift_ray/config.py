@@ -310,6 +310,17 @@ class InterpolateConfig(_Section):
     tolerance: NonNegFloat = 0.1
     """Robust accuracy (points) the interpolated model may lose against the AT model."""
     alphas_per_task: PosInt = 4
+    rule: Literal["paper", "confident"] = "paper"
+    """How alpha* is chosen on validation. ``paper``: the largest clean gain whose robust drop
+    is at most ``tolerance`` (the paper's rule, on point estimates). ``confident``: the largest
+    clean gain whose paired 95% interval of the robust drop (bootstrap over the validation
+    images) lies within ``tolerance`` and whose clean gain's interval lies above 0; otherwise
+    alpha 0 (``rift_ray.rift.confidence``). Point estimates on a few thousand images are too
+    noisy for a 0.1-point tolerance: the paper rule picks the alpha whose drop is most
+    under-estimated (docs/evaluation.md, "Noise")."""
+    confirm_size: NonNegInt = 0
+    """Validation images held out of selection (the first N of the validation split): alpha*
+    is confirmed on them before it is reported (0: no confirmation)."""
     search: Literal["grid", "monotone"] = "grid"
     """grid: evaluate every alpha (the report shows whole curves). monotone: per trial, a binary
     search for the last alpha within the tolerance (``rift_ray.rift.search_alpha``: about 5
@@ -345,9 +356,10 @@ class EvalConfig(_Section):
     """CIFAR-10-C / CIFAR-100-C corruption names; empty = no corruption evaluation."""
     severities: list[Annotated[int, Field(ge=1, le=5)]] = [1, 2, 3, 4, 5]
     cifar_c_root: str | None = None
+    """The directory of the official .npy files. Unset: ``<data root>/CIFAR-10-C`` (or
+    ``CIFAR-100-C``), where ``rift-ray data cifar10-c`` puts them (``rift_ray.downloads``)."""
     corruption_source: Literal["files", "generated"] = "files"
-    """files: the official CIFAR-10-C / CIFAR-100-C .npy files under ``cifar_c_root`` (headline
-    numbers); generated: regenerated on demand from the test split by ``rift_ray.corruptions``
+    """files: the official CIFAR-10-C / CIFAR-100-C .npy files (headline numbers); generated: regenerated on demand from the test split by ``rift_ray.corruptions``
     (CIFAR-10-C severity parameters, not bit-identical to the official files)."""
     corruption_subset: PosInt | None = None
     """Images per corruption cell: the first N of the evaluated test images (None = all of them).

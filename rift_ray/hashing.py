@@ -47,6 +47,8 @@ NEW_DEFAULTS: tuple[NewDefault, ...] = (
     NewDefault(("finetune", "asha", "mode"), "async", config_hash=True),
     # the same: every sweep before the field ranked trials by the penalised score
     NewDefault(("finetune", "score"), "penalised", config_hash=True),
+    NewDefault(("interpolate", "rule"), "paper"),
+    NewDefault(("interpolate", "confirm_size"), 0),
     # unset: off where every sweep before ran it (one worker, CPU); see stage_hashes
     NewDefault(("adv_train", "sync_bn"), None, config_hash=True),
     # 4 for every dataset but Tiny-ImageNet, where the reference's 8 changes the hash
@@ -149,7 +151,11 @@ def stage_hashes(cfg: SweepConfig, seed: int | None = None) -> dict[str, str]:
     )
     ft = {k: v for k, v in d["finetune"].items() if k not in SELECTION_FIELDS}
     sel = cfg.finetune.selection_settings()  # {} by default: the hashes of earlier versions
-    h3 = stable_hash(["finetune", h2, ft, d["interpolate"]["tolerance"], *([sel] if sel else [])])
+    held = cfg.interpolate.confirm_size  # held out of the ASHA metric's images too
+    h3 = stable_hash(
+        ["finetune", h2, ft, d["interpolate"]["tolerance"], *([sel] if sel else [])]
+        + ([{"confirm_size": held}] if held else [])
+    )
     primary = [] if cfg.finetune.primary == "lowest" else [cfg.finetune.primary]
     h4 = stable_hash(["interpolate", h3, d["interpolate"], ev, *primary])
     return {"adv_train": h1, "mrc": h2, "finetune": h3, "interpolate": h4}

@@ -177,6 +177,7 @@ def print_plan(cfg: SweepConfig, cluster: Any = None) -> None:
         f"measured {t_img * 1e3:.2f} ms per image forward+backward on this machine's CPU; "
         f"remaining compute ~{_fmt(total)} on one such device (ASHA usually cuts fine-tuning)"
     )
+    print(alpha_rule_line(cfg, len(prep.splits.val)))
     if cluster is not None:
         at_runs = not (cfg.adv_train.checkpoint or at_done)  # as the sweep checks
         bundles = cl.stage_bundles(cfg, len(prep.modules), adv_train=at_runs)
@@ -185,6 +186,27 @@ def print_plan(cfg: SweepConfig, cluster: Any = None) -> None:
             print(f"  {line}")
         cl.check_fits(cluster, bundles)
         cl.check_storage(cfg, cluster)
+
+
+def alpha_rule_line(cfg: SweepConfig, n_val: int) -> str:
+    """The alpha* rule and its tolerance next to the noise floor of the validation images it
+    is chosen on (:func:`rift_ray.rift.confidence.noise_floor`)."""
+    from rift_ray.rift.confidence import noise_floor
+
+    it = cfg.interpolate
+    n = max(0, n_val - it.confirm_size)
+    if cfg.eval.val_subset is not None:
+        n = min(n, cfg.eval.val_subset)
+    if n == 0:
+        return f"alpha* rule {it.rule}: no validation images (alpha* = 0)"
+    floor = noise_floor(n)
+    verdict = "below" if it.tolerance < floor else "above"
+    held = f", {it.confirm_size:,} more held out to confirm it" if it.confirm_size else ""
+    return (
+        f"alpha* rule {it.rule}, tolerance {it.tolerance:g} points on {n:,} validation images"
+        f"{held}: noise floor {floor:.2f} points (the smallest robust drop {n:,} paired images "
+        f"can resolve, sign test at 95%); the tolerance is {verdict} it"
+    )
 
 
 def _fmt(seconds: float) -> str:

@@ -21,6 +21,7 @@ from rift_ray import __version__
 from rift_ray.aggregate import is_seeds_summary, lookup, mean_std_text, strategy_seed_cells
 from rift_ray.figures import png_bytes, report_figures
 from rift_ray.metrics import METRICS, is_finite
+from rift_ray.paired import noise_lines
 from rift_ray.progress import duration
 from rift_ray.results import (
     STRATEGY_COLUMNS,
@@ -303,6 +304,7 @@ def _headline_html(s: dict[str, Any], figure: Any, corruption: str | None = None
             *note,
             "<h2>Before / after</h2>",
             _before_after_html(s, corruption),
+            *[f"<p>{_e(line)}</p>" for line in noise_lines(s)],  # paired intervals, noise
             figure("fig-before-after"),
         ]
     return ['<p class="muted">The sweep has not finished: no summary yet.</p>']

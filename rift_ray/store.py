@@ -11,6 +11,7 @@ Everything a sweep produces lives under ``<storage>/<name>/`` (a local path, or
     tables/finetune.parquet     one row per fine-tuning trial (module(s), lr, epochs, metric)
     tables/finetune_epochs.parquet  per-epoch metrics of every fine-tuning trial
     tables/interpolation.parquet    one row per (trial, alpha, split)
+    tables/per_image.parquet        per (trial, alpha, split): each image's clean / PGD / corruption result
     tables/joint_mrc.parquet    every module set the greedy strategy scored (finetune.strategies)
     tables/strategies.parquet   per selection strategy: its best trial, alpha*, accuracy
     tables/summary.parquet      the final summary as a table (AT vs RiFT per split)
@@ -62,6 +63,8 @@ FINETUNE_EPOCHS_TABLE = "tables/finetune_epochs.parquet"
 FINETUNE_RUNGS_TABLE = "tables/finetune_rungs.parquet"
 """Every rung decision of the fine-tuning grid (:mod:`rift_ray.stages.rungs`)."""
 INTERPOLATION_TABLE = "tables/interpolation.parquet"
+PER_IMAGE_TABLE = "tables/per_image.parquet"
+"""Per-image clean / PGD / corruption results of every alpha point (paired statistics)."""
 JOINT_MRC_TABLE = "tables/joint_mrc.parquet"
 STRATEGIES_TABLE = "tables/strategies.parquet"
 SUMMARY_TABLE = "tables/summary.parquet"
@@ -108,6 +111,7 @@ STAGE_OUTPUTS = {
     ],  # fmt: skip
     "interpolate": [
         INTERPOLATION_TABLE,
+        PER_IMAGE_TABLE,
         RIFT_CHECKPOINT,
         SUMMARY,
         SUMMARY_TABLE,

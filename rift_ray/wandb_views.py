@@ -249,6 +249,16 @@ def summary_view(live: LiveRun, wandb: Any, tracker: Tracker, summary: dict[str,
             run.summary[k] = summary[k]
     run.summary["modules"] = "+".join(summary.get("modules") or [])
     run.summary["seconds"] = summary.get("seconds") or {}
+    for split, figs in (summary.get("paired") or {}).items():  # RiFT - AT, paired 95% intervals
+        for k, iv in figs.items() if isinstance(figs, dict) else ():
+            for part in ("diff", "lo", "hi"):
+                run.summary[f"paired/{split}/{k}/{part}"] = iv[part]
+    if summary.get("rule"):
+        run.summary["rule"] = summary["rule"]
+    if (summary.get("noise_floor") or {}).get("robust_drop") is not None:
+        run.summary["noise_floor/val_robust_drop"] = summary["noise_floor"]["robust_drop"]
+    if summary.get("confirmation"):
+        run.summary["confirmation/confirmed"] = summary["confirmation"]["confirmed"]
     if cfg.wandb.log_checkpoint and tracker.store.exists(RIFT_CHECKPOINT):
         log_model(run, wandb, tracker, summary)
 

@@ -1,4 +1,6 @@
-"""PreActResNet18 (as in locuslab/fast_adversarial) with its usual module names.
+"""PreActResNet18 with its usual module names: RobustBench's ``PreActResNet(PreActBlockV2,
+bn_before_fc=True)`` (Rice et al., Kireev et al.). Not locuslab/fast_adversarial's: its
+shortcut conv takes the block's raw input, ours the BN-ReLU'd one (docs/checkpoints.md).
 
 Names: ``conv1``; ``layerX.Y.bn1/conv1/bn2/conv2``; projection shortcut ``layerX.Y.shortcut.0``
 (a 1x1 conv, no BN); final ``bn``; classifier ``linear``. Note the shortcut conv runs

@@ -57,7 +57,12 @@ def interpolate(
 
 @dataclass
 class AlphaChoice:
-    """The chosen interpolation weight. Gains and drops are in accuracy points vs the AT model."""
+    """The chosen interpolation weight. Gains and drops are in accuracy points vs the AT model.
+
+    ``gain_interval`` / ``drop_interval``: (lo, hi) of the paired bootstrap intervals of the
+    clean gain and of the robust drop, set only by
+    :func:`rift_ray.rift.confidence.select_alpha_confident` when it picks an alpha > 0.
+    """
 
     alpha: float | None
     clean_gain: float | None
@@ -65,6 +70,8 @@ class AlphaChoice:
     feasible: bool
     reason: str
     row: dict[str, Any] | None
+    gain_interval: tuple[float, float] | None = None
+    drop_interval: tuple[float, float] | None = None
 
 
 def select_alpha(

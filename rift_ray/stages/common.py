@@ -261,9 +261,15 @@ def quiet_worker_logs() -> None:
 
 
 def evaluate_pgd(
-    cfg: SweepConfig, model: torch.nn.Module, data: Any, device: torch.device, restarts: int = 1
-) -> dict[str, float]:
-    """Clean and PGD accuracy (percent) of ``model`` on ``data`` with the sweep's attack."""
+    cfg: SweepConfig,
+    model: torch.nn.Module,
+    data: Any,
+    device: torch.device,
+    restarts: int = 1,
+    per_image: bool = False,
+) -> dict[str, Any]:
+    """Clean and PGD accuracy (percent) of ``model`` on ``data`` with the sweep's attack
+    (``per_image``: with the per-image ``clean_correct`` / ``robust_correct`` bool tensors)."""
     from rift_ray.attacks import evaluate
 
     m = evaluate(
@@ -275,5 +281,9 @@ def evaluate_pgd(
         restarts=restarts,
         seed=cfg.seed,
         amp=cfg.compute.amp,
+        per_image=per_image,
     )
-    return {"clean_acc": m["clean_acc"], "robust_acc": m["robust_acc"], "n": m["n"]}
+    keys = ("clean_acc", "robust_acc", "n") + (
+        ("clean_correct", "robust_correct") if per_image else ()
+    )
+    return {k: m[k] for k in keys}

@@ -37,8 +37,11 @@ from rift_ray.store import trial_name
 
 
 def metric_subset(cfg: SweepConfig, splits: DatasetSplits) -> ImageData:
-    n = min(cfg.finetune.metric_subset, len(splits.val))
-    return splits.val.subset(torch.arange(n))
+    """The ASHA metric's validation images: the first ``finetune.metric_subset`` after the
+    ``interpolate.confirm_size`` held out for confirming alpha*."""
+    k = min(cfg.interpolate.confirm_size, len(splits.val))
+    n = min(cfg.finetune.metric_subset, len(splits.val) - k)
+    return splits.val.subset(torch.arange(k, k + n))
 
 
 def _eval(
