@@ -186,3 +186,23 @@ def test_other_experiments_rows_are_kept(tmp_path: Path) -> None:
     rows = store.get_table(FINETUNE_RUNGS_TABLE).to_pylist()
     assert {r["experiment"] for r in rows} == {"finetune-h", "finetune-h-greedy"}
     assert len([r for r in rows if r["experiment"] == "finetune-h"]) == 9
+
+
+def test_a_loser_still_saving_its_pause_checkpoint_is_stopped_once_paused(tmp_path: Path) -> None:
+    """Tune's stop_trial discards a save in flight: a trial that lost the rung while its pause
+    checkpoint (that epoch's weights and history) was still being saved is stopped only once
+    it is paused, so the stopped trial keeps the epoch it reported."""
+    sched = SyncHalving(Store.open(str(tmp_path), "s"), "finetune-h", [1], 2.0, None)
+    a, b = FakeTrial(0.01), FakeTrial(0.005)  # at epoch 1: a 0.6 would win, so score b higher
+    ctl = FakeController(sched, [a, b])
+    for t in (a, b):
+        sched.on_trial_add(ctl, t)
+        t.status = Trial.RUNNING
+    assert sched.on_trial_result(ctl, a, {"epoch": 1, "val_score": 0.1}) == TrialScheduler.PAUSE
+    a.is_saving = True  # Tune is saving a's pause checkpoint; a is still RUNNING
+    assert sched.on_trial_result(ctl, b, {"epoch": 1, "val_score": 0.9}) == TrialScheduler.CONTINUE
+    assert a.status == Trial.RUNNING  # not stopped: its save would be lost
+    assert sched.choose_trial_to_run(ctl) is None and a.status == Trial.RUNNING
+    a.is_saving, a.status = False, Trial.PAUSED  # the save landed
+    assert sched.choose_trial_to_run(ctl) is None
+    assert a.status == Trial.TERMINATED and sched.to_stop == []

@@ -121,7 +121,7 @@ class SyncHalving(FIFOScheduler):
         self.ended: set[str] = set()
         self.release: list[Trial] = []  # paused, to run (kept at a rung, or a free slot)
         self.queued: list[Trial] = []  # waiting for a slot (max_concurrent)
-        self.to_stop: list[Trial] = []  # paused, stopped by a replayed decision
+        self.to_stop: list[Trial] = []  # stopped once paused (replayed, or still saving)
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into Tune's tuner.pkl: no trials
         state = dict(self.__dict__)
@@ -192,10 +192,13 @@ class SyncHalving(FIFOScheduler):
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         self._settle(tune_controller)
-        while self.to_stop:
-            t = self.to_stop.pop(0)
+        pending = []
+        for t in self.to_stop:  # stopped once paused: a save in flight would be discarded
             if t.status == Trial.PAUSED:
                 tune_controller.stop_trial(t)
+            elif t.is_saving:
+                pending.append(t)
+        self.to_stop = pending
         if self.max_concurrent:
             busy = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in self.trials.values())
             if busy >= self.max_concurrent:
@@ -241,6 +244,8 @@ class SyncHalving(FIFOScheduler):
             elif t.status == Trial.PAUSED or t.is_saving:
                 if keep:
                     self.release.append(t)
+                elif t.is_saving:  # its pause checkpoint (this rung's epoch) is on its way:
+                    self.to_stop.append(t)  # stopping it now would discard it
                 else:
                     tune_controller.stop_trial(t)
         return action
