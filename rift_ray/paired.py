@@ -60,9 +60,7 @@ def confirmation_line(summary: dict[str, Any]) -> str | None:
         return None
     verdict = "confirmed" if c["confirmed"] else "NOT confirmed"
     return (
-        f"alpha* {c['alpha']:g} {verdict} on {c['n']:,} held-out validation images: "
-        f"clean {interval_text(c.get('clean_gain'))}, robust drop "
-        f"{interval_text(c.get('robust_drop'))} ({c['reason']})"
+        f"alpha* {c['alpha']:g} {verdict} on {c['n']:,} held-out validation images: {c['reason']}"
     )
 
 

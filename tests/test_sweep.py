@@ -285,6 +285,37 @@ def test_corruption_and_autoattack_in_the_final_evaluation(smoke_run: Path) -> N
     assert all(r["corruption_acc"] is None for r in interp if r["split"] == "val")
 
 
+def test_per_image_results_and_paired_intervals(smoke_run: Path) -> None:
+    """Issue 21: every alpha point's per-image results are stored, and the summary's paired
+    changes are computed from them: their point estimates are the summary's RiFT - AT."""
+    from rift_ray.stages.interp import images_of
+
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    rows = pq.read_table(smoke_run / "tables/per_image.parquet").to_pylist()
+    table = pq.read_table(smoke_run / "tables/interpolation.parquet").to_pylist()
+    points = {(r["trial"], r["alpha"], r["split"]) for r in table if r["alpha"] > 0}
+    points |= {("AT", 0.0, "val"), ("AT", 0.0, "test")}
+    assert {(r["trial"], r["alpha"], r["split"]) for r in rows} == points
+    for r in rows:  # the bits give back each row's accuracies
+        acc = next(
+            t for t in table if (t["trial"] == r["trial"] or r["trial"] == "AT")
+            and t["alpha"] == r["alpha"] and t["split"] == r["split"]
+        )  # fmt: skip
+        im = images_of(r)
+        assert 100 * im["clean"].mean() == pytest.approx(acc["clean_acc"])
+        assert 100 * im["robust"].mean() == pytest.approx(acc["robust_acc"])
+        if r["split"] == "test":
+            assert 100 * im["corruption"].mean() == pytest.approx(acc["corruption_acc"], abs=1e-4)
+    paired = summary["paired"]
+    for split in ("val", "test"):
+        for k in ("clean_acc", "robust_acc"):
+            iv = paired[split][k]
+            delta = summary["rift"][split][k] - summary["at"][split][k]
+            assert iv["diff"] == pytest.approx(delta) and iv["lo"] <= iv["diff"] <= iv["hi"]
+    assert paired["test"]["corruption_acc"]["n"] == 200
+    assert summary["rule"] == "paper" and summary["noise_floor"]["val_n"] == 200
+
+
 def test_rift_checkpoint_is_the_interpolated_model(smoke_run: Path) -> None:
     import torch
 
@@ -376,6 +407,19 @@ def test_restart_interpolate_keeps_the_rest_and_the_old_result(
     # each config a re-run replaced (the W&B settings of the first run, then the alphas)
     configs = [yaml.safe_load(p.read_text()) for p in (t / "history").glob("config-*.yaml")]
     assert sorted(c["interpolate"]["alphas"] for c in configs) == [[0.0, 0.5, 1.0]] * 2
+    # the confident rule with a held-out confirmation set (issue 21): stage 4 again
+    code = main(["sweep", SMOKE, "--storage", str(tmp_path), "--name", "t", *FAST, *EVAL,
+                 *STRATEGIES, "--set", "interpolate.alphas=[0.0,1.0]",
+                 "--set", "interpolate.rule=confident", "--set", "interpolate.confirm_size=100"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    conf = json.loads((t / "summary.json").read_text())
+    assert conf["rule"] == "confident" and "alpha* rule: confident" in out
+    assert conf["confirmation"]["n"] == 100 and conf["confirmation"]["alpha"] == conf["alpha"]
+    images = pq.read_table(t / "tables/per_image.parquet").to_pylist()
+    assert {r["split"] for r in images} == {"val", "test", "confirm"}
+    assert {r["n"] for r in images if r["split"] == "confirm"} == {100}
+    assert {r["n"] for r in images if r["split"] == "val"} == {100}  # 200 - the 100 held out
 
 
 def test_wandb_runs_logged_while_each_stage_ran(smoke_run: Path) -> None:
