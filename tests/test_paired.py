@@ -108,3 +108,22 @@ def test_dry_run_line_names_the_floor_of_the_selection_images() -> None:
     assert "tolerance 0.1 points on 1,000 validation images, 500 more held out" in line
     assert "noise floor 0.60 points" in line and "the tolerance is below it" in line
     assert "noise floor 0.12" in alpha_rule_line(load_config(None, []), 5000)
+
+
+def test_the_report_shows_the_paired_lines() -> None:
+    from rift_ray.report import _headline_html
+
+    s = {
+        "modules": ["layer2.1.conv2"], "lr": 0.01, "alpha": 0.3, "reason": "alpha=0.3: ...",
+        "at": {"val": {"clean_acc": 80.0, "robust_acc": 50.0}, "test": {"clean_acc": 79.0}},
+        "rift": {"val": {"clean_acc": 81.0, "robust_acc": 49.95}, "test": {"clean_acc": 80.0}},
+        "rule": "confident",
+        "paired": {"method": "paired bootstrap", "test": {
+            "clean_acc": {"diff": 1.0, "lo": 0.4, "hi": 1.6, "n": 10000}}},
+    }  # fmt: skip
+    html = "".join(_headline_html(s, lambda fid: ""))
+    assert "alpha* rule: confident" in html
+    assert (
+        "RiFT - AT on test (points, 95% interval; paired bootstrap, n=10,000): clean +1.00 [+0.40, +1.60]"
+        in html
+    )
