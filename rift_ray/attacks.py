@@ -225,7 +225,7 @@ def evaluate(
                 rob_loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
     if n == 0:
         raise ValueError("evaluate: no images in data")
-    out = {"clean_acc": 100.0 * correct / n, "clean_loss": loss_sum / n, "n": n}
+    out: dict[str, Any] = {"clean_acc": 100.0 * correct / n, "clean_loss": loss_sum / n, "n": n}
     if attack:
         out |= {"robust_acc": 100.0 * rob_correct / n, "robust_loss": rob_loss_sum / n}
     if per_image:
