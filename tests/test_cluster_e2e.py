@@ -160,12 +160,15 @@ class RayCluster:
     def nodes(self) -> list[dict[str, Any]]:
         code = (
             "import json, ray; ray.init(address='auto', logging_level='ERROR'); "
-            "print(json.dumps([{'id': n['NodeID'], 'cpu': n['Resources'].get('CPU', 0), "
+            "print('NODES ' + json.dumps([{'id': n['NodeID'], 'cpu': n['Resources'].get('CPU', 0), "
             "'alive': n['Alive']} for n in ray.nodes()]))"
         )
         out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True,
                              text=True, timeout=120)  # fmt: skip
-        return list(json.loads(out.stdout.strip().splitlines()[-1]))
+        # the driver's stdout also carries Ray's own lines (e.g. the autoscaler's
+        # "(autoscaler +0s) Resized to 0 CPUs."), before or after ours
+        line = next(x for x in reversed(out.stdout.splitlines()) if x.startswith("NODES "))
+        return list(json.loads(line.removeprefix("NODES ")))
 
     def rift(self, *args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
         """``rift-ray ARGS`` as a user on the head runs it: no --address, no RAY_ADDRESS."""
