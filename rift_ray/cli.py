@@ -183,6 +183,7 @@ def print_seeds_summary(summary: dict[str, Any]) -> None:
 
     from rift_ray.aggregate import lookup
     from rift_ray.aggregate import mean_std_text as pm
+    from rift_ray.paired import seeds_interval_lines
     from rift_ray.results import pct, summary_corruption
 
     console = Console(highlight=False, soft_wrap=True)
@@ -215,21 +216,8 @@ def print_seeds_summary(summary: dict[str, Any]) -> None:
                 ),
             )
     console.print(table)
-    ci = summary.get("ci95") or {}
-    for split in ("test", "val"):  # RiFT - AT: the t interval over seeds
-        cells = [
-            f"{label} [{iv[0]:+.2f}, {iv[1]:+.2f}]"
-            for k, label in (
-                ("clean_acc", "clean"),
-                ("robust_acc", "PGD"),
-                ("corruption_acc", "corruption"),
-            )  # fmt: skip
-            if (iv := lookup(ci, "delta", split, k))
-        ]
-        if cells:
-            console.print(
-                f"RiFT - AT on {split}, 95% t interval over the seeds: " + ", ".join(cells)
-            )
+    for line in seeds_interval_lines(summary):  # RiFT - AT: the t interval over seeds
+        console.print(escape(line))
     _print_strategies_over_seeds(console, summary)
     for who in ("at", "rift"):
         if lookup(summary.get("mean"), "autoattack", who) is not None:

@@ -78,4 +78,27 @@ def noise_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["confirmation_line", "interval_text", "noise_lines", "noise_warning", "paired_line"]
+def seeds_interval_lines(summary: dict[str, Any]) -> list[str]:
+    """A seeds summary's RiFT - AT per split: the 95% t interval over the seeds (``ci95``)."""
+    lines = []
+    for split in ("test", "val"):
+        cells = [
+            f"{label} [{iv[0]:+.2f}, {iv[1]:+.2f}]"
+            for k, label in LABELS
+            if (iv := ((summary.get("ci95") or {}).get("delta") or {}).get(split, {}).get(k))
+        ]
+        if cells:
+            lines.append(
+                f"RiFT - AT on {split}, 95% t interval over the seeds: " + ", ".join(cells)
+            )
+    return lines
+
+
+__all__ = [
+    "confirmation_line",
+    "interval_text",
+    "noise_lines",
+    "noise_warning",
+    "paired_line",
+    "seeds_interval_lines",
+]

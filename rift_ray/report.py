@@ -21,7 +21,7 @@ from rift_ray import __version__
 from rift_ray.aggregate import is_seeds_summary, lookup, mean_std_text, strategy_seed_cells
 from rift_ray.figures import png_bytes, report_figures
 from rift_ray.metrics import METRICS, is_finite
-from rift_ray.paired import noise_lines
+from rift_ray.paired import noise_lines, seeds_interval_lines
 from rift_ray.progress import duration
 from rift_ray.results import (
     STRATEGY_COLUMNS,
@@ -291,6 +291,7 @@ def _headline_html(s: dict[str, Any], figure: Any, corruption: str | None = None
             *note,
             "<h2>Before / after</h2>",
             _before_after_seeds_html(s, corruption),
+            *[f"<p>{_e(line)}</p>" for line in seeds_interval_lines(s)],
             figure("fig-before-after"),
             "<h2>Per seed</h2>",
             _html_table(per_seed_rows(s), left=("modules",)),

@@ -127,3 +127,21 @@ def test_the_report_shows_the_paired_lines() -> None:
         "RiFT - AT on test (points, 95% interval; paired bootstrap, n=10,000): clean +1.00 [+0.40, +1.60]"
         in html
     )
+
+
+def test_a_seeds_summary_states_the_t_interval_of_the_change() -> None:
+    from rift_ray.aggregate import aggregate
+    from rift_ray.paired import seeds_interval_lines
+
+    def seed(clean: float, robust: float) -> dict:
+        return {"at": {"test": {"clean_acc": 44.6, "robust_acc": 30.1}},
+                "rift": {"test": {"clean_acc": 44.6 + clean, "robust_acc": 30.1 + robust}}}  # fmt: skip
+
+    agg = aggregate([seed(0.5, -2.7), seed(0.0, 0.0), seed(0.7, -1.2)])
+    lo, hi = agg["ci95"]["delta"]["test"]["clean_acc"]
+    assert (lo + hi) / 2 == pytest.approx(0.4) and hi - lo == pytest.approx(
+        2 * 4.302652729749464 * 0.3605551275463989 / 3**0.5
+    )
+    (line,) = seeds_interval_lines(agg)
+    assert line.startswith("RiFT - AT on test, 95% t interval over the seeds: clean [-0.50, +1.30]")
+    assert "PGD [-4.66, +2.06]" in line
