@@ -280,13 +280,17 @@ def strategy_seed_cells(summary: dict[str, Any]) -> list[dict[str, str]]:
     (``(primary)`` marked), metric, test accuracy and change over AT as mean ± std, and the
     paired difference primary - strategy with its 95% interval and n."""
     primary = lookup(summary, "strategies", "primary")
+    regenerated = any(  # eval.corruption_source: generated, a fallback said wherever shown
+        s.get("corruption_source") == "generated" for s in summary.get("per_seed") or []
+    )
     out = []
     for r in strategy_seed_rows(summary):
         acc = r["acc_mean"]
         out.append(
             {
                 "strategy": r["strategy"] + (" (primary)" if r["primary"] else ""),
-                "metric": METRICS[r["metric"]],
+                "metric": METRICS[r["metric"]]
+                + (" (regenerated)" if r["metric"] == "corruption_acc" and regenerated else ""),
                 "accuracy": "-"
                 if not is_finite(acc)
                 else f"{acc:.2f}" + (f" ± {r['acc_std']:.2f}" if is_finite(r["acc_std"]) else ""),

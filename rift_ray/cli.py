@@ -113,7 +113,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.table import Table
 
     from rift_ray.paired import noise_lines
-    from rift_ray.results import STRATEGY_COLUMNS, pct, summary_corruption
+    from rift_ray.results import pct, strategy_columns, summary_corruption
 
     console = Console(highlight=False)
     mods = "+".join(summary["modules"])
@@ -143,7 +143,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     strategies = summary.get("strategies") or []
     if len(strategies) > 1:  # the comparison of module selections (finetune.strategies)
         comp = Table(title="Module selection strategies (best trial each, accuracy %)")
-        first, *cols = [c for c in STRATEGY_COLUMNS if c.short]  # the strategy, then figures
+        regen = summary_corruption(summary, "corruption_source") == "generated"
+        first, *cols = [c for c in strategy_columns(regen) if c.short]  # the strategy, figures
         comp.add_column(first.short)
         for c in cols:
             comp.add_column(c.short, justify="right")

@@ -24,13 +24,14 @@ from rift_ray.metrics import METRICS, is_finite
 from rift_ray.paired import noise_lines, seeds_interval_lines
 from rift_ray.progress import duration
 from rift_ray.results import (
-    STRATEGY_COLUMNS,
     TABLES,
     SweepResults,
     pct,
     per_seed_rows,
     regenerated_label,
     stage_records,
+    strategy_columns,
+    summary_corruption,
 )
 from rift_ray.rift.selection import set_label
 from rift_ray.store import Store
@@ -152,7 +153,7 @@ def _before_after_seeds_html(summary: dict[str, Any], corruption: str | None = N
     return f"<p>mean ± sample std over n={_e(n)} seeds</p><table>{head}{body}</table>"
 
 
-def _strategies_html(rows: list[dict[str, Any]]) -> str:
+def _strategies_html(rows: list[dict[str, Any]], regenerated: bool = False) -> str:
     shown = [
         {
             **({"seed": r["seed"]} if "seed" in r else {}),  # the per-seed rows of a seeds sweep
@@ -164,7 +165,7 @@ def _strategies_html(rows: list[dict[str, Any]]) -> str:
                     if c.key == "modules" and r.get(c.key)
                     else r.get(c.key)
                 )
-                for c in STRATEGY_COLUMNS
+                for c in strategy_columns(regenerated)
             },
         }
         for r in rows
@@ -192,7 +193,7 @@ def _strategies_seeds_html(s: dict[str, Any]) -> list[str]:
         "(n - 1 degrees of freedom; none for one seed).</p>",
         _html_table(cells, left=("strategy", "metric")),
         "<details><summary>Per seed</summary>",
-        _strategies_html(per_seed),
+        _strategies_html(per_seed, summary_corruption(s, "corruption_source") == "generated"),
         "</details>",
     ]
 
@@ -322,7 +323,9 @@ def _strategies_section(res: SweepResults, s: dict[str, Any]) -> list[str]:
         "<h2>Module selection strategies</h2>",
         f"<p>Each strategy's best trial at its alpha* (accuracy, %). The final model is "
         f"the primary strategy's (<b>{_e(s.get('primary', 'lowest'))}</b>).</p>",
-        _strategies_html(s.get("strategies") or []),
+        _strategies_html(
+            s.get("strategies") or [], summary_corruption(s, "corruption_source") == "generated"
+        ),
     ]
     if joint:
         parts += [

@@ -96,6 +96,19 @@ STRATEGY_COLUMNS = (
 """Columns of the strategy comparison as the report and the printed summary show them, in order."""
 
 
+def strategy_columns(regenerated: bool) -> tuple[StrategyColumn, ...]:
+    """:data:`STRATEGY_COLUMNS`, the corruption column's headers saying "regenerated" when
+    the sweep's corruptions are the fallback (``eval.corruption_source: generated``)."""
+    if not regenerated:
+        return STRATEGY_COLUMNS
+    return tuple(
+        c._replace(label=f"{c.label} (regenerated)", short=f"{c.short} (regen.)")
+        if c.key == "test_corruption_acc"
+        else c
+        for c in STRATEGY_COLUMNS
+    )
+
+
 # -- values -------------------------------------------------------------------------------
 
 

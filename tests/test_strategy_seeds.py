@@ -251,3 +251,15 @@ def test_wandb_logs_the_strategy_table(tmp_path: Path, monkeypatch: pytest.Monke
         1 + 4.302652729749464 / math.sqrt(3)
     )
     assert "paired/highest/test_robust_acc/ci95_lo" not in run.summary  # n = 1
+
+
+def test_regenerated_corruptions_are_labelled_in_the_strategy_tables() -> None:
+    from rift_ray.results import strategy_columns
+
+    regen = [{**s, "corruption_source": "generated"} for s in PER_SEED]
+    metrics = {c["metric"] for c in strategy_seed_cells(summary_of(regen))}
+    assert "corruption (regenerated)" in metrics and "corruption" not in metrics
+    assert "corruption" in {c["metric"] for c in strategy_seed_cells(summary_of(PER_SEED))}
+    col = next(c for c in strategy_columns(True) if c.key == "test_corruption_acc")
+    assert (col.label, col.short) == ("test corruption (regenerated)", "test corr. (regen.)")
+    assert strategy_columns(False)[-1].label == "test corruption"
