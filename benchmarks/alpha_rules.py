@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from rift_ray.rift.confidence import select_alpha_confident
 from rift_ray.rift.interpolate import select_alpha
-from rift_ray.stages.interp import AT_TRIAL, images_of
+from rift_ray.stages.per_image import AT_TRIAL, images_of
 
 
 def seed_dirs(root: Path) -> list[Path]:

@@ -11,7 +11,7 @@ from rift_ray.config import load_config
 from rift_ray.paired import noise_lines, noise_warning
 from rift_ray.plan import alpha_rule_line
 from rift_ray.rift.confidence import paired_interval
-from rift_ray.stages.interp import (
+from rift_ray.stages.per_image import (
     AT_TRIAL,
     alpha_choice,
     images_of,

@@ -288,7 +288,7 @@ def test_corruption_and_autoattack_in_the_final_evaluation(smoke_run: Path) -> N
 def test_per_image_results_and_paired_intervals(smoke_run: Path) -> None:
     """Issue 21: every alpha point's per-image results are stored, and the summary's paired
     changes are computed from them: their point estimates are the summary's RiFT - AT."""
-    from rift_ray.stages.interp import images_of
+    from rift_ray.stages.per_image import images_of
 
     summary = json.loads((smoke_run / "summary.json").read_text())
     rows = pq.read_table(smoke_run / "tables/per_image.parquet").to_pylist()
