@@ -145,3 +145,35 @@ def test_a_seeds_summary_states_the_t_interval_of_the_change() -> None:
     (line,) = seeds_interval_lines(agg)
     assert line.startswith("RiFT - AT on test, 95% t interval over the seeds: clean [-0.50, +1.30]")
     assert "PGD [-4.66, +2.06]" in line
+
+
+def test_a_held_out_confirmation_set_and_its_verdict() -> None:
+    """``interpolate.confirm_size``: the first N validation images are held out (``confirm``),
+    selection sees the ones after them, and alpha* is checked on the held-out ones."""
+    from rift_ray.data import DatasetSplits, ImageData
+    from rift_ray.stages.interp import eval_sets
+    from rift_ray.stages.per_image import confirmation
+
+    def data(n: int, first: int) -> ImageData:
+        return ImageData(
+            torch.zeros(n, 3, 4, 4, dtype=torch.uint8), torch.arange(first, first + n), ["c"]
+        )
+
+    splits = DatasetSplits(
+        "x", data(10, 0), data(500, 0), data(50, 1000), 1, (0.5,) * 3, (0.5,) * 3
+    )
+    cfg = load_config(None, ["interpolate.confirm_size=200", "eval.val_subset=250"])
+    sets = eval_sets(cfg, splits)
+    assert sets["confirm"].labels.tolist() == list(range(200))
+    assert sets["val"].labels.tolist() == list(range(200, 450))  # the next 250
+    n = 1000
+    at = [i < 500 for i in range(n)]
+    rows = split_per_image([_row("confirm", 0.0, at, at)], AT_TRIAL)[1]
+    same = split_per_image([_row("confirm", 0.5, at, at)], "t")[1]
+    worse = split_per_image(
+        [_row("confirm", 0.7, at, [v and i >= 30 for i, v in enumerate(at)])], "t"
+    )[1]
+    ok = confirmation(rows + same, {"trial": "t", "alpha": 0.5}, 0.1)
+    assert ok["confirmed"] and (ok["n"], ok["alpha"]) == (1000, 0.5)
+    bad = confirmation(rows + worse, {"trial": "t", "alpha": 0.7}, 0.1)
+    assert not bad["confirmed"] and bad["robust_drop"]["diff"] == pytest.approx(3.0)
