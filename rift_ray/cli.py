@@ -2,6 +2,7 @@
 
     rift-ray sweep sweeps/smoke.yaml                  # run (or resume) a sweep
     rift-ray sweep sweeps/wrn.yaml --dry-run          # the plan, without computing
+    rift-ray sweep sweeps/wrn.yaml --dry-run --gpu a100 --price 1.8   # and its cost
     rift-ray sweep sweeps/wrn.yaml --until mrc        # stop once MRC is done
     rift-ray sweep sweeps/smoke.yaml --set finetune.lrs=[0.001,0.005] --name try2
     rift-ray validate sweeps/wrn.yaml                 # print the resolved config
@@ -53,9 +54,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.cluster and not args.dry_run:
         return _fail("--cluster: only with --dry-run (a sweep checks the cluster it joins)")
+    costing = {"--gpu": args.gpu, "--gpus": args.gpus, "--price": args.price,
+               "--utilisation": args.utilisation}  # fmt: skip
+    given = [flag for flag, v in costing.items() if v is not None]
+    if given and not args.dry_run:
+        return _fail(f"{given[0]}: only with --dry-run (it prices the plan)")
     if args.dry_run:
         from rift_ray import cluster as cl
         from rift_ray.plan import print_plan
+
+        opts = _cost_options(args)
+        if isinstance(opts, str):
+            return _fail(opts)
 
         if args.cluster:
             shape = cl.shape_of_cluster_yaml(args.cluster)
@@ -63,7 +73,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             shape = cl.connect(cfg, args.address)
         else:
             shape = cl.local_shape(cfg)
-        print_plan(cfg, shape)
+        print_plan(cfg, shape, opts)
         return 0
     if args.restart == "all" and not args.yes and not _confirm_restart():
         return _fail(
@@ -88,6 +98,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     print_summary(summary)
     return 0
+
+
+def _cost_options(args: argparse.Namespace) -> Any:
+    """``--dry-run``'s pricing flags as ``plan.CostOptions``, or the one-line error text."""
+    from rift_ray.cost import DEFAULT_UTILISATION, GPUS
+    from rift_ray.plan import CostOptions
+
+    if args.gpu is not None and args.gpu.lower() not in GPUS:
+        return f"--gpu: unknown card {args.gpu!r}; choose one of {', '.join(GPUS)}"
+    if args.price is not None and args.price < 0:
+        return f"--price: must be >= 0 dollars per GPU-hour (got {args.price:g})"
+    if args.utilisation is not None and not 0 < args.utilisation <= 1:
+        return f"--utilisation: must be in (0, 1], e.g. 0.35 (got {args.utilisation:g})"
+    if args.gpus is not None and args.gpus < 1:
+        return f"--gpus: must be >= 1 (got {args.gpus})"
+    return CostOptions(
+        gpu=args.gpu.lower() if args.gpu else None,
+        utilisation=DEFAULT_UTILISATION if args.utilisation is None else args.utilisation,
+        price=args.price, gpus=args.gpus,
+    )  # fmt: skip
 
 
 def _confirm_restart() -> bool:
@@ -406,8 +436,27 @@ def _sweep_parser(s: argparse.ArgumentParser) -> None:
         "later stages are recomputed only when the retried rows change their input",
     )
     s.add_argument(
-        "--dry-run", action="store_true", help="print the plan and a compute estimate only"
+        "--dry-run", action="store_true", help="print the plan and its cost (FLOPs, GPU-hours) only"
     )
+    s.add_argument(
+        "--gpu",
+        metavar="CARD",
+        help="with --dry-run: price on this card (a10g, l4, a100, h100, h200; default h100)",
+    )
+    s.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="with --dry-run: GPUs of the cluster (default: the cluster's, else the config's)",
+    )
+    s.add_argument(
+        "--price",
+        type=float,
+        metavar="DOLLARS",
+        help="with --dry-run: dollars per GPU-hour, for a dollar figure",
+    )
+    s.add_argument("--utilisation", type=float, metavar="U",
+                   help="with --dry-run: achieved / peak FLOP/s assumed (default 0.35)")  # fmt: skip
     s.add_argument(
         "--until",
         choices=STAGES,

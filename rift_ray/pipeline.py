@@ -117,6 +117,7 @@ def _run_sweep(
         text = to_yaml(cfg)
         keep_config(store, text, keep=cfg.keep_history)
         store.put_text(layout.CONFIG, text)
+        write_estimate(store, cost_estimate(cfg, prep))
         ctx = SweepContext(
             cfg=cfg,
             store=store,
@@ -150,6 +151,24 @@ def _run_sweep(
     if not summary.get("reused"):
         log(f"report: rift-ray report {store.uri}")
     return summary
+
+
+def cost_estimate(cfg: SweepConfig, prep: Any) -> dict[str, Any]:
+    """What ``--dry-run`` counts for this sweep (:func:`rift_ray.cost.estimate_record`)."""
+    from rift_ray.cost import Sizes, config_gpus, estimate_record, meta_model_flops
+
+    s = prep.splits
+    shape = tuple(int(d) for d in s.train.images.shape[1:])
+    mf = meta_model_flops(cfg, s.num_classes, shape, prep.modules)  # type: ignore[arg-type]
+    sizes = Sizes(len(s.train), len(s.val), len(s.test))
+    return estimate_record(cfg, sizes, mf, config_gpus(cfg), len(prep.modules))
+
+
+def write_estimate(store: Store, estimate: dict[str, Any]) -> None:
+    """``estimate.json``, rewritten only when it changes (a resumed sweep touches nothing)."""
+    text = json.dumps(estimate, indent=1, sort_keys=True)
+    if not store.exists(layout.ESTIMATE) or store.read_bytes(layout.ESTIMATE).decode() != text:
+        store.put_text(layout.ESTIMATE, text)
 
 
 def keep_config(store: Store, text: str, *, keep: bool) -> None:

@@ -217,6 +217,28 @@ def _stages_rows(res: SweepResults) -> list[dict[str, Any]]:
     return out
 
 
+def _cost_html(res: SweepResults) -> list[str]:
+    """The sweep's FLOP estimate (``estimate.json``, what ``--dry-run`` counts) per stage next
+    to the seconds each stage took (summed over seeds); none for sweeps without one."""
+    from rift_ray.cost import report_rows
+    from rift_ray.store import ESTIMATE
+
+    if not res.store.exists(ESTIMATE):
+        return []
+    est = json.loads(res.store.read_bytes(ESTIMATE))
+    seconds: dict[str, float] = {}
+    for _, stage, rec in stage_records(res):
+        if rec.get("status") == "done" and isinstance(rec.get("seconds"), (int, float)):
+            seconds[stage] = seconds.get(stage, 0.0) + float(rec["seconds"])
+    return [
+        "<h2>Cost: estimate and measured</h2>",
+        f"<p class='muted'>Counted FLOPs (docs/cost.md); the estimated wall time on "
+        f"{_e(est.get('gpu'))} at {_e(est.get('utilisation'))} utilisation with the config's "
+        "GPUs; achieved TFLOP/s = the estimate's FLOPs over the measured seconds.</p>",
+        _html_table(report_rows(est, seconds), left=("stage",)),
+    ]
+
+
 def _metadata_html(res: SweepResults) -> str:
     s = res.summary or {}
     env = s.get("environment") or {}
@@ -357,6 +379,7 @@ def render_html(res: SweepResults, history: str | None = None) -> str:
                      "restart or a changed config replaced; not the sweep's current result.</p>")  # fmt: skip
     parts += _headline_html(s, figure, regenerated_label(res))
     parts += ["<h2>Stages</h2>", _html_table(_stages_rows(res), left=("stage", "status", "error"))]
+    parts += _cost_html(res)
     parts += ["<h2>Adversarial training</h2>", figure("fig-adv-train")]
     parts += [
         "<h2>Module robust criticality</h2>",

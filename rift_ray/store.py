@@ -5,6 +5,8 @@ Everything a sweep produces lives under ``<storage>/<name>/`` (a local path, or
 
     config.yaml                 the resolved config of the last run
     summary.json                the final summary as data
+    estimate.json               the dry-run's cost estimate: FLOPs per stage (the report sets
+                                it next to the measured seconds)
     manifest.json               artifact -> sha256, size, stage hash (what a re-run trusts)
     stages/<stage>.json         stage record: status, hash, timings, counts
     tables/mrc.parquet          one row per candidate module, sorted by MRC
@@ -56,6 +58,8 @@ import pyarrow.parquet as pq
 
 CONFIG = "config.yaml"
 SUMMARY = "summary.json"
+ESTIMATE = "estimate.json"
+"""FLOPs per stage and hours on the default card (:func:`rift_ray.cost.estimate_record`)."""
 MANIFEST = "manifest.json"
 MRC_TABLE = "tables/mrc.parquet"
 FINETUNE_TABLE = "tables/finetune.parquet"

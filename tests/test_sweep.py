@@ -490,7 +490,7 @@ def test_dry_run_computes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[
     code = main(["sweep", SMOKE, "--storage", str(tmp_path), "--name", "dry", "--dry-run", *FAST])
     assert code == 0
     out = capsys.readouterr().out
-    assert "mrc" in out and "Tune trials" in out and "device-time" in out
+    assert "mrc" in out and "Tune trials" in out and "GPU-h" in out and "PFLOP" in out
     assert not (tmp_path / "dry" / "stages").exists()
 
 
