@@ -366,8 +366,8 @@ def report_rows(estimate: dict[str, Any], seconds: dict[str, float]) -> list[dic
         it = est["interpolate"]
         est["interpolate"] = {k: it[k] + aa[k] for k in ("flops", "gpu_hours", "wall_hours")}
     rows = []
-    for stage, e in est.items():
-        measured = seconds.get(stage)
+    for stage in [s for s in COST_STAGES if s in est]:
+        e, measured = est[stage], seconds.get(stage)
         rows.append({
             "stage": stage + (" (+ AutoAttack)" if stage == "interpolate" and aa and aa["flops"]
                               else ""),
