@@ -53,6 +53,8 @@ NEW_DEFAULTS: tuple[NewDefault, ...] = (
     NewDefault(("adv_train", "sync_bn"), None, config_hash=True),
     # 4 for every dataset but Tiny-ImageNet, where the reference's 8 changes the hash
     NewDefault(("data", "crop_padding"), 4, config_hash=True),
+    # FGSM-RS's step: enters the adv_train hash only with method fgsm_rs (see stage_hashes)
+    NewDefault(("adv_train", "fgsm_step"), 1.25, config_hash=True),
 )
 """Fields added after sweeps were first stored: at the default they are left out of the
 stage hashes, so results stored by an earlier version stay valid. A new field that changes
@@ -130,6 +132,8 @@ def stage_hashes(cfg: SweepConfig, seed: int | None = None) -> dict[str, str]:
     d["adv_train"].pop("sync_bn", None)
     if cfg.adv_train.uses_sync_bn(cfg.resources.adv_train):
         d["adv_train"]["sync_bn"] = True
+    if cfg.adv_train.method != "fgsm_rs":  # the FGSM step changes nothing else
+        d["adv_train"].pop("fgsm_step", None)
     ev = d["eval"]
     compute = [d["compute"]] if "compute" in d else []  # its own list item, when not default
     h1 = stable_hash(

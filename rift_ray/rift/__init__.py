@@ -1,6 +1,6 @@
 """The RiFT method in plain PyTorch (no Ray), one stage per file:
 
-1. ``train.py``        adversarial training, one epoch at a time (PGD-AT, TRADES)
+1. ``train.py``        adversarial training, one epoch at a time (PGD-AT, TRADES, FGSM-RS)
 2. ``mrc.py``          fixed adversarial set; robust criticality of one module or a set
    ``mrc_fast.py``     its fast path: frozen batch norms, the cache, evaluation passes
    ``selection.py``    which module set(s) to fine-tune: lowest / greedy by joint MRC / random / highest

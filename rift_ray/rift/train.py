@@ -1,15 +1,22 @@
-"""Stage 1: one epoch of adversarial training (PGD-AT, Madry et al. 2018; or TRADES, Zhang et al. 2019).
+"""Stage 1: one epoch of adversarial training (PGD-AT, Madry et al. 2018; TRADES, Zhang et
+al. 2019; or FGSM-RS, Wong, Rice and Kolter 2020, "Fast is better than free").
 
 opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 for epoch in range(110):
     stats = adversarial_train_epoch(model, batches(train, 128, ...), opt,
                                     eps=8/255, step_size=2/255, steps=10)
+
+FGSM-RS trains on one signed-gradient step of ``fgsm_step`` x eps from a uniform random
+start (one attack forward/backward instead of PGD's ``steps``). It can overfit
+catastrophically: PGD accuracy collapses within an epoch while FGSM accuracy climbs. The
+guard is the caller's per-epoch PGD check on validation images and :func:`best_epoch`, which
+never picks an epoch :func:`collapsed` flags.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -18,6 +25,16 @@ from torch import Tensor, nn
 
 from rift_ray.attacks import eval_mode, pgd_attack, trades_attack
 from rift_ray.compute import Amp, autocast
+
+Method = Literal["pgd", "trades", "fgsm_rs"]
+METHODS: tuple[str, ...] = ("pgd", "trades", "fgsm_rs")
+
+FGSM_STEP = 1.25
+"""FGSM-RS's step as a fraction of eps: Wong et al.'s alpha = 1.25 eps (10/255 at 8/255)."""
+
+COLLAPSE_DROP = 20.0
+"""Catastrophic overfitting: validation PGD accuracy this many points below the best epoch
+before it (Wong et al. stop when PGD accuracy on a training batch falls by 20 points)."""
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -35,8 +52,9 @@ def adversarial_train_epoch(
     eps: float,
     step_size: float,
     steps: int,
-    method: Literal["pgd", "trades"] = "pgd",
+    method: Method = "pgd",
     trades_beta: float = 6.0,
+    fgsm_step: float = FGSM_STEP,
     random_start: bool = True,
     generator: torch.Generator | None = None,
     scheduler: Any = None,
@@ -52,6 +70,8 @@ def adversarial_train_epoch(
     - ``trades``: x_adv from PGD on KL starting at x + 0.001 N(0,1); loss =
       CE(model(x), y) + beta * KL(p(x) || p(x_adv)) (batch mean), as in the official
       TRADES code (which the paper writes KL(f(x) || f(x_adv))).
+    - ``fgsm_rs``: loss = CE(model(x_adv), y), x_adv from :func:`fgsm_rs_attack` with step
+      ``fgsm_step * eps`` (``step_size``, ``steps`` and ``random_start`` are not used).
 
     ``amp="bf16"``: the attack and the training forward run under bf16 autocast
     (:mod:`rift_ray.compute`; the backward follows the forward's dtypes, no scaler).
@@ -64,8 +84,8 @@ def adversarial_train_epoch(
     clean logits of the loss), ``adv_acc`` (percent, train-mode logits on x_adv),
     ``images``, ``seconds``, ``images_per_s``.
     """
-    if method not in ("pgd", "trades"):
-        raise ValueError(f"method: must be 'pgd' or 'trades' (got {method!r})")
+    if method not in METHODS:
+        raise ValueError(f"method: must be one of {', '.join(METHODS)} (got {method!r})")
     net = _unwrap(model)
     start = time.perf_counter()
     n, loss_sum, clean_correct, adv_correct = 0, 0.0, 0, 0
@@ -81,6 +101,7 @@ def adversarial_train_epoch(
                 steps,
                 method,
                 trades_beta,
+                fgsm_step,
                 random_start,
                 generator,
             )
@@ -116,24 +137,22 @@ def _forward(
     steps: int,
     method: str,
     trades_beta: float,
+    fgsm_step: float,
     random_start: bool,
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor, int]:
     """One batch: (training loss, logits on x_adv, correct clean predictions)."""
     clean_correct = 0
-    if method == "pgd":
+    if method in ("pgd", "fgsm_rs"):
         with eval_mode(net), torch.no_grad():
             clean_correct += int((net(x).argmax(1) == y).sum())
-        x_adv = pgd_attack(
-            net,
-            x,
-            y,
-            eps=eps,
-            step_size=step_size,
-            steps=steps,
-            random_start=random_start,
-            generator=generator,
-        )
+        if method == "fgsm_rs":
+            x_adv = fgsm_rs_attack(net, x, y, eps=eps, fgsm_step=fgsm_step, generator=generator)
+        else:
+            x_adv = pgd_attack(
+                net, x, y, eps=eps, step_size=step_size, steps=steps,
+                random_start=random_start, generator=generator,
+            )  # fmt: skip
         model.train()
         logits_adv = model(x_adv)
         loss = F.cross_entropy(logits_adv, y)
@@ -153,3 +172,43 @@ def _forward(
         loss = F.cross_entropy(logits_clean, y) + trades_beta * kl
         clean_correct += int((logits_clean.detach().argmax(1) == y).sum())
     return loss, logits_adv, clean_correct
+
+
+def fgsm_rs_attack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    fgsm_step: float = FGSM_STEP,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """FGSM from a uniform random start (Wong et al. 2020): images [B,C,H,W] in [0,1].
+
+    delta_0 ~ U[-eps, eps] (x + delta_0 clamped to [0,1]); one step
+    ``fgsm_step * eps * sign(grad CE)``; the result projected on the eps-ball around ``x``
+    and on [0,1]. That is L-inf PGD with one step from a random start, so it is
+    :func:`rift_ray.attacks.pgd_attack` with ``steps=1`` (eval mode, input gradients only).
+    """
+    return pgd_attack(
+        model, x, y, eps=eps, step_size=fgsm_step * eps, steps=1, random_start=True,
+        generator=generator,
+    )  # fmt: skip
+
+
+def collapsed(robust_acc: float, best_before: float, drop: float = COLLAPSE_DROP) -> bool:
+    """Whether an epoch's validation PGD accuracy (percent) shows catastrophic overfitting:
+    more than ``drop`` points below ``best_before``, the best of the epochs before it
+    (-1 or lower before any epoch)."""
+    return best_before >= 0 and robust_acc < best_before - drop
+
+
+def best_epoch(robust_accs: Sequence[float], drop: float = COLLAPSE_DROP) -> int:
+    """The model a run keeps: the 1-based epoch of the highest validation PGD accuracy
+    (percent; the earliest on ties), never an epoch :func:`collapsed` flags against the
+    epochs before it. 0 when ``robust_accs`` is empty."""
+    best, best_acc = 0, -1.0
+    for epoch, acc in enumerate(robust_accs, start=1):
+        if acc > best_acc and not collapsed(acc, best_acc, drop):
+            best, best_acc = epoch, acc
+    return best

@@ -1,10 +1,11 @@
 """Stage 1: adversarial training with Ray Train (TorchTrainer, DDP).
 
-Each worker trains on its shard of the training split (PGD-AT or TRADES), the
+Each worker trains on its shard of the training split (PGD-AT, TRADES or FGSM-RS), the
 validation split is evaluated (clean and PGD, sharded and all-reduced) after every
 epoch, and rank 0 commits a checkpoint every ``adv_train.checkpoint_every`` epochs
 holding the latest state (to resume) and the best state by validation robust
-accuracy (the model the sweep keeps). A killed worker restarts from the last
+accuracy (the model the sweep keeps; never an epoch whose validation PGD accuracy collapsed,
+``rift_ray.rift.train.best_epoch``: FGSM-RS's guard against catastrophic overfitting). A killed worker restarts from the last
 committed checkpoint (``adv_train.max_failures``); a re-run of an interrupted sweep
 reuses the run name and continues the same way.
 """
@@ -29,6 +30,7 @@ from rift_ray.data import DatasetSplits, batches
 from rift_ray.errors import StageFailed, one_line
 from rift_ray.progress import log
 from rift_ray.rift import adversarial_train_epoch
+from rift_ray.rift.train import COLLAPSE_DROP, collapsed
 from rift_ray.stages.base import Stage, SweepContext, SweepState
 from rift_ray.stages.common import (
     attack_kwargs,
@@ -133,6 +135,11 @@ def _epoch_line(metrics: dict[str, Any], epochs: int) -> str:
         if "val_robust_acc" in m
         else ""
     )
+    if m.get("collapsed"):
+        val += (
+            f" COLLAPSED (catastrophic overfitting: val PGD more than {COLLAPSE_DROP:g} points "
+            "below the best epoch; this epoch is never kept)"
+        )
     return (
         f"adv_train: epoch {m['epoch']}/{epochs} lr {m['lr']:.4g} loss {m['train_loss']:.4f} "
         f"train adv acc {m['train_adv_acc']:.2f}{val} "
@@ -156,8 +163,8 @@ def _train_epoch(
     return adversarial_train_epoch(
         model, _with_fault(train_batches, epoch + 1), optimizer, eps=cfg.attack.eps,
         step_size=cfg.attack.step_size, steps=cfg.attack.steps, method=at.method,
-        trades_beta=at.trades_beta, random_start=cfg.attack.random_start, generator=gen,
-        amp=cfg.compute.amp,
+        trades_beta=at.trades_beta, fgsm_step=at.fgsm_step, random_start=cfg.attack.random_start,
+        generator=gen, amp=cfg.compute.amp,
     )  # fmt: skip
 
 
@@ -205,7 +212,10 @@ def train_loop(config: dict[str, Any]) -> None:
             "devices": devices,
         }
         score = val.get("val_robust_acc", float(epoch))  # no validation split: keep the last epoch
-        if score > p["best_acc"]:
+        # the rule of rift.train.best_epoch, one epoch at a time: a collapse is never kept
+        if val and collapsed(score, p["best_acc"]):
+            metrics["collapsed"] = True
+        elif score > p["best_acc"]:
             p.update(best_acc=score, best_epoch=epoch + 1, best_state=cpu_state(core))
         metrics["best_epoch"] = p["best_epoch"]
         p["history"].append(metrics)
@@ -252,7 +262,8 @@ def start_line(cfg: SweepConfig) -> str:
     BatchNorm is synchronised, e.g. ``pgd for 110 epochs, batch 128 = 4 workers x 32,
     SyncBatchNorm``."""
     at, r = cfg.adv_train, cfg.resources.adv_train
-    head = f"{at.method} for {at.epochs} epochs, "
+    method = at.method if at.method != "fgsm_rs" else f"fgsm_rs (step {at.fgsm_step:g} x eps)"
+    head = f"{method} for {at.epochs} epochs, "
     if r.num_workers == 1:
         return head + f"batch {at.batch_size} on 1 worker"
     per = at.batch_size // r.num_workers
@@ -317,7 +328,7 @@ class EpochFeed:
 
 
 def run_adv_train(ctx: SweepContext) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """Run PGD-AT under Ray Train; return (best state dict, per-epoch history)."""
+    """Run adversarial training (``adv_train.method``) under Ray Train; return (best state dict, per-epoch history)."""
     cfg = ctx.cfg
     r = cfg.resources.adv_train
     storage_path, storage_fs = ctx.store.ray_storage()

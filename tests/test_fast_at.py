@@ -1,0 +1,165 @@
+"""FGSM-RS (``adv_train.method: fgsm_rs``): the attack, a few training steps, the best-epoch
+rule against catastrophic overfitting, the config field and the stage hashes."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rift_ray.attacks import evaluate
+from rift_ray.config import ConfigError, load_config
+from rift_ray.data import batches, load_dataset
+from rift_ray.hashing import config_hash, stage_hashes
+from rift_ray.models import build_model
+from rift_ray.rift.train import (
+    COLLAPSE_DROP,
+    FGSM_STEP,
+    adversarial_train_epoch,
+    best_epoch,
+    collapsed,
+    fgsm_rs_attack,
+)
+
+SMOKE = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
+EPS = 8 / 255
+
+
+def linear_model(zero: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    if zero:  # no input gradient: the attack's result is its random start
+        nn.init.zeros_(model[1].weight)
+    return model
+
+
+def images(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels at 0, 1 and in between, so the [0,1] clamp is exercised."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 3, 4, 4, generator=g)
+    x[:, 0] = 0.0
+    x[:, 1, :2] = 1.0
+    return x, torch.arange(n) % 3
+
+
+def test_fgsm_rs_stays_in_the_eps_ball_and_the_image_range() -> None:
+    x, y = images()
+    for step in (0.5, FGSM_STEP, 2.0):
+        x_adv = fgsm_rs_attack(linear_model(), x, y, eps=EPS, fgsm_step=step)
+        assert (x_adv - x).abs().max() <= EPS + 1e-7
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_fgsm_rs_starts_uniformly_in_the_ball() -> None:
+    """With no input gradient the one step moves nothing: what comes back is the start."""
+    x = torch.full((64, 3, 4, 4), 0.5)
+    y = torch.zeros(64, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    delta = fgsm_rs_attack(linear_model(zero=True), x, y, eps=EPS, generator=gen) - x
+    assert delta.abs().max() <= EPS + 1e-7
+    assert abs(float(delta.mean())) < 0.05 * EPS
+    assert abs(float(delta.std()) - EPS / 3**0.5) < 0.05 * EPS  # the std of U[-eps, eps]
+    again = fgsm_rs_attack(linear_model(zero=True), x, y, eps=EPS, generator=gen) - x
+    assert not torch.equal(delta, again)  # a fresh start per call
+
+
+def test_fgsm_rs_is_one_step_of_1_25_eps_by_default() -> None:
+    """By hand: the same start, one signed-gradient step of 1.25 eps, then the projection."""
+    model, (x, y) = linear_model(), images()
+    x_adv = fgsm_rs_attack(model, x, y, eps=EPS, generator=torch.Generator().manual_seed(3))
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(3))
+    start = (x + (2 * u - 1) * EPS).clamp(0, 1).requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(start), y), start)
+    step = start.detach() + 1.25 * EPS * grad.sign()
+    expected = torch.min(torch.max(step, x - EPS), x + EPS).clamp(0, 1)
+    torch.testing.assert_close(x_adv, expected, rtol=0, atol=1e-7)
+    assert FGSM_STEP == 1.25 and load_config().adv_train.fgsm_step == 1.25
+
+
+def test_fgsm_rs_training_lowers_the_adversarial_loss() -> None:
+    """small_cnn on synthetic images: a few FGSM-RS epochs lower the PGD loss."""
+    cfg = load_config(SMOKE, overrides=["data.synthetic.train_size=256", "data.val_size=64"]).data
+    splits = load_dataset(cfg)
+    train = splits.train.subset(torch.arange(128))
+    torch.manual_seed(0)
+    model = build_model("small_cnn", splits.num_classes, mean=splits.mean, std=splits.std)
+    pgd = {"eps": EPS, "step_size": 2 / 255, "steps": 3}
+    before = evaluate(model, train, batch_size=128, attack=pgd)["robust_loss"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    for epoch in range(3):
+        it = batches(train, 32, shuffle=True, augment=False, seed=0, epoch=epoch)
+        stats = adversarial_train_epoch(
+            model, it, opt, eps=EPS, step_size=2 / 255, steps=7, method="fgsm_rs", generator=gen
+        )
+    after = evaluate(model, train, batch_size=128, attack=pgd)["robust_loss"]
+    assert after < before
+    assert stats["images"] == 128 and 0 <= stats["clean_acc"] <= 100
+
+
+def test_best_epoch_never_keeps_a_collapsed_epoch() -> None:
+    assert best_epoch([]) == 0
+    assert best_epoch([30.0, 41.0, 2.0, 1.5]) == 2  # collapse at epoch 3: epoch 2 is kept
+    assert best_epoch([30.0, 30.0, 29.0]) == 1  # ties: the earliest
+    assert collapsed(41.0 - COLLAPSE_DROP - 0.1, 41.0) and not collapsed(25.0, 41.0)
+    assert not collapsed(0.0, -1.0)  # the first epoch has nothing to collapse from
+    rng = random.Random(0)
+    for _ in range(300):
+        accs = [rng.choice([rng.uniform(0, 5), rng.uniform(20, 60)]) for _ in range(8)]
+        kept = best_epoch(accs)
+        before = max(accs[: kept - 1], default=-1.0)
+        assert not collapsed(accs[kept - 1], before)
+        assert accs[kept - 1] == max(accs)  # a collapse is never the best anyway; kept = max
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["adv_train.fgsm_step=0"], "adv_train.fgsm_step: must be > 0"),
+        (["adv_train.fgsm_step=2.5"], "adv_train.fgsm_step: must be <= 2"),
+        (["adv_train.method=fgsm"], "adv_train.method: must be one of"),
+        (["adv_train.method=fgsm_rs", "data.val_size=0"], "adv_train.method: fgsm_rs needs a"),
+        (["adv_train.method=fgsm_rs", "attack.steps=1"], "adv_train.method: fgsm_rs checks"),
+    ],
+)
+def test_bad_fast_at_settings_are_one_line_errors(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(SMOKE, overrides=overrides)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_fgsm_rs_changes_the_adv_train_hash_only_when_selected() -> None:
+    base = load_config(SMOKE, overrides=["finetune.asha.mode=async", "finetune.score=penalised"])
+    pinned = stage_hashes(base)
+    assert pinned["adv_train"] == "b8a6f920c317"  # tests/test_seeds.py's pin, unchanged
+    step = load_config(
+        SMOKE,
+        overrides=["finetune.asha.mode=async", "finetune.score=penalised", "adv_train.fgsm_step=1"],
+    )
+    assert stage_hashes(step) == pinned  # PGD-AT does not use the FGSM step
+    default = load_config(SMOKE)
+    fast = stage_hashes(load_config(SMOKE, overrides=["adv_train.method=fgsm_rs"]))
+    fast_1 = stage_hashes(
+        load_config(SMOKE, overrides=["adv_train.method=fgsm_rs", "adv_train.fgsm_step=1"])
+    )
+    assert len({stage_hashes(default)["adv_train"], fast["adv_train"], fast_1["adv_train"]}) == 3
+    assert config_hash(load_config(SMOKE, overrides=["adv_train.fgsm_step=1.25"])) == config_hash(
+        default
+    )
+
+
+def test_the_stage_names_the_method_and_flags_a_collapse() -> None:
+    from rift_ray.stages.at import _epoch_line, start_line
+
+    cfg = load_config(SMOKE, overrides=["adv_train.method=fgsm_rs"])
+    assert start_line(cfg).startswith("fgsm_rs (step 1.25 x eps) for 4 epochs")
+    row = {
+        "epoch": 3, "lr": 0.1, "train_loss": 1.0, "train_adv_acc": 80.0, "val_clean_acc": 60.0,
+        "val_robust_acc": 1.0, "images_per_s": 100.0, "best_epoch": 2, "collapsed": True,
+    }  # fmt: skip
+    assert "COLLAPSED (catastrophic overfitting" in _epoch_line(row, 4)
+    assert "COLLAPSED" not in _epoch_line({**row, "collapsed": False}, 4)
