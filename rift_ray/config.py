@@ -132,15 +132,19 @@ class AdvTrainConfig(_Section):
     with the dataset mean/std outside itself (``dataset``), not at all (``none``), as the RiFT
     reference code did (``rift_reference``: CIFAR-10 statistics for CIFAR-10 and CIFAR-100,
     ImageNet's for Tiny-ImageNet) or as RobustBench's model class does (``robustbench``)."""
-    method: Literal["pgd", "trades", "fgsm_rs"] = "pgd"
-    """``pgd`` (PGD-AT on ``attack``), ``trades``, or ``fgsm_rs``: FGSM from a random start,
-    one step of ``fgsm_step`` x eps (Wong et al. 2020), about 2.5x faster per epoch than PGD-5
-    (benchmarks/README.md); the stage's per-epoch validation PGD check keeps the best epoch
-    and never one that collapsed (``rift_ray.rift.train.best_epoch``)."""
+    method: Literal["pgd", "trades", "fgsm_rs", "free"] = "pgd"
+    """``pgd`` (PGD-AT on ``attack``), ``trades``, ``fgsm_rs``: FGSM from a random start,
+    one step of ``fgsm_step`` x eps (Wong et al. 2020), about 2.3x faster per epoch than PGD-5
+    (benchmarks/README.md), or ``free`` (Shafahi et al. 2019: every minibatch replayed
+    ``free_replays`` times, the perturbation carried over; ``epochs`` counts passes, so set it
+    to the PGD-AT epochs / free_replays). The stage's per-epoch validation PGD check keeps the
+    best epoch and never one that collapsed (``rift_ray.rift.train.best_epoch``)."""
     trades_beta: PosFloat = 6.0
     fgsm_step: Annotated[float, BeforeValidator(_fraction), Field(gt=0, le=2)] = 1.25
     """FGSM-RS's step as a fraction of ``attack.eps`` (1.25: 10/255 at 8/255). At most 2: a
     longer step from the random start is clipped by the eps-ball anyway."""
+    free_replays: Annotated[int, Field(ge=1, le=64)] = 8
+    """``free``: replays of each minibatch (the paper's m; 8 for CIFAR-10)."""
     epochs: PosInt = 110
     batch_size: PosInt = 128
     lr: PosFloat = 0.1
@@ -479,16 +483,17 @@ class SweepConfig(_Section):
 
     @model_validator(mode="after")
     def _fgsm_rs_needs_a_pgd_check(self) -> SweepConfig:
-        if self.adv_train.method != "fgsm_rs" or self.adv_train.checkpoint:
+        method = self.adv_train.method
+        if method not in ("fgsm_rs", "free") or self.adv_train.checkpoint:
             return self
         if self.data.val_size == 0:  # the guard against catastrophic overfitting is validation
             raise ValueError(
-                "adv_train.method: fgsm_rs needs a validation split (data.val_size > 0): each "
+                f"adv_train.method: {method} needs a validation split (data.val_size > 0): each "
                 "epoch's PGD check on it guards against catastrophic overfitting"
             )
         if self.attack.steps < 2:
             raise ValueError(
-                "adv_train.method: fgsm_rs checks each epoch with PGD (attack.steps), which "
+                f"adv_train.method: {method} checks each epoch with PGD (attack.steps), which "
                 "needs attack.steps >= 2 to see catastrophic overfitting"
             )
         return self

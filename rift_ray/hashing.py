@@ -55,6 +55,7 @@ NEW_DEFAULTS: tuple[NewDefault, ...] = (
     NewDefault(("data", "crop_padding"), 4, config_hash=True),
     # FGSM-RS's step: enters the adv_train hash only with method fgsm_rs (see stage_hashes)
     NewDefault(("adv_train", "fgsm_step"), 1.25, config_hash=True),
+    NewDefault(("adv_train", "free_replays"), 8, config_hash=True),
 )
 """Fields added after sweeps were first stored: at the default they are left out of the
 stage hashes, so results stored by an earlier version stay valid. A new field that changes
@@ -134,6 +135,8 @@ def stage_hashes(cfg: SweepConfig, seed: int | None = None) -> dict[str, str]:
         d["adv_train"]["sync_bn"] = True
     if cfg.adv_train.method != "fgsm_rs":  # the FGSM step changes nothing else
         d["adv_train"].pop("fgsm_step", None)
+    if cfg.adv_train.method != "free":  # nor do the free replays
+        d["adv_train"].pop("free_replays", None)
     ev = d["eval"]
     compute = [d["compute"]] if "compute" in d else []  # its own list item, when not default
     h1 = stable_hash(

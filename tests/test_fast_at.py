@@ -1,5 +1,6 @@
-"""FGSM-RS (``adv_train.method: fgsm_rs``): the attack, a few training steps, the best-epoch
-rule against catastrophic overfitting, the config field and the stage hashes."""
+"""FGSM-RS (``adv_train.method: fgsm_rs``) and free AT (``free``): the attack, a few training
+steps, the best-epoch rule against catastrophic overfitting, the config fields and the stage
+hashes."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from rift_ray.rift.train import (
     best_epoch,
     collapsed,
     fgsm_rs_attack,
+    free_replay_batch,
 )
+from rift_ray.stages.at import judge_epoch
 
 SMOKE = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
 EPS = 8 / 255
@@ -101,6 +104,47 @@ def test_fgsm_rs_training_lowers_the_adversarial_loss() -> None:
     assert stats["images"] == 128 and 0 <= stats["clean_acc"] <= 100
 
 
+class StepCounter:
+    """Stands in for a per-iteration scheduler: counts the optimizer steps."""
+
+    steps = 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+
+def test_free_replays_each_minibatch_and_carries_the_perturbation() -> None:
+    model, (x, y) = linear_model(), images()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    counter = StepCounter()
+    delta, loss, correct = free_replay_batch(
+        model, x, y, opt, None, eps=EPS, replays=3, scheduler=counter
+    )
+    assert counter.steps == 3 and loss > 0 and 0 <= correct <= len(y)
+    assert delta.abs().max() <= EPS + 1e-7 and delta.abs().max() > 0  # moved, inside the ball
+    again, _, _ = free_replay_batch(model, x, y, opt, delta, eps=EPS, replays=1)
+    assert (again - delta).abs().max() <= EPS + 1e-7  # one step of eps from the carried delta
+    stats = adversarial_train_epoch(
+        model, [(x, y), (x, y)], opt, eps=EPS, step_size=0.0, steps=0, method="free",
+        free_replays=2, scheduler=counter,
+    )  # fmt: skip
+    assert counter.steps == 3 + 4 and stats["images"] == 2 * len(y)
+
+
+@pytest.mark.parametrize("method", ["fgsm_rs", "free"])
+def test_fast_training_lowers_the_adversarial_loss_of_a_tiny_model(method: str) -> None:
+    model, (x, y) = linear_model(), images(32)
+    pgd = {"eps": EPS, "step_size": 2 / 255, "steps": 3}
+    before = evaluate(model, [(x, y)], attack=pgd)["robust_loss"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for _ in range(5):
+        adversarial_train_epoch(
+            model, [(x[:16], y[:16]), (x[16:], y[16:])], opt, eps=EPS, step_size=0.0, steps=0,
+            method=method, free_replays=2, generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+    assert evaluate(model, [(x, y)], attack=pgd)["robust_loss"] < before
+
+
 def test_best_epoch_never_keeps_a_collapsed_epoch() -> None:
     assert best_epoch([]) == 0
     assert best_epoch([30.0, 41.0, 2.0, 1.5]) == 2  # collapse at epoch 3: epoch 2 is kept
@@ -114,6 +158,12 @@ def test_best_epoch_never_keeps_a_collapsed_epoch() -> None:
         before = max(accs[: kept - 1], default=-1.0)
         assert not collapsed(accs[kept - 1], before)
         assert accs[kept - 1] == max(accs)  # a collapse is never the best anyway; kept = max
+        best, best_acc = 0, -1.0  # the AT stage's loop (stages/at.judge_epoch) agrees
+        for epoch, acc in enumerate(accs, start=1):
+            better, _ = judge_epoch(acc, best_acc, validated=True)
+            if better:
+                best, best_acc = epoch, acc
+        assert best == kept
 
 
 @pytest.mark.parametrize(
@@ -124,6 +174,8 @@ def test_best_epoch_never_keeps_a_collapsed_epoch() -> None:
         (["adv_train.method=fgsm"], "adv_train.method: must be one of"),
         (["adv_train.method=fgsm_rs", "data.val_size=0"], "adv_train.method: fgsm_rs needs a"),
         (["adv_train.method=fgsm_rs", "attack.steps=1"], "adv_train.method: fgsm_rs checks"),
+        (["adv_train.free_replays=0"], "adv_train.free_replays: must be >= 1"),
+        (["adv_train.method=free", "data.val_size=0"], "adv_train.method: free needs a"),
     ],
 )
 def test_bad_fast_at_settings_are_one_line_errors(overrides: list[str], message: str) -> None:
@@ -147,6 +199,11 @@ def test_fgsm_rs_changes_the_adv_train_hash_only_when_selected() -> None:
         load_config(SMOKE, overrides=["adv_train.method=fgsm_rs", "adv_train.fgsm_step=1"])
     )
     assert len({stage_hashes(default)["adv_train"], fast["adv_train"], fast_1["adv_train"]}) == 3
+    free = [stage_hashes(load_config(SMOKE, overrides=["adv_train.method=free", f"adv_train.free_replays={m}"]))["adv_train"] for m in (8, 4)]  # fmt: skip
+    assert stage_hashes(load_config(SMOKE, overrides=["adv_train.free_replays=4"])) == stage_hashes(
+        default
+    )
+    assert len({*free, fast["adv_train"], stage_hashes(default)["adv_train"]}) == 4
     assert config_hash(load_config(SMOKE, overrides=["adv_train.fgsm_step=1.25"])) == config_hash(
         default
     )

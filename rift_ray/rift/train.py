@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from rift_ray.attacks import eval_mode, pgd_attack, trades_attack
 from rift_ray.compute import Amp, autocast
 
-Method = Literal["pgd", "trades", "fgsm_rs"]
-METHODS: tuple[str, ...] = ("pgd", "trades", "fgsm_rs")
+Method = Literal["pgd", "trades", "fgsm_rs", "free"]
+METHODS: tuple[str, ...] = ("pgd", "trades", "fgsm_rs", "free")
 
 FGSM_STEP = 1.25
 """FGSM-RS's step as a fraction of eps: Wong et al.'s alpha = 1.25 eps (10/255 at 8/255)."""
@@ -55,6 +55,7 @@ def adversarial_train_epoch(
     method: Method = "pgd",
     trades_beta: float = 6.0,
     fgsm_step: float = FGSM_STEP,
+    free_replays: int = 8,
     random_start: bool = True,
     generator: torch.Generator | None = None,
     scheduler: Any = None,
@@ -72,6 +73,10 @@ def adversarial_train_epoch(
       TRADES code (which the paper writes KL(f(x) || f(x_adv))).
     - ``fgsm_rs``: loss = CE(model(x_adv), y), x_adv from :func:`fgsm_rs_attack` with step
       ``fgsm_step * eps`` (``step_size``, ``steps`` and ``random_start`` are not used).
+    - ``free``: "free" AT (Shafahi et al. 2019), :func:`free_replay_batch`: each minibatch is
+      replayed ``free_replays`` times, one optimizer step each, the perturbation carried
+      over between replays and minibatches (zero at the epoch's start). One pass costs
+      ``free_replays`` clean-training passes: run ``epochs / free_replays`` passes.
 
     ``amp="bf16"``: the attack and the training forward run under bf16 autocast
     (:mod:`rift_ray.compute`; the backward follows the forward's dtypes, no scaler).
@@ -89,7 +94,19 @@ def adversarial_train_epoch(
     net = _unwrap(model)
     start = time.perf_counter()
     n, loss_sum, clean_correct, adv_correct = 0, 0.0, 0, 0
+    delta: Tensor | None = None
     for x, y in batches:
+        if method == "free":
+            with eval_mode(net), torch.no_grad():
+                clean_correct += int((net(x).argmax(1) == y).sum())
+            delta, batch_loss, batch_correct = free_replay_batch(
+                model, x, y, optimizer, delta, eps=eps, replays=free_replays,
+                scheduler=scheduler, amp=amp,
+            )  # fmt: skip
+            n += len(y)
+            loss_sum += batch_loss
+            adv_correct += batch_correct
+            continue
         with autocast(amp, x.device):
             loss, logits_adv, clean_hits = _forward(
                 model,
@@ -212,3 +229,44 @@ def best_epoch(robust_accs: Sequence[float], drop: float = COLLAPSE_DROP) -> int
         if acc > best_acc and not collapsed(acc, best_acc, drop):
             best, best_acc = epoch, acc
     return best
+
+
+def free_replay_batch(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer,
+    delta: Tensor | None,
+    *,
+    eps: float,
+    replays: int,
+    scheduler: Any = None,
+    amp: Amp = "none",
+) -> tuple[Tensor, float, int]:
+    """``replays`` training steps on one minibatch (Shafahi et al. 2019): each step's backward
+    gives the weights' gradient and the input's; the perturbation then moves by
+    ``eps * sign(input gradient)``, stays in the eps-ball, and carries over to the next replay.
+
+    ``delta``: the perturbation of the previous minibatch ([B,C,H,W]; None or another shape:
+    zero). Returns (the new perturbation, the sum over replays of the mean loss x B divided
+    by replays, correct train-mode predictions of the last replay).
+    """
+    if delta is None or delta.shape != x.shape:
+        delta = torch.zeros_like(x)
+    loss_sum, correct = 0.0, 0
+    model.train()
+    for _ in range(replays):
+        d = delta.clone().requires_grad_(True)
+        with autocast(amp, x.device):
+            logits = model((x + d).clamp(0, 1))
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        assert d.grad is not None
+        delta = (delta + eps * d.grad.sign()).clamp(-eps, eps).detach()
+        loss_sum += float(loss.detach()) * len(y) / replays
+        correct = int((logits.detach().argmax(1) == y).sum())
+    return delta, loss_sum, correct

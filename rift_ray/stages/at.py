@@ -147,6 +147,14 @@ def _epoch_line(metrics: dict[str, Any], epochs: int) -> str:
     )
 
 
+def judge_epoch(score: float, best_acc: float, *, validated: bool) -> tuple[bool, bool]:
+    """(whether this epoch is the new best, whether it collapsed): the rule of
+    ``rift.train.best_epoch`` one epoch at a time. ``score``: validation PGD accuracy (without
+    validation, the epoch index: the last epoch is kept and nothing collapses)."""
+    collapse = validated and collapsed(score, best_acc)
+    return not collapse and score > best_acc, collapse
+
+
 def _train_epoch(
     cfg: SweepConfig, model: torch.nn.Module, optimizer: Any, train: Any, epoch: int,
     rank: int, world: int, device: torch.device, gen: torch.Generator,
@@ -163,8 +171,8 @@ def _train_epoch(
     return adversarial_train_epoch(
         model, _with_fault(train_batches, epoch + 1), optimizer, eps=cfg.attack.eps,
         step_size=cfg.attack.step_size, steps=cfg.attack.steps, method=at.method,
-        trades_beta=at.trades_beta, fgsm_step=at.fgsm_step, random_start=cfg.attack.random_start,
-        generator=gen, amp=cfg.compute.amp,
+        trades_beta=at.trades_beta, fgsm_step=at.fgsm_step, free_replays=at.free_replays,
+        random_start=cfg.attack.random_start, generator=gen, amp=cfg.compute.amp,
     )  # fmt: skip
 
 
@@ -212,10 +220,10 @@ def train_loop(config: dict[str, Any]) -> None:
             "devices": devices,
         }
         score = val.get("val_robust_acc", float(epoch))  # no validation split: keep the last epoch
-        # the rule of rift.train.best_epoch, one epoch at a time: a collapse is never kept
-        if val and collapsed(score, p["best_acc"]):
+        better, collapse = judge_epoch(score, p["best_acc"], validated=bool(val))
+        if collapse:
             metrics["collapsed"] = True
-        elif score > p["best_acc"]:
+        if better:
             p.update(best_acc=score, best_epoch=epoch + 1, best_state=cpu_state(core))
         metrics["best_epoch"] = p["best_epoch"]
         p["history"].append(metrics)
@@ -262,7 +270,10 @@ def start_line(cfg: SweepConfig) -> str:
     BatchNorm is synchronised, e.g. ``pgd for 110 epochs, batch 128 = 4 workers x 32,
     SyncBatchNorm``."""
     at, r = cfg.adv_train, cfg.resources.adv_train
-    method = at.method if at.method != "fgsm_rs" else f"fgsm_rs (step {at.fgsm_step:g} x eps)"
+    method = {
+        "fgsm_rs": f"fgsm_rs (step {at.fgsm_step:g} x eps)",
+        "free": f"free ({at.free_replays} replays per minibatch)",
+    }.get(at.method, at.method)
     head = f"{method} for {at.epochs} epochs, "
     if r.num_workers == 1:
         return head + f"batch {at.batch_size} on 1 worker"
