@@ -134,7 +134,7 @@ class AdvTrainConfig(_Section):
     ImageNet's for Tiny-ImageNet) or as RobustBench's model class does (``robustbench``)."""
     method: Literal["pgd", "trades", "fgsm_rs", "free"] = "pgd"
     """``pgd`` (PGD-AT on ``attack``), ``trades``, ``fgsm_rs``: FGSM from a random start,
-    one step of ``fgsm_step`` x eps (Wong et al. 2020), about 2.3x faster per epoch than PGD-5
+    one step of ``fgsm_step`` x eps (Wong et al. 2020), about 2.5x faster per epoch than PGD-5
     (benchmarks/README.md), or ``free`` (Shafahi et al. 2019: every minibatch replayed
     ``free_replays`` times, the perturbation carried over; ``epochs`` counts passes, so set it
     to the PGD-AT epochs / free_replays). The stage's per-epoch validation PGD check keeps the
