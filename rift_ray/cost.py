@@ -234,8 +234,15 @@ def stage_flops(cfg: SweepConfig, sizes: Sizes, mf: ModelFlops) -> dict[str, flo
     out = dict.fromkeys(COST_STAGES, 0.0)
     if not cfg.adv_train.checkpoint:
         # PGD-AT: the attack and a training step on the adversarial images; TRADES also
-        # forwards the clean images for the attack's KL target and trains on both.
-        step = PGD_STEP * k + (TRAIN_STEP if cfg.adv_train.method == "pgd" else 1 + 2 * TRAIN_STEP)
+        # forwards the clean images for the attack's KL target and trains on both; FGSM-RS
+        # attacks with one step; free AT takes free_replays training steps per minibatch.
+        at = cfg.adv_train
+        step = {
+            "pgd": PGD_STEP * k + TRAIN_STEP,
+            "trades": PGD_STEP * k + 1 + 2 * TRAIN_STEP,
+            "fgsm_rs": PGD_STEP + TRAIN_STEP,
+            "free": at.free_replays * TRAIN_STEP,
+        }[at.method]
         per_epoch = sizes.train * step + n_val * pgd_eval(k, cfg.eval.restarts)
         out["adv_train"] = f * cfg.adv_train.epochs * per_epoch
     n_adv = min(sizes.val, cfg.mrc.adv_set_size or sizes.val)

@@ -220,3 +220,19 @@ def test_the_stage_names_the_method_and_flags_a_collapse() -> None:
     }  # fmt: skip
     assert "COLLAPSED (catastrophic overfitting" in _epoch_line(row, 4)
     assert "COLLAPSED" not in _epoch_line({**row, "collapsed": False}, 4)
+
+
+def test_the_dry_run_cost_counts_the_fast_methods_steps() -> None:
+    """rift_ray.cost: FGSM-RS attacks with one step, free AT takes the replays' training steps."""
+    from rift_ray.cost import PGD_STEP, TRAIN_STEP, ModelFlops, Sizes, stage_flops
+
+    sizes, mf = Sizes(100, 0, 10), ModelFlops(1.0, {"conv": 1.0})
+
+    def at_flops(*overrides: str) -> float:
+        return stage_flops(load_config(SMOKE, list(overrides)), sizes, mf)["adv_train"]
+
+    epochs, k = load_config(SMOKE).adv_train.epochs, load_config(SMOKE).attack.steps
+    assert at_flops() == epochs * 100 * (PGD_STEP * k + TRAIN_STEP)
+    assert at_flops("adv_train.method=fgsm_rs") == epochs * 100 * (PGD_STEP + TRAIN_STEP)
+    free = at_flops("adv_train.method=free", "adv_train.free_replays=4")
+    assert free == epochs * 100 * 4 * TRAIN_STEP
