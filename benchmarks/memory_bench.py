@@ -18,7 +18,7 @@ import time
 from benchmarks.common import ROOT, machine
 from rift_ray.config import load_config
 from rift_ray.data import load_dataset
-from rift_ray.stages import interp
+from rift_ray.stages import alpha_points
 from rift_ray.stages.common import ModelSpec, new_model
 
 
@@ -41,7 +41,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for alpha, ft_state in ((0.0, None), (0.5, ft)):
         t0 = time.perf_counter()
-        rows = interp._alpha_task._function(cfg.to_dict(), spec, splits, at, ft_state, [alpha])
+        rows = alpha_points._alpha_task._function(
+            cfg.to_dict(), spec, splits, at, ft_state, [alpha]
+        )
         n = sum(r["n"] for r in rows)
         r = rows[0]
         print(

@@ -331,11 +331,17 @@ class InterpolateConfig(_Section):
     confirm_size: NonNegInt = 0
     """Validation images held out of selection (the first N of the validation split): alpha*
     is confirmed on them before it is reported (0: no confirmation)."""
-    search: Literal["grid", "monotone"] = "grid"
-    """grid: evaluate every alpha (the report shows whole curves). monotone: per trial, a binary
-    search for the last alpha within the tolerance (``rift_ray.rift.search_alpha``: about 5
-    evaluations instead of 10 when the curves are monotone; the whole grid when they are not),
-    one Ray task per trial. Same alpha* as the grid whenever the curves are monotone."""
+    search: Literal["clean_first", "grid", "monotone"] = "clean_first"
+    """How much of the validation grid is measured. ``clean_first``: clean accuracy at every
+    alpha, then PGD down the alphas in order of clean gain until the rule is met: always the
+    grid's alpha*, with PGD only where it decides (``rift_ray.rift.clean_first``). ``grid``: PGD
+    at every alpha (whole validation curves in the report). ``monotone``: a binary search for
+    the last alpha within the tolerance (the grid's alpha* only when the curves are
+    monotone; the whole grid when the measured points are not)."""
+    test_curve: bool = False
+    """Measure test PGD and corruptions at every alpha of every trial (the report then draws
+    the test curves). Off: at alpha 0 and each trial's alpha* only, which is all the
+    summary, the strategy table and the paired intervals use."""
 
 
 class AutoAttackConfig(_Section):

@@ -177,27 +177,45 @@ def _val_images(cfg: SweepConfig, n_val: int) -> int:
     return confirm + min(rest, cfg.eval.val_subset or rest)
 
 
-def points_per_trial(cfg: SweepConfig) -> int:
-    """Alpha points evaluated per fine-tuning trial besides alpha = 0: the whole grid, or a
-    monotone search's binary search plus the tie check (the grid again if not monotone)."""
+def points_per_trial(cfg: SweepConfig) -> float:
+    """Validation PGD points per fine-tuning trial besides alpha = 0: the whole grid; a
+    monotone search's binary search plus the tie check; ``clean_first``: half the grid (it
+    measured 34 of 72 on the docs/results.md run; at worst the whole grid), the others clean
+    accuracy only (counted in :func:`interpolation_flops`)."""
     n = len([a for a in cfg.interpolate.alphas if a > 0])
     if cfg.interpolate.search == "monotone":
         return min(n, math.ceil(math.log2(n + 1)) + 1)
+    if cfg.interpolate.search == "clean_first":
+        return n / 2
     return n
 
 
+def alphas_on_test_per_trial(cfg: SweepConfig) -> int:
+    """Test points per trial besides alpha = 0: its alpha* (every alpha with
+    ``interpolate.test_curve``)."""
+    return len([a for a in cfg.interpolate.alphas if a > 0]) if cfg.interpolate.test_curve else 1
+
+
 def interpolation_flops(
-    cfg: SweepConfig, f: float, sizes: Sizes, trials: int, val_points: int, test_points: int
+    cfg: SweepConfig, f: float, sizes: Sizes, trials: int, val_points: float, test_points: int
 ) -> float:
     """Stage 4: the AT model once, then ``val_points`` validation and ``test_points`` test alpha
-    points per surviving trial, each a clean + PGD evaluation (test: and the corruptions)."""
+    points per surviving trial, each a clean + PGD evaluation (test: and the corruptions);
+    ``clean_first`` adds a clean forward of the validation images at every alpha."""
     k, r = cfg.attack.steps, cfg.eval.restarts
     n_test = min(sizes.test, cfg.eval.test_subset or sizes.test)
     cells = len(cfg.eval.corruptions) * len(cfg.eval.severities)
     corrupted = cells * min(n_test, cfg.eval.corruption_subset or n_test)  # clean forwards
     val_point = _val_images(cfg, sizes.val) * pgd_eval(k, r)
     test_point = n_test * pgd_eval(k, r) + corrupted
-    return f * ((1 + trials * val_points) * val_point + (1 + trials * test_points) * test_point)
+    clean = 0.0
+    if cfg.interpolate.search == "clean_first":
+        clean = len([a for a in cfg.interpolate.alphas if a > 0]) * _val_images(cfg, sizes.val)
+    return f * (
+        (1 + trials * val_points) * val_point
+        + trials * clean
+        + (1 + trials * test_points) * test_point
+    )
 
 
 def autoattack_passes() -> float:
@@ -263,9 +281,8 @@ def stage_flops(cfg: SweepConfig, sizes: Sizes, mf: ModelFlops) -> dict[str, flo
         out["finetune"] += f * trial_epochs * (sizes.train * step + metric)
     if "greedy" in ft.strategies:  # joint MRC of each candidate set
         out["finetune"] += f * (ft.greedy.size - 1) * ft.greedy.candidates * mrc_one
-    n_points = points_per_trial(cfg)
     out["interpolate"] = interpolation_flops(
-        cfg, f, sizes, finetune_survivors(cfg), n_points, n_points
+        cfg, f, sizes, finetune_survivors(cfg), points_per_trial(cfg), alphas_on_test_per_trial(cfg)
     )
     out["autoattack"] = autoattack_flops(
         cfg, f, min(sizes.test, cfg.eval.test_subset or sizes.test)

@@ -41,7 +41,10 @@ NEW_DEFAULTS: tuple[NewDefault, ...] = (
     NewDefault(("compute",), ComputeConfig().model_dump(mode="json"), config_hash=True),
     NewDefault(("mrc", "adv_set_format"), "float32", config_hash=True),
     NewDefault(("adv_train", "checkpoint_normalization"), "dataset"),
+    # every sweep before clean_first measured the whole grid, on test too: the new defaults
+    # (clean_first, test_curve false) store fewer rows, so they change stage 4's hash
     NewDefault(("interpolate", "search"), "grid"),
+    NewDefault(("interpolate", "test_curve"), True),
     NewDefault(("eval", "autoattack", "alphas"), []),
     # what every sweep ran before the field existed; the new default (sync) changes the hash
     NewDefault(("finetune", "asha", "mode"), "async", config_hash=True),

@@ -152,12 +152,15 @@ def _stage_lines(cfg: SweepConfig, prep: Any) -> list[tuple[str, str]]:
         )
     if joint_sets(cfg):
         ft_desc += f"; greedy joint MRC: up to {joint_sets(cfg)} Ray tasks in {cfg.finetune.greedy.size - 1} step(s)"
-    interp_desc = (
-        f"binary search over {len(cfg.interpolate.alphas)} alphas per surviving trial "
-        f"(~{points_per_trial(cfg)} evaluated when monotone), 1 task per trial + 1 for AT "
-        if cfg.interpolate.search == "monotone"
-        else f"{len(cfg.interpolate.alphas)} alphas per surviving trial, {tasks} task(s) per trial + 1 for AT "
-    ) + f"x {{CPU: {r.interpolate.cpu:g}, GPU: {r.interpolate.gpu:g}}}"
+    n_alphas, search = len(cfg.interpolate.alphas), cfg.interpolate.search
+    interp_desc = {
+        "monotone": f"binary search over {n_alphas} alphas per surviving trial "
+        f"(~{points_per_trial(cfg)} evaluated when monotone), 1 task per trial + 1 for AT ",
+        "clean_first": f"{n_alphas} alphas per surviving trial: clean accuracy at each, PGD in "
+        "order of clean gain until the rule is met, 1 task per trial + 1 for AT ",
+        "grid": f"{n_alphas} alphas per surviving trial, {tasks} task(s) per trial + 1 for AT ",
+    }[search] + f"x {{CPU: {r.interpolate.cpu:g}, GPU: {r.interpolate.gpu:g}}}; test at "
+    interp_desc += "every alpha" if cfg.interpolate.test_curve else "alpha 0 and each alpha*"
     return [("adv_train", at_desc), ("mrc", mrc_desc), ("finetune", ft_desc),
             ("interpolate", interp_desc)]  # fmt: skip
 

@@ -446,7 +446,7 @@ def test_stage_rows_record_peak_memory() -> None:
     """The MRC and interpolation rows carry peak_mem_bytes (functions called without Ray)."""
     from rift_ray.config import SweepConfig
     from rift_ray.data import load_dataset
-    from rift_ray.stages import interp
+    from rift_ray.stages import alpha_points
     from rift_ray.stages.common import ModelSpec, new_model
 
     cfg = SweepConfig.model_validate(
@@ -465,13 +465,13 @@ def test_stage_rows_record_peak_memory() -> None:
     spec = ModelSpec.of(splits)
     at = new_model(cfg, spec).state_dict()
     ft = {k: v + 0.01 if v.is_floating_point() else v for k, v in at.items()}
-    rows = interp._alpha_task._function(cfg.to_dict(), spec, splits, at, ft, [0.5])
+    rows = alpha_points._alpha_task._function(cfg.to_dict(), spec, splits, at, ft, [0.5])
     assert {r["split"] for r in rows} == {"val", "test"}
     assert all(r["peak_mem_bytes"] > 0 and r["mem_method"] == "cpu_tensor_bytes" for r in rows)
     off = cfg.model_copy(
         update={"resources": cfg.resources.model_copy(update={"track_memory": False})}
     )
-    rows = interp._alpha_task._function(off.to_dict(), spec, splits, at, ft, [0.5])
+    rows = alpha_points._alpha_task._function(off.to_dict(), spec, splits, at, ft, [0.5])
     assert all(r["peak_mem_bytes"] is None for r in rows)
 
 

@@ -55,8 +55,10 @@ def test_unset_seeds_change_nothing() -> None:
     cfg = load_config(SMOKE)
     assert cfg.seeds is None and "seeds" not in cfg.to_dict() and "seeds" not in to_yaml(cfg)
     # finetune.asha.mode / finetune.score: what every sweep ran before the fields existed
-    # (async ASHA, the penalised score) hashes as then
-    before = load_config(SMOKE, overrides=["finetune.asha.mode=async", "finetune.score=penalised"])
+    # (async ASHA, the penalised score, the whole grid measured on test too) hashes as then
+    old = ["finetune.asha.mode=async", "finetune.score=penalised"]
+    grid = ["interpolate.search=grid", "interpolate.test_curve=true"]
+    before = load_config(SMOKE, overrides=old + grid)
     assert stage_hashes(before) == {
         "adv_train": "b8a6f920c317",
         "mrc": "f9b7d0fb3abb",
@@ -67,6 +69,9 @@ def test_unset_seeds_change_nothing() -> None:
     # its hash, on purpose
     now = stage_hashes(cfg)
     assert now["mrc"] == "f9b7d0fb3abb" and now["finetune"] != "07e980b17eb4"
+    # stage 4's new defaults (clean_first, no test curve) store fewer rows: only its hash moves
+    stage4 = stage_hashes(load_config(SMOKE, overrides=old))
+    assert stage4["finetune"] == "07e980b17eb4" and stage4["interpolate"] != "6e8eaf533581"
     rule_async = stage_hashes(load_config(SMOKE, overrides=["finetune.asha.mode=async"]))
     assert rule_async["finetune"] not in ("07e980b17eb4", now["finetune"])
     # a new field away from its default does change the hashes it belongs to

@@ -1,12 +1,12 @@
 """Stage 4: the alpha grid between AT and fine-tuned weights, evaluated by Ray tasks.
 
-The AT model (alpha = 0, identical for every trial) is evaluated once; the other
-alpha points of every surviving fine-tuning trial are evaluated in batches of
-``interpolate.alphas_per_task`` per task (``interpolate.search: monotone``: one task per
-trial binary-searching the alphas instead), on validation and test (clean, PGD and,
-when configured, corruption accuracy), keeping every image's result
-(:mod:`rift_ray.stages.per_image`). alpha* is chosen per trial on validation by
-``interpolate.rule``; the trial with the largest feasible clean gain is the final model.
+alpha* is chosen per trial on validation by ``interpolate.rule``, measuring what
+``interpolate.search`` needs (``clean_first``, the default: clean accuracy at every alpha, PGD
+only down the clean-gain order until the rule is met); then test PGD and corruptions are
+measured at each trial's alpha* and the AT model's (every alpha with
+``interpolate.test_curve``): :mod:`rift_ray.stages.alpha_points`. Every image's result is
+kept (:mod:`rift_ray.stages.per_image`). The trial with the largest feasible clean gain is
+the final model.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 import ray
 import torch
 
-from rift_ray.attacks import corruption_accuracy
 from rift_ray.config import SweepConfig
 from rift_ray.corruptions import load_cifar_c
 from rift_ray.data import DatasetSplits, ImageData
@@ -26,20 +25,20 @@ from rift_ray.downloads import cifar_c_dir
 from rift_ray.errors import StageFailed
 from rift_ray.hashing import config_hash
 from rift_ray.metrics import ACCURACIES
-from rift_ray.progress import Progress, log
+from rift_ray.progress import log
 from rift_ray.results import corruption_fields, environment_info, summary_table, versions
-from rift_ray.rift import interpolate, search_alpha
+from rift_ray.rift import interpolate
 from rift_ray.rift.interpolate import best_trial
-from rift_ray.stages.base import Stage, SweepContext, SweepState
-from rift_ray.stages.common import (
-    device_name,
-    evaluate_pgd,
-    peak_memory,
-    start_worker,
+from rift_ray.stages.alpha_points import (
+    Points,
+    eval_sets,
+    plan_on_test,
+    points_on_test,
+    validation_points,
 )
+from rift_ray.stages.base import Stage, SweepContext, SweepState
 from rift_ray.stages.per_image import (
     AT_TRIAL,
-    PER_IMAGE_KEYS,
     alpha_choice,
     confirmation,
     images_of,
@@ -57,129 +56,6 @@ from rift_ray.store import (
     SUMMARY_TABLE,
     trial_name,
 )
-
-
-def eval_sets(cfg: SweepConfig, splits: DatasetSplits) -> dict[str, ImageData]:
-    """The validation and test sets the interpolation grid is measured on (subsets as
-    configured); with ``interpolate.confirm_size`` N, ``confirm`` is the first N validation
-    images and ``val`` (selection) the ones after them."""
-    out = {}
-    val, k = splits.val, min(cfg.interpolate.confirm_size, len(splits.val))
-    if k:
-        out["confirm"] = val.subset(torch.arange(k))
-        val = val.subset(torch.arange(k, len(val)))
-    for split, data, n in (
-        ("val", val, cfg.eval.val_subset),
-        ("test", splits.test, cfg.eval.test_subset),
-    ):
-        if n is not None and len(data) > n:
-            data = data.subset(torch.arange(n))
-        if len(data):
-            out[split] = data
-    return out
-
-
-def evaluate_state(
-    cfg: SweepConfig,
-    model: torch.nn.Module,
-    state: dict[str, torch.Tensor],
-    sets: dict[str, ImageData],
-    cdata: dict[Any, ImageData] | None,
-    device: torch.device,
-) -> dict[str, dict[str, float]]:
-    """Clean / PGD (/ corruption) accuracy of one state dict on each named set."""
-    model.load_state_dict(state)
-    model.to(device)
-    out: dict[str, dict[str, float]] = {}
-    for split, data in sets.items():
-        row: dict[str, Any] = evaluate_pgd(cfg, model, data, device, cfg.eval.restarts, True)
-        row["corruption_acc"] = None  # same columns in every row (measured on test only)
-        if cdata and split == "test":
-            c = corruption_accuracy(
-                model, cdata, batch_size=cfg.eval.batch_size, device=device,
-                amp=cfg.compute.amp, per_image=True,
-            )  # fmt: skip
-            row["corruption_acc"], row["corruption_correct"] = c["mean"], c["per_image"]
-        out[split] = row
-    return out
-
-
-def _evaluate_point(
-    cfg: SweepConfig,
-    model: torch.nn.Module,
-    at_state: dict[str, torch.Tensor],
-    ft_state: dict[str, torch.Tensor] | None,
-    alpha: float,
-    sets: dict[str, ImageData],
-    cdata: dict[Any, ImageData] | None,
-    device: torch.device,
-) -> list[dict[str, Any]]:
-    """The rows (one per set) of one alpha point, with its time and peak memory."""
-    t0 = time.time()
-    mem = peak_memory(cfg, device)
-    with mem:  # the interpolated state and every evaluation
-        state = at_state if ft_state is None else interpolate(at_state, ft_state, alpha)
-        metrics = evaluate_state(cfg, model, state, sets, cdata, device)
-    return [
-        {
-            "alpha": alpha,
-            "split": split,
-            **m,
-            "seconds": time.time() - t0,
-            "peak_mem_bytes": mem.peak_bytes,
-            "mem_method": mem.method,
-            "device": device_name(device),
-        }
-        for split, m in metrics.items()
-    ]
-
-
-@ray.remote
-def _alpha_task(
-    cfg_dict: dict[str, Any],
-    spec: Any,
-    splits: DatasetSplits,
-    at_state: dict[str, torch.Tensor],
-    ft_state: dict[str, torch.Tensor] | None,
-    alphas: list[float],
-    cdata: dict[Any, ImageData] | None = None,
-) -> list[dict[str, Any]]:
-    cfg, device, model = start_worker(cfg_dict, "interpolate", spec)
-    assert model is not None
-    sets = eval_sets(cfg, splits)
-    rows = []
-    for alpha in alphas:
-        rows += _evaluate_point(cfg, model, at_state, ft_state, alpha, sets, cdata, device)
-    return rows
-
-
-@ray.remote
-def _search_task(
-    cfg_dict: dict[str, Any],
-    spec: Any,
-    splits: DatasetSplits,
-    at_state: dict[str, torch.Tensor],
-    ft_state: dict[str, torch.Tensor],
-    baseline: dict[str, Any],
-    cdata: dict[Any, ImageData] | None = None,
-) -> list[dict[str, Any]]:
-    """``interpolate.search: monotone``: search_alpha on validation for one trial; every
-    evaluated alpha is measured on each set (test too), like a grid task's rows."""
-    cfg, device, model = start_worker(cfg_dict, "interpolate", spec)
-    assert model is not None
-    sets = eval_sets(cfg, splits)
-    rows: list[dict[str, Any]] = []
-
-    def evaluate_val(alpha: float) -> dict[str, Any]:
-        point = _evaluate_point(cfg, model, at_state, ft_state, alpha, sets, cdata, device)
-        rows.extend(point)
-        val = next(r for r in point if r["split"] == "val")
-        return {k: v for k, v in val.items() if k not in PER_IMAGE_KEYS}
-
-    alphas = [a for a in cfg.interpolate.alphas if a > 0]
-    if alphas:
-        search_alpha(evaluate_val, [0.0, *alphas], cfg.interpolate.tolerance, baseline=baseline)
-    return rows
 
 
 def corruption_sets(
@@ -210,63 +86,6 @@ def corruption_sets(
     return {k: (v.subset(torch.arange(n)) if len(v) > n else v) for k, v in cells.items()}
 
 
-def _evaluate_points(
-    cfg: SweepConfig, spec: Any, splits_ref: Any, at_state: dict[str, torch.Tensor],
-    trials: list[dict[str, Any]], cdata: Any, on_rows: Any = None,
-) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:  # fmt: skip
-    """The AT model's rows (alpha 0) and each trial's alpha rows (by trial name), computed as Ray
-    tasks of ``interpolate.alphas_per_task`` alphas each (one search task per trial with
-    ``interpolate.search: monotone``). ``on_rows(rows)``: each task's rows as it ends."""
-    r = cfg.resources.interpolate
-    opts = {"num_cpus": r.cpu, "num_gpus": r.gpu}
-    cfg_dict = cfg.to_dict()
-    at_ref = ray.put(at_state)
-    c_ref = ray.put(cdata) if cdata else None
-    alphas = [a for a in cfg.interpolate.alphas if a > 0]
-    search = cfg.interpolate.search == "monotone"
-    at_job = _alpha_task.options(**opts).remote(
-        cfg_dict, spec, splits_ref, at_ref, None, [0.0], c_ref
-    )
-    jobs: dict[Any, str | None] = {at_job: None}
-    results: dict[Any, list[dict[str, Any]]] = {}
-    with Progress("interpolate", 1 + len(alphas) * len(trials), unit="alpha points") as bar:
-        base_val = None
-        if search:  # the search needs the AT model's validation figures first
-            results[at_job] = ray.get(at_job)
-            bar.advance(1)
-            if on_rows is not None:
-                on_rows([{**row, "trial": "AT"} for row in results[at_job]])
-            base_val = next((r for r in results[at_job] if r["split"] == "val"), None)
-        k = cfg.interpolate.alphas_per_task
-        for t in trials:
-            ft_ref = ray.put(t["state"])
-            if base_val is not None:
-                job = _search_task.options(**opts).remote(
-                    cfg_dict, spec, splits_ref, at_ref, ft_ref, base_val, c_ref
-                )
-                jobs[job] = t["trial"]
-                continue
-            for i in range(0, len(alphas), k):
-                job = _alpha_task.options(**opts).remote(
-                    cfg_dict, spec, splits_ref, at_ref, ft_ref, alphas[i : i + k], c_ref
-                )
-                jobs[job] = t["trial"]
-        pending = [ref for ref in jobs if ref not in results]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for ref in ready:
-                results[ref] = ray.get(ref)
-                if on_rows is not None:
-                    on_rows([{**row, "trial": jobs[ref] or "AT"} for row in results[ref]])
-                # a search skips alphas: count them as done so the bar ends at its total
-                bar.advance(len(alphas) if search else len({row["alpha"] for row in results[ref]}))
-    per_trial: dict[str, list[dict[str, Any]]] = {t["trial"]: [] for t in trials}
-    for ref, name in jobs.items():
-        if name is not None:
-            per_trial[name] += results[ref]
-    return results[at_job], per_trial
-
-
 def run_interpolation(
     cfg: SweepConfig,
     spec: Any,
@@ -287,40 +106,57 @@ def run_interpolation(
     """
     cdata = corruption_sets(cfg, splits, data_seed) if splits is not None else None
     strip = strip_live(on_rows)
-    baseline, per_trial = _evaluate_points(cfg, spec, splits_ref, at_state, trials, cdata, strip)
-    baseline, per_image = split_per_image(baseline, AT_TRIAL)
-    at_images = {r["split"]: images_of(r) for r in per_image}
-    table: list[dict[str, Any]] = []
+    pts = Points(cfg, spec, splits_ref, at_state)
+    at_rows, val_rows, refs = validation_points(pts, trials, cdata, strip)
+    baseline, per_image = split_per_image(at_rows, AT_TRIAL)
+    at_val = {r["split"]: images_of(r) for r in per_image}.get("val")
+    own: dict[str, list[dict[str, Any]]] = {}
     choices = []
+    for t in trials:
+        own[t["trial"]], images = split_per_image(val_rows[t["trial"]], t["trial"])
+        per_image += images
+        val = [r for r in baseline + own[t["trial"]] if r["split"] == "val"]
+        measured = [r for r in val if r.get("robust_acc") is not None]  # PGD ran (the search)
+        val_images = {float(r["alpha"]): images_of(r) for r in images if r["robust_bits"]}
+        if at_val is not None:
+            val_images[0.0] = at_val
+        choices.append(alpha_choice(t["trial"], sorted(measured, key=lambda r: r["alpha"]),
+                                    cfg.interpolate.tolerance, cfg.interpolate.rule, val_images))  # fmt: skip
+    best = best_trial(choices, finalists)
+    plan = plan_on_test(cfg, choices, best)
+    for trial, rows in points_on_test(pts, plan, refs, cdata, best, strip).items():
+        plain, images = split_per_image(rows, trial)
+        own[trial] += plain
+        per_image += images
+    table: list[dict[str, Any]] = []
     source = cfg.eval.corruption_source  # "generated": a fallback, labelled wherever it is shown
     for t in trials:
-        own, images = split_per_image(per_trial[t["trial"]], t["trial"])
-        per_image += images
-        rows = [dict(row) for row in baseline] + own
+        rows = [dict(row) for row in baseline] + own[t["trial"]]
         for row in rows:
             row.update(trial=t["trial"], modules="+".join(t["modules"]), lr=t["lr"])
             row["corruption_source"] = source if row.get("corruption_acc") is not None else None
-        rows.sort(key=lambda row: (row["split"], row["alpha"]))
-        table += [r for r in rows if r["split"] != "confirm"]
-        val = [row for row in rows if row["split"] == "val"]
-        val_images = {float(r["alpha"]): images_of(r) for r in images if r["split"] == "val"}
-        if "val" in at_images:
-            val_images[0.0] = at_images["val"]
-        choices.append(
-            alpha_choice(
-                t["trial"], val, cfg.interpolate.tolerance, cfg.interpolate.rule, val_images
+            row["selected"] = (
+                best is not None and row["trial"] == best["trial"] and row["alpha"] == best["alpha"]
             )
-        )
-    best = best_trial(choices, finalists)
-    for row in table:
-        row["selected"] = (
-            best is not None and row["trial"] == best["trial"] and row["alpha"] == best["alpha"]
-        )
-    out: dict[str, Any] = {"choices": choices, "best": best, "per_image": per_image}
+        table += sorted((r for r in rows if r["split"] != "confirm"),
+                        key=lambda r: (r["split"], r["alpha"]))  # fmt: skip
+    out: dict[str, Any] = {"choices": choices, "best": best, "per_image": per_image,
+                           "points": points_measured(own)}  # fmt: skip
     confirm_rows = [r for r in per_image if r["split"] == "confirm"]
     if best is not None and confirm_rows:
         out["confirmation"] = confirmation(confirm_rows, best, cfg.interpolate.tolerance)
     return table, out
+
+
+def points_measured(own: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """What stage 4 measured besides the AT model: alpha points with PGD and with clean
+    accuracy only on validation, and alpha points on test (the compute it spent)."""
+    rows = [r for trial in own.values() for r in trial]
+    return {
+        "val_pgd": sum(r["split"] == "val" and r.get("robust_acc") is not None for r in rows),
+        "val_clean_only": sum(r["split"] == "val" and r.get("robust_acc") is None for r in rows),
+        "test": sum(r["split"] == "test" for r in rows),
+    }
 
 
 class InterpolateStage(Stage):

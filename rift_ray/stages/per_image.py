@@ -42,7 +42,7 @@ def strip_live(on_rows: Any) -> Any:
 
 
 def confirmation(
-    rows: list[dict[str, Any]], best: dict[str, Any], tolerance: float
+    rows: list[dict[str, Any]], best: Mapping[str, Any], tolerance: float
 ) -> dict[str, Any]:
     """alpha* of the winning trial checked on the held-out ``confirm`` images
     (:func:`rift_ray.rift.confidence.confirm`), with the images' count and the alpha."""
@@ -84,7 +84,7 @@ def split_per_image(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(the rows without their per-image results, the per-image table rows: ``trial``,
     ``alpha``, ``split``, ``n`` and the packed results: ``clean_bits``, ``robust_bits``
-    (:func:`rift_ray.rift.confidence.pack`) and ``corruption_correct`` (float32 bytes: each
+    (:func:`rift_ray.rift.confidence.pack`; None where no PGD ran) and ``corruption_correct`` (float32 bytes: each
     image's fraction of corruption cells correct; test only))."""
     plain, images = [], []
     for row in rows:
@@ -96,20 +96,20 @@ def split_per_image(
         images.append({
             "trial": trial, "alpha": row["alpha"], "split": row["split"], "n": row["n"],
             "clean_bits": pack(per["clean_correct"]),
-            "robust_bits": pack(per["robust_correct"]),
+            "robust_bits": None if per["robust_correct"] is None else pack(per["robust_correct"]),
             "corruption_correct": None if cc is None else cc.numpy().astype("float32").tobytes(),
         })  # fmt: skip
     return plain, images
 
 
 def images_of(row: dict[str, Any]) -> dict[str, Any]:
-    """One per-image table row unpacked: ``clean``, ``robust`` (bool arrays) and
-    ``corruption`` (float array or None)."""
+    """One per-image table row unpacked: ``clean``, ``robust`` (bool arrays; ``robust`` None
+    where only clean accuracy was measured) and ``corruption`` (float array or None)."""
     n = int(row["n"])
-    cc = row.get("corruption_correct")
+    cc, rb = row.get("corruption_correct"), row.get("robust_bits")
     return {
         "clean": unpack(row["clean_bits"], n),
-        "robust": unpack(row["robust_bits"], n),
+        "robust": None if rb is None else unpack(rb, n),
         "corruption": None if cc is None else np.frombuffer(cc, dtype=np.float32),
     }
 
