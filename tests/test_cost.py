@@ -91,10 +91,19 @@ def test_stage_four_counts_validation_and_test_points_separately() -> None:
     both = interpolation_flops(cfg, f, SIZES, 2, 10, 10)
     per_point = 300 * pgd_eval(5, 1)  # a test point: PGD-5 on 300 images
     assert both - val_only == pytest.approx(2 * 10 * per_point)
-    # the default: the whole grid (10 alphas besides 0) for the one surviving trial
+    # the default (clean_first): PGD at half the grid's 10 alphas on validation, clean
+    # accuracy at all 10, test at alpha* only, for the one surviving trial
     assert stage_flops(cfg, SIZES, ModelFlops(f, {}))["interpolate"] == pytest.approx(
-        interpolation_flops(cfg, f, SIZES, 1, 10, 10)
+        interpolation_flops(cfg, f, SIZES, 1, 5, 1)
     )
+    grid = load_config(SMOKE, ["interpolate.search=grid", "interpolate.test_curve=true"])
+    assert stage_flops(grid, SIZES, ModelFlops(f, {}))["interpolate"] == pytest.approx(
+        interpolation_flops(grid, f, SIZES, 1, 10, 10)
+    )
+    clean = interpolation_flops(cfg, f, SIZES, 1, 5, 1) - interpolation_flops(
+        load_config(SMOKE, ["interpolate.search=grid"]), f, SIZES, 1, 5, 1
+    )
+    assert clean == pytest.approx(10 * 200)  # a clean forward of the 200 val images per alpha
 
 
 def test_autoattack_counts_the_attacked_models_and_images() -> None:

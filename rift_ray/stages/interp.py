@@ -219,6 +219,7 @@ class InterpolateStage(Stage):
             time.time() - st.t_start,
         )
         summary["primary"] = primary
+        summary["interpolate_points"] = choice["points"]  # what stage 4 measured (its compute)
         summary.update(noise_fields(cfg, choice, best))
         summary["strategies"] = strategy_table(ctx, st.by_strategy, st.mrc_rows, choice, table)
         if aa_curve:
