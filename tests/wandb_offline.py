@@ -84,11 +84,20 @@ def read_offline_run(run_dir: str, wait: float = 0.0) -> OfflineRun:
 
     W&B's service writes the run file in the background and may still be flushing it
     after ``run.finish()`` returns (seen on a loaded machine); ``wait`` gives it that many
-    seconds to hold both its run record and its exit record.
+    seconds to hold both its run record and its exit record (a record still half-written
+    then fails to parse: read again).
     """
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + wait
     while True:
-        out = _read_offline_run(run_dir)
+        try:
+            out = _read_offline_run(run_dir)
+        except DecodeError:  # a record caught half-written by the flushing service
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+            continue
         if (out.info and out.exit_code is not None) or time.monotonic() >= deadline:
             return out
         time.sleep(0.2)
