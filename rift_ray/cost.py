@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from rift_ray.config import SweepConfig
-from rift_ray.rift.asha import milestones
+from rift_ray.rift.asha import kept, milestones
 from rift_ray.rift.selection import STRATEGIES, max_trials, strategy_lrs
 
 COST_STAGES = ("adv_train", "mrc", "finetune", "interpolate", "autoattack")
@@ -165,7 +165,7 @@ def halving_epochs(n_trials: int, epochs: int, grace: int, factor: float) -> tup
     n, done, total = n_trials, 0, 0
     for rung in milestones(grace, factor, epochs):
         total += n * (rung - done)
-        n, done = max(1, int(n // factor)), rung
+        n, done = kept(n, factor), rung
     return total + n * (epochs - done), n
 
 

@@ -49,6 +49,11 @@ def continues(score: float, others: Iterable[float], reduction_factor: float) ->
     return cut is None or (not math.isnan(score) and score >= cut)
 
 
+def kept(n: int, reduction_factor: float) -> int:
+    """Trials of a complete rung of ``n`` that go on under successive halving."""
+    return max(1, int(n // reduction_factor))
+
+
 def rung_decisions(scores: dict[str, float], reduction_factor: float) -> dict[str, bool]:
     """A complete rung decided at once (successive halving): the best ``max(1, n // rf)``
     trials by score go on, ties broken by trial name; NaN and -inf rank last. Returns every
@@ -59,5 +64,5 @@ def rung_decisions(scores: dict[str, float], reduction_factor: float) -> dict[st
         return (-s if math.isfinite(s) else math.inf, t)
 
     ranked = sorted(scores, key=key)
-    keep = set(ranked[: max(1, int(len(ranked) // reduction_factor))])
+    keep = set(ranked[: kept(len(ranked), reduction_factor)])
     return {t: t in keep and math.isfinite(scores[t]) for t in sorted(scores)}

@@ -220,13 +220,13 @@ def collapsed(robust_acc: float, best_before: float, drop: float = COLLAPSE_DROP
     return best_before >= 0 and robust_acc < best_before - drop
 
 
-def best_epoch(robust_accs: Sequence[float], drop: float = COLLAPSE_DROP) -> int:
+def best_epoch(robust_accs: Sequence[float]) -> int:
     """The model a run keeps: the 1-based epoch of the highest validation PGD accuracy
-    (percent; the earliest on ties), never an epoch :func:`collapsed` flags against the
-    epochs before it. 0 when ``robust_accs`` is empty."""
+    (percent; the earliest on ties). An epoch :func:`collapsed` flags is below an earlier
+    one, so it is never kept. 0 when ``robust_accs`` is empty."""
     best, best_acc = 0, -1.0
     for epoch, acc in enumerate(robust_accs, start=1):
-        if acc > best_acc and not collapsed(acc, best_acc, drop):
+        if acc > best_acc:
             best, best_acc = epoch, acc
     return best
 

@@ -151,8 +151,7 @@ def judge_epoch(score: float, best_acc: float, *, validated: bool) -> tuple[bool
     """(whether this epoch is the new best, whether it collapsed): the rule of
     ``rift.train.best_epoch`` one epoch at a time. ``score``: validation PGD accuracy (without
     validation, the epoch index: the last epoch is kept and nothing collapses)."""
-    collapse = validated and collapsed(score, best_acc)
-    return not collapse and score > best_acc, collapse
+    return score > best_acc, validated and collapsed(score, best_acc)
 
 
 def _train_epoch(
