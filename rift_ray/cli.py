@@ -532,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--url", help="download from this mirror of the official tar instead of Zenodo")
     d.add_argument("--md5", help=argparse.SUPPRESS)  # with --url: another file (the tests)
     d.set_defaults(func=cmd_data)
+
+    from rift_ray.commands import register_all
+
+    register_all(sub)  # eval, export, compare, ...: rift_ray/commands/
     return p
 
 
