@@ -6,11 +6,10 @@ Runs ``rift-ray sweep sweeps/smoke.yaml`` once in a fresh process (fresh storage
 local Ray), timing it from outside, then reads what the sweep recorded about itself:
 
 - stage wall times: ``summary.json`` ``seconds``;
-- compute inside each stage: adversarial training = the per-epoch training ``seconds``
-  in ``stages/adv_train.json`` history (plus the validation evaluation when recorded);
-  MRC = the ``seconds`` of every trial in ``tables/mrc.parquet``; fine-tuning = every
-  epoch's ``seconds`` in ``tables/finetune_epochs.parquet`` (training only; the ASHA
-  metric evaluation inside the epoch is not timed separately and counts as overhead);
+- compute inside each stage: adversarial training = each epoch's training ``seconds`` plus
+  its validation ``val_seconds`` in ``stages/adv_train.json`` history; MRC = the ``seconds``
+  of every trial in ``tables/mrc.parquet``; fine-tuning = every epoch's training ``seconds``
+  plus its ASHA metric evaluation ``metric_seconds`` in ``tables/finetune_epochs.parquet``;
   interpolation = each alpha point's ``seconds`` in ``tables/interpolation.parquet``.
 
 Trials run concurrently (``resources``): the ideal stage time is then compute / slots,
@@ -76,7 +75,8 @@ def main() -> None:
         compute = {
             "adv_train": at_compute,
             "mrc": _sum(d / "tables/mrc.parquet", "seconds"),
-            "finetune": _sum(d / "tables/finetune_epochs.parquet", "seconds"),
+            "finetune": _sum(d / "tables/finetune_epochs.parquet", "seconds")
+            + _sum(d / "tables/finetune_epochs.parquet", "metric_seconds"),
             "interpolate": _interpolation_seconds(d / "tables/interpolation.parquet"),
         }
     stage_s = summary["seconds"]

@@ -43,6 +43,11 @@ def init_ray(
 
     shape = cl.connect(cfg, address)
     log(("started " if shape.private else "joined ") + shape.describe())
+    if adv_train:
+        from rift_ray.stages.at import fast_polling, warm_up
+
+        fast_polling()
+        warm_up()
     cl.check_fits(shape, cl.stage_bundles(cfg, n_modules, adv_train=adv_train))
     cl.check_storage(cfg, shape)
     return shape

@@ -4,6 +4,7 @@ hashes."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -236,3 +237,24 @@ def test_the_dry_run_cost_counts_the_fast_methods_steps() -> None:
     assert at_flops("adv_train.method=fgsm_rs") == epochs * 100 * (PGD_STEP + TRAIN_STEP)
     free = at_flops("adv_train.method=free", "adv_train.free_replays=4")
     assert free == epochs * 100 * 4 * TRAIN_STEP
+
+
+def test_trainers_poll_fast_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train's controller polls every 2 s by default: the sweep asks for 0.2 s (it passes
+    the variable on to the controller), but a value the user exported wins."""
+    from rift_ray.stages.at import HEALTH_CHECK_INTERVAL_S, fast_polling
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    fast_polling()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == HEALTH_CHECK_INTERVAL_S == "0.2"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "5")
+    fast_polling()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "5"
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" in ENV_VARS_TO_PROPAGATE  # reaches the controller
+    # stages.at.warm_up starts this Ray-internal actor early; a Ray release that moves it
+    # should fail here rather than silently cost every small sweep ~2.5 s again
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (  # noqa: F401
+        get_or_create_autoscaling_coordinator,
+    )

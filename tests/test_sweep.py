@@ -74,6 +74,15 @@ def test_artifacts_exist(smoke_run: Path) -> None:
         assert (smoke_run / rel).is_file(), rel
 
 
+def test_stages_time_their_evaluations(smoke_run: Path) -> None:
+    """What benchmarks/sweep_bench.py counts as compute: AT's per-epoch validation and the ASHA
+    metric inside each fine-tuning epoch are timed, next to the training seconds."""
+    history = json.loads((smoke_run / "stages/adv_train.json").read_text())["history"]
+    assert history and all(0 < h["val_seconds"] < 120 for h in history)
+    epochs = pq.read_table(smoke_run / "tables/finetune_epochs.parquet").to_pylist()
+    assert epochs and all(0 < r["metric_seconds"] < 120 for r in epochs)
+
+
 def test_mrc_table_covers_every_module(smoke_run: Path) -> None:
     from rift_ray.models import build_model, mrc_candidates
 

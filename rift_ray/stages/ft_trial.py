@@ -215,9 +215,11 @@ def finetune_trial(
             model.load_state_dict(resumed)
 
         def evaluate_fn(m: torch.nn.Module) -> dict[str, float]:
-            return interpolated_gain(
+            t_metric = time.perf_counter()
+            gain = interpolated_gain(
                 cfg, eval_model, at_dev, m.state_dict(), data, baseline, device
             )
+            return {**gain, "metric_seconds": time.perf_counter() - t_metric}
 
         t0 = time.time()
         fault_sleep("finetune_sleep", lr=lr)
