@@ -6,6 +6,7 @@
     rift-ray sweep sweeps/wrn.yaml --until mrc        # stop once MRC is done
     rift-ray sweep sweeps/smoke.yaml --set finetune.lrs=[0.001,0.005] --name try2
     rift-ray validate sweeps/wrn.yaml                 # print the resolved config
+    rift-ray validate sweeps/wrn.yaml --diff          # only what differs from the defaults
     rift-ray status results/smoke                     # what is done
     rift-ray data cifar10-c                           # the official CIFAR-10-C files, once
 
@@ -20,8 +21,11 @@ import json
 import sys
 from typing import Any
 
+import yaml
+
 from rift_ray.config import ConfigError, SweepConfig, load_config, to_yaml
 from rift_ray.rift.selection import set_label
+from rift_ray.version import VersionAction
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +47,12 @@ def _config(args: argparse.Namespace) -> SweepConfig:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    if args.diff:
+        from rift_ray.config_text import nested_diff
+
+        changed = nested_diff(cfg.to_dict(), SweepConfig().to_dict())
+        print(yaml.safe_dump(changed, sort_keys=False, default_flow_style=None, width=100), end="")
+        return 0
     print(to_yaml(cfg), end="")
     return 0
 
@@ -474,6 +484,7 @@ def _sweep_parser(s: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rift-ray", description="RiFT (Robust Critical Fine-Tuning) sweeps on Ray")
+    p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     _sweep_parser(sub.add_parser("sweep", help="run (or resume) a sweep"))
@@ -481,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="print the resolved config, or the first error")
     v.add_argument("sweep")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument(
+        "--diff", action="store_true", help="only the fields that differ from the defaults"
+    )
     v.set_defaults(func=cmd_validate)
 
     st = sub.add_parser("status", help="which stages of a sweep are done")

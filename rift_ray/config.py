@@ -45,15 +45,20 @@ def _fraction(value: Any) -> Any:
     return value
 
 
-Float = Annotated[float, BeforeValidator(_fraction)]
-PosFloat = Annotated[float, BeforeValidator(_fraction), Field(gt=0)]
-NonNegFloat = Annotated[float, BeforeValidator(_fraction), Field(ge=0)]
+# schema: a number or a string such as "8/255" (rift-ray schema, for editors)
+_FromFraction = BeforeValidator(_fraction, json_schema_input_type=float | str)
+Float = Annotated[float, _FromFraction]
+PosFloat = Annotated[float, _FromFraction, Field(gt=0)]
+NonNegFloat = Annotated[float, _FromFraction, Field(ge=0)]
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # attribute docstrings become the schema's descriptions (rift-ray schema)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=False, use_attribute_docstrings=True
+    )
 
 
 class SyntheticConfig(_Section):
@@ -115,8 +120,8 @@ class ModelConfig(_Section):
 class AttackConfig(_Section):
     """L-inf PGD used for adversarial training, the MRC adversarial set and evaluation."""
 
-    eps: Annotated[float, BeforeValidator(_fraction), Field(gt=0, le=1)] = 8 / 255
-    step_size: Annotated[float, BeforeValidator(_fraction), Field(gt=0, le=1)] = 2 / 255
+    eps: Annotated[float, _FromFraction, Field(gt=0, le=1)] = 8 / 255
+    step_size: Annotated[float, _FromFraction, Field(gt=0, le=1)] = 2 / 255
     steps: PosInt = 10
     random_start: bool = True
 
@@ -140,7 +145,7 @@ class AdvTrainConfig(_Section):
     to the PGD-AT epochs / free_replays). The stage's per-epoch validation PGD check keeps the
     best epoch and never one that collapsed (``rift_ray.rift.train.best_epoch``)."""
     trades_beta: PosFloat = 6.0
-    fgsm_step: Annotated[float, BeforeValidator(_fraction), Field(gt=0, le=2)] = 1.25
+    fgsm_step: Annotated[float, _FromFraction, Field(gt=0, le=2)] = 1.25
     """FGSM-RS's step as a fraction of ``attack.eps`` (1.25: 10/255 at 8/255). At most 2: a
     longer step from the random start is clipped by the eps-ball anyway."""
     free_replays: Annotated[int, Field(ge=1, le=64)] = 8

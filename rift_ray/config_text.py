@@ -1,6 +1,7 @@
-"""The text side of a sweep config: reading the YAML file, ``--set`` overrides, and
-pydantic's validation errors as one line naming the field (``finetune.lrs[2]: must be > 0``).
-:mod:`rift_ray.config` holds the schema and re-exports what is used elsewhere."""
+"""The text side of a sweep config: reading the YAML file (and the files it ``extends``),
+``--set`` overrides, and pydantic's validation errors as one line naming the field
+(``finetune.lrs[2]: must be > 0``). :mod:`rift_ray.config` holds the schema and re-exports
+what is used elsewhere."""
 
 from __future__ import annotations
 
@@ -92,6 +93,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
             )
         key, text = item.split("=", 1)
         key = key.strip()
+        if key.split(".")[0] == EXTENDS:
+            raise ConfigError(
+                f"--set {item!r}: the base is chosen in the file (extends:); --set changes "
+                "fields of the resolved config"
+            )
         if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
             raise ConfigError(f"--set {item!r}: {key!r} is not a field path like finetune.lrs")
         try:
@@ -107,7 +113,61 @@ def _first_line(e: BaseException) -> str:
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    p = Path(path)
+    """The sweep file as a dict, with its ``extends:`` chain resolved: the base's keys, then
+    this file's merged over them (:func:`deep_merge`); no ``extends`` key is left."""
+    return _resolve(Path(path), ())
+
+
+EXTENDS = "extends"
+
+
+def deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: mappings merge key by key, anything else (lists, scalars,
+    null) replaces; neither argument is changed."""
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve(p: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    here = p.resolve()
+    if here in chain:
+        loop = " -> ".join(os.path.relpath(q) for q in (*chain[chain.index(here) :], here))
+        raise ConfigError(f"{p}: extends cycle: {loop}")
+    raw = _read_mapping(p)
+    if EXTENDS not in raw:
+        return raw
+    parent = raw.pop(EXTENDS)
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{p}: extends: expected the path of a base sweep file, got {parent!r}")
+    base = Path(os.path.expanduser(parent))
+    if not base.is_absolute():  # relative to the file that says it, not to the working dir
+        base = p.parent / base
+    if not base.is_file():
+        raise ConfigError(f"{p}: extends: {parent}: base file not found ({base})")
+    return deep_merge(_resolve(base, (*chain, here)), raw)
+
+
+def nested_diff(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that differ from ``defaults``, nested as in ``values``:
+    mappings are compared key by key, lists and scalars as wholes."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            inner = nested_diff(value, default)
+            if inner:
+                out[key] = inner
+        elif key not in defaults or value != default:
+            out[key] = value
+    return out
+
+
+def _read_mapping(p: Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: sweep file not found")
     try:
