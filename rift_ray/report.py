@@ -20,9 +20,11 @@ from typing import Any
 from rift_ray import __version__
 from rift_ray.aggregate import is_seeds_summary, lookup, mean_std_text, strategy_seed_cells
 from rift_ray.figures import png_bytes, report_figures
+from rift_ray.figures_rift import rift_figures
 from rift_ray.metrics import METRICS, is_finite
 from rift_ray.paired import noise_lines, seeds_interval_lines
 from rift_ray.progress import duration
+from rift_ray.provenance import provenance_html
 from rift_ray.results import (
     TABLES,
     SweepResults,
@@ -362,6 +364,7 @@ def render_html(res: SweepResults, history: str | None = None) -> str:
     ``history/`` entry the report shows, :func:`rift_ray.history.history_view`)."""
     s = res.summary or {}
     figs = {k: (cap, png_bytes(fig)) for k, (cap, fig) in report_figures(res).items()}
+    figs |= {k: (cap, png_bytes(fig)) for k, (cap, fig) in rift_figures(res).items()}
 
     def figure(fid: str) -> str:
         if fid not in figs:
@@ -384,6 +387,7 @@ def render_html(res: SweepResults, history: str | None = None) -> str:
     parts += [
         "<h2>Module robust criticality</h2>",
         figure("fig-mrc"),
+        *[figure(f) for f in ("fig-mrc-params", "fig-mrc-layers") if f in figs],
         "<details><summary>MRC table</summary>",
         _html_table(res.rows("mrc"), left=("module", "status", "error", "node")),
         "</details>",
@@ -394,6 +398,9 @@ def render_html(res: SweepResults, history: str | None = None) -> str:
         _html_table(res.rows("finetune"), left=("trial", "modules", "status", "error")),
     ]
     parts += ["<h2>Interpolation</h2>", figure("fig-interpolation")]
+    parts += [x for f, h in (("fig-tradeoff", "Clean vs robust trade-off"),
+                             ("fig-corruption", "Corruptions by severity"))
+              if f in figs for x in (f"<h2>{h}</h2>", figure(f))]  # fmt: skip
     choices = s.get("choices") or [
         {"seed": p.get("seed"), **c}
         for p in s.get("per_seed") or []
@@ -405,6 +412,7 @@ def render_html(res: SweepResults, history: str | None = None) -> str:
     parts += [
         "<h2>Run metadata</h2>",
         _metadata_html(res),
+        *provenance_html(res),
         "<details><summary>Config</summary>",
         f"<pre>{_e(res.config_text)}</pre></details>",
     ]

@@ -156,6 +156,7 @@ def sweep(tmp_path: Path) -> Store:
 
 
 FIGURES = ["fig-before-after", "fig-adv-train", "fig-mrc", "fig-finetune", "fig-interpolation"]
+FIGURES += ["fig-mrc-layers", "fig-tradeoff"]  # the RiFT views (rift_ray/figures_rift.py)
 
 
 def test_html_report_is_self_contained(sweep: Store, tmp_path: Path) -> None:

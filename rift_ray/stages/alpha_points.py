@@ -15,6 +15,7 @@ Every row keeps its images' results until :mod:`rift_ray.stages.per_image` store
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -77,12 +78,16 @@ def evaluate_state(
             row = {"clean_acc": m["clean_acc"], "robust_acc": None, "n": m["n"],
                    "clean_correct": m["clean_correct"], "robust_correct": None}  # fmt: skip
         row["corruption_acc"] = None  # same columns in every row (measured on test only)
+        row["corruption_cells"] = None
         if cdata and split == "test":
             c = corruption_accuracy(
                 model, cdata, batch_size=cfg.eval.batch_size, device=device,
                 amp=cfg.compute.amp, per_image=True,
             )  # fmt: skip
             row["corruption_acc"], row["corruption_correct"] = c["mean"], c["per_image"]
+            # each <corruption>-<severity> cell's accuracy (the report's heatmap), as JSON
+            cells = {k: v for k, v in c.items() if k not in ("mean", "per_image")}
+            row["corruption_cells"] = json.dumps(cells, sort_keys=True)
         out[split] = row
     return out
 
