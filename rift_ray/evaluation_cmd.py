@@ -63,6 +63,15 @@ def eval_config(path: str, overrides: Sequence[str] = ()) -> SweepConfig:
     return load_config(path, overrides=list(overrides))
 
 
+def checkpoint_file(cfg: SweepConfig, checkpoint: str) -> Path:
+    """The file ``checkpoint`` names (itself, or RobustBench's ``model_dir/<dataset>/<threat
+    model>/<name>.pt``, as for ``adv_train.checkpoint``); CheckpointError when none exists."""
+    file = find_checkpoint(expand_path(checkpoint) or checkpoint, cfg.data.dataset)
+    if file is None:
+        raise CheckpointError(f"{checkpoint}: no such checkpoint file")
+    return file
+
+
 def load_eval_checkpoint(
     cfg: SweepConfig, spec: Any, checkpoint: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -72,9 +81,7 @@ def load_eval_checkpoint(
     from rift_ray.checks import load_start_checkpoint
 
     path = expand_path(checkpoint) or checkpoint
-    file = find_checkpoint(path, cfg.data.dataset)
-    if file is None:
-        raise CheckpointError(f"{checkpoint}: no such checkpoint file")
+    file = checkpoint_file(cfg, checkpoint)
     as_start = cfg.model_copy(
         update={"adv_train": cfg.adv_train.model_copy(update={"checkpoint": str(path)})}
     )
@@ -175,6 +182,7 @@ def evaluate_checkpoint(
 
     t0 = time.time()
     which = tuple(dict.fromkeys(splits))
+    checkpoint_file(cfg, checkpoint)  # before the data is read
     data = field_call("data.root", load_dataset, cfg.data, seed=cfg.seed)
     spec = ModelSpec.of(data)
     state, meta = load_eval_checkpoint(cfg, spec, checkpoint)
@@ -265,8 +273,11 @@ def protocol_fields(
         "amp": cfg.compute.amp,
     }
     if corruptions:
+        from rift_ray.results import corruption_fields
+
         out["corruptions"] = {"names": list(e.corruptions), "severities": list(e.severities),
-                              "source": e.corruption_source}  # fmt: skip
+                              "source": e.corruption_source,
+                              "label": corruption_fields(cfg)["corruption_label"]}  # fmt: skip
     if autoattack:
         out["autoattack"] = {"version": e.autoattack.version, "subset": e.autoattack.subset}
     return out

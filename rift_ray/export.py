@@ -164,6 +164,10 @@ def final_model(
             f"{mine[2]}, but summary.json's final model is trial {want[0]}, alpha {want[1]}, "
             f"config {want[2]}: rerun the sweep to make them agree"
         )
+    # the normalization the model applies: its buffers (what the file holds), not a label
+    for k in ("mean", "std"):
+        if f"normalize.{k}" in state:
+            meta[k] = [round(float(v), 8) for v in state[f"normalize.{k}"].flatten()]
     return {k: v.contiguous() for k, v in state.items()}, meta
 
 

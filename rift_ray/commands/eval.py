@@ -88,6 +88,7 @@ def print_result(res: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from rift_ray.export import eps_text
     from rift_ray.metrics import METRICS
     from rift_ray.results import pct
 
@@ -96,15 +97,16 @@ def print_result(res: dict[str, Any]) -> None:
     console.print(
         escape(
             f"\n{res['checkpoint']}: {m['arch']}, {m['num_classes']} classes ({m['dataset']}); "
-            f"PGD-{a['steps']} Linf eps {a['eps']:.4g}, step {a['step_size']:.4g}, "
+            f"PGD-{a['steps']} Linf eps {eps_text(a['eps'])}, step {eps_text(a['step_size'])}, "
             f"{a['restarts']} restart(s), seed {p['seed']}"
         )
     )
     keys = [k for k in METRICS if any(k in res.get(s, {}) for s in SPLITS)]
     table = Table(title="Evaluation (accuracy, %)")
     table.add_column("split")
+    label = (p.get("corruptions") or {}).get("label")  # "regenerated" said where it is
     for k in keys:
-        table.add_column(METRICS[k], justify="right")
+        table.add_column(label if k == "corruption_acc" and label else METRICS[k], justify="right")
     table.add_column("n", justify="right")
     for split in SPLITS:
         if split in res:
