@@ -601,3 +601,89 @@ def test_seeds_rerun_reuses_everything(
     assert out.count("[done (will be reused)]") == 1 + 2 * 3 and out.count("[to run]") == 3, out
     assert "seed 2 -> " in out
     assert not (seeds_run / "seeds" / "2").exists()
+
+
+# -- rift-ray eval and rift-ray export (issue 18) ----------------------------------------------
+
+
+def test_eval_reproduces_the_sweeps_at_figures(
+    smoke_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rift-ray eval`` of the sweep's AT checkpoint with its config gives summary.json's AT
+    figures exactly: the same loader, split, subsets, PGD seed and stage-4 Ray task."""
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    capsys.readouterr()
+    code = main(["eval", str(smoke_run / "checkpoints/at.pt"), "--config",
+                 str(smoke_run / "config.yaml"), "--corruptions", "--json"])  # fmt: skip
+    assert code == 0
+    res = json.loads(capsys.readouterr().out)
+    for split in ("val", "test"):
+        for k in ("clean_acc", "robust_acc"):
+            assert res[split][k] == summary["at"][split][k], (split, k)
+        assert res[split]["n"] == 200
+    assert res["test"]["corruption_acc"] == summary["at"]["test"]["corruption_acc"]
+    assert res["config_hash"] == summary["config_hash"]
+
+
+def test_eval_seed_reproduces_one_seed_of_a_seeds_sweep(
+    seeds_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--seed N``: PGD starts as seed N's stage 4 drew them (the config: beside the checkpoint)."""
+    per_seed = json.loads((seeds_run / "seeds/1/summary.json").read_text())
+    capsys.readouterr()
+    code = main(["eval", str(seeds_run / "checkpoints/at.pt"), "--seed", "1", "--split", "val",
+                 "--json"])  # fmt: skip
+    assert code == 0
+    res = json.loads(capsys.readouterr().out)
+    assert "test" not in res and res["protocol"]["seed"] == 1
+    for k in ("clean_acc", "robust_acc"):
+        assert res["val"][k] == per_seed["at"]["val"][k], k
+
+
+def test_export_loads_into_the_model_and_equals_rift_pt(smoke_run: Path, tmp_path: Path) -> None:
+    """Both formats hold rift.pt's tensors: strict into build_model(arch, num_classes), the same
+    outputs; the .pt is a bare state dict RobustBench's loader takes; the card's figures are
+    summary.json's."""
+    from safetensors.torch import load_file
+
+    from rift_ray.checkpoint import load_checkpoint
+    from rift_ray.models import build_model
+
+    sweep = tmp_path / "t"  # what export reads, copied: the fixture's directory stays as it was
+    for rel in ("config.yaml", "summary.json", "manifest.json", "checkpoints/rift.pt"):
+        (sweep / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(smoke_run / rel, sweep / rel)
+    for fmt in ("safetensors", "robustbench"):
+        assert main(["export", str(sweep), "--format", fmt]) == 0
+    ref_state, meta = load_checkpoint(smoke_run / "checkpoints/rift.pt")
+    ref = build_model(meta["arch"], meta["num_classes"]).eval()
+    ref.load_state_dict(ref_state)
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(x)
+    plain = torch.load(sweep / "export/model.pt", weights_only=True)
+    # RobustBench's load_model: checkpoint["state_dict"], else the file itself, with any key
+    # holding "module." or "model." cut: a bare dict without them loads unchanged
+    assert "state_dict" not in plain and not any("module." in k or "model." in k for k in plain)
+    for state in (plain, load_file(sweep / "export/model.safetensors")):
+        assert set(state) == set(ref_state)
+        assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+        model = build_model(meta["arch"], meta["num_classes"]).eval()
+        model.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            assert torch.equal(model(x), want)
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    card = json.loads((sweep / "export/model.card.json").read_text())
+    for who in ("at", "rift"):
+        for split in ("val", "test"):
+            assert card["results"][who][split] == summary[who][split], (who, split)
+    assert (
+        card["results"]["rift"]["test"]["autoattack_acc"]
+        == summary["autoattack"]["rift"]["robust_acc"]
+    )
+    assert [card["rift"][k] for k in ("alpha", "modules", "lr", "trial")] == [
+        summary[k] for k in ("alpha", "modules", "lr", "trial")
+    ]
+    assert card["config_hash"] == summary["config_hash"]
+    assert [f["format"] for f in card["files"]] == ["safetensors", "robustbench"]
+    assert "| RiFT | test |" in (sweep / "export/model.card.md").read_text()
