@@ -603,6 +603,71 @@ def test_seeds_rerun_reuses_everything(
     assert not (seeds_run / "seeds" / "2").exists()
 
 
+# -- rift-ray compare and the report's RiFT views (issue 18) ----------------------------------
+
+
+def _chromium_dom(page: Path, profile: Path) -> str:
+    """The page's DOM after load in headless Chromium (skips the test without one)."""
+    import subprocess
+
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.skip("no chromium on PATH (.ci/run installs Debian's chromium)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update",
+             f"--user-data-dir={profile}", "--virtual-time-budget=5000"]  # fmt: skip
+    return subprocess.run(
+        [browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=60
+    ).stdout
+
+
+def test_compare_a_sweep_and_a_seeds_sweep(
+    smoke_run: Path, seeds_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "compare.html"
+    assert main(["compare", str(smoke_run), str(seeds_run), "-o", str(out)]) == 0
+    text = out.read_text()
+    for key in ("seeds", "finetune.asha.mode", "finetune.lrs", "adv_train.checkpoint"):
+        assert f'<td class="l">{key}</td>' in text, key  # config fields that differ
+    assert '<td class="l">data.dataset</td>' not in text  # the same in both
+    assert 'id="fig-compare-interpolation"' in text and 'id="fig-compare-mrc"' in text
+    assert text.count('src="data:image/png;base64,') == 2 and "Compare t vs s" in text
+    csv = tmp_path / "csv"  # one seed's directory of a seeds sweep is a finished sweep too
+    assert main(["compare", str(smoke_run), str(seeds_run / "seeds/0"), "--format", "csv",
+                 "-o", str(csv)]) == 0  # fmt: skip
+    assert "alpha*," in (csv / "summary.csv").read_text()
+    half = tmp_path / "half"  # a sweep that has not finished: stage 1 only
+    (half / "stages").mkdir(parents=True)
+    shutil.copy(smoke_run / "config.yaml", half)
+    shutil.copy(smoke_run / "stages/adv_train.json", half / "stages")
+    capsys.readouterr()
+    assert main(["compare", str(smoke_run), str(half)]) == 2
+    assert f"{half}: not a finished sweep" in capsys.readouterr().err
+    dom = _chromium_dom(out, tmp_path / "profile")
+    assert "Config differences" in dom and 'data-loaded="2/2"' in dom  # both figures decoded
+
+
+def test_report_has_the_rift_views(smoke_run: Path, tmp_path: Path) -> None:
+    import re
+
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    git = summary["environment"]["git"]  # recorded by the sweep (this checkout)
+    assert re.fullmatch(r"[0-9a-f]{40}", git["sha"]) and isinstance(git["dirty"], bool)
+    out = tmp_path / "report.html"
+    assert main(["report", str(smoke_run), "-o", str(out)]) == 0
+    text = out.read_text()
+    for fid in ("fig-tradeoff", "fig-mrc-params", "fig-mrc-layers", "fig-corruption"):
+        assert f'<figure id="{fid}"><img alt=' in text, fid
+    assert "<h2>Clean vs robust trade-off</h2>" in text and "<h2>Provenance</h2>" in text
+    assert git["sha"] in text and "wandb sync " + str(smoke_run / "wandb") in text
+    interp = pq.read_table(smoke_run / "tables/interpolation.parquet").to_pylist()
+    cells = [json.loads(r["corruption_cells"]) for r in interp if r["split"] == "test"]
+    assert cells and all(set(c) == {f"{n}-{s}" for n in ("gaussian_noise", "contrast")
+                                    for s in (1, 3)} for c in cells)  # fmt: skip
+    for c, r in zip(cells, [r for r in interp if r["split"] == "test"]):
+        assert r["corruption_acc"] == pytest.approx(sum(c.values()) / len(c))
+
+
 # -- rift-ray eval and rift-ray export (issue 18) ----------------------------------------------
 
 
