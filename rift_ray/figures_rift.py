@@ -215,16 +215,17 @@ def fig_corruption_heatmap(
     hi = max(max(at.values()), max(rift.values()) if rift else 0.0)
     for k, (ax, (title, cells, cmap)) in enumerate(zip(axes, panels)):
         grid = [[cells.get((n, s), float("nan")) for s in sevs] for n in names]
+        m = max((abs(v) for v in cells.values()), default=1.0) or 1.0
         if cmap == "RdBu":
-            m = max((abs(v) for v in cells.values()), default=1.0) or 1.0
             im = ax.imshow(grid, cmap=cmap, vmin=-m, vmax=m, aspect="auto")
         else:
             im = ax.imshow(grid, cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 if is_finite(v):
+                    dark = (abs(v) / m > 0.6) if cmap == "RdBu" else (v - lo) < 0.6 * (hi - lo)
                     ax.text(j, i, f"{v:+.1f}" if cmap == "RdBu" else f"{v:.1f}", ha="center",
-                            va="center", fontsize=7, color="k" if cmap == "RdBu" else "w")  # fmt: skip
+                            va="center", fontsize=7, color="w" if dark else "k")  # fmt: skip
         ax.set_xticks(range(len(sevs)), [str(s) for s in sevs])
         ax.set_yticks(range(len(names)), names if k == 0 else [""] * len(names), fontsize=8)
         ax.set_xlabel("severity")

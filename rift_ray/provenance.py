@@ -45,15 +45,19 @@ def git_text(summary: dict[str, Any] | None) -> str:
 
 def wandb_rows(res: SweepResults) -> list[dict[str, Any]]:
     """One row per W&B run in the stage records: stage, run name, id, mode and where to see
-    it: the URL of an online run, else its directory and the ``wandb sync`` that uploads it."""
-    rows = []
+    it: the URL of an online run, else the ``wandb sync <its directory>`` that uploads it."""
+    rows, seen = [], set()
     for seed, stage, rec in stage_records(res):
-        for run in rec.get("wandb") or []:
+        runs = rec.get("wandb") or []
+        # a run recorded twice (by its worker, then the driver): the entry that says most
+        runs = sorted(runs, key=lambda r: not (r.get("url") or r.get("dir")))
+        for run in runs:
+            if (seed, stage, run.get("id")) in seen:
+                continue
+            seen.add((seed, stage, run.get("id")))
             url = run.get("url")
             where = url or (
-                f"{run.get('dir', '')} (offline: wandb sync {run['dir']})"
-                if run.get("dir")
-                else "offline, no directory recorded"
+                f"wandb sync {run['dir']}" if run.get("dir") else "offline, no directory recorded"
             )
             rows.append(
                 {
@@ -118,7 +122,7 @@ def provenance_html(res: SweepResults) -> list[str]:
         f"<p>git commit: <code>{escape(git_text(res.summary))}</code></p>",
         "<p>Devices (the <code>device</code> columns of the tables):</p>",
         _html_table(device_rows(res), left=("stage", "device", "trials")),
-        "<p>W&amp;B runs (offline: <code>wandb sync DIR</code> uploads one):</p>",
+        "<p>W&amp;B runs (an offline run: the command that uploads it):</p>",
         f"<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
         if runs
         else "<p class='muted'>none recorded (W&amp;B off)</p>",

@@ -398,9 +398,6 @@ def render_html(res: SweepResults, history: str | None = None) -> str:
         _html_table(res.rows("finetune"), left=("trial", "modules", "status", "error")),
     ]
     parts += ["<h2>Interpolation</h2>", figure("fig-interpolation")]
-    parts += [x for f, h in (("fig-tradeoff", "Clean vs robust trade-off"),
-                             ("fig-corruption", "Corruptions by severity"))
-              if f in figs for x in (f"<h2>{h}</h2>", figure(f))]  # fmt: skip
     choices = s.get("choices") or [
         {"seed": p.get("seed"), **c}
         for p in s.get("per_seed") or []
@@ -408,6 +405,9 @@ def render_html(res: SweepResults, history: str | None = None) -> str:
     ]
     if choices:
         parts.append(_html_table(choices, left=("trial", "reason")))
+    parts += [x for f, h in (("fig-tradeoff", "Clean vs robust trade-off"),
+                             ("fig-corruption", "Corruptions by severity"))
+              if f in figs for x in (f"<h2>{h}</h2>", figure(f))]  # fmt: skip
     parts += _strategies_section(res, s)
     parts += [
         "<h2>Run metadata</h2>",

@@ -84,7 +84,8 @@ def fake_sweep(root: Path, name: str, *, seed: int, alpha: float, finished: bool
     store.put_text(layout.CONFIG, json.dumps(cfg))  # JSON is YAML
     store.put_table(layout.MRC_TABLE, MRC)
     store.put_table(layout.INTERPOLATION_TABLE, interp_rows(alpha))
-    wandb = [{"stage": "mrc", "name": f"{name}-mrc", "id": "abc", "mode": "offline",
+    wandb = [{"stage": "mrc", "name": f"{name}-mrc", "id": "abc", "mode": "offline"},
+             {"stage": "mrc", "name": f"{name}-mrc", "id": "abc", "mode": "offline",
               "dir": "/x/wandb/offline-run-1-abc"}]  # fmt: skip
     store.write_stage("mrc", status="done", hash="h", wandb=wandb)
     if finished:
@@ -204,7 +205,7 @@ def test_provenance(tmp_path: Path) -> None:
     path = fake_sweep(tmp_path, "a", seed=0, alpha=0.5)
     res = SweepResults.load(Store.open(str(tmp_path), "a"))
     (run,) = wandb_rows(res)
-    assert run["url"] is None and "wandb sync /x/wandb/offline-run-1-abc" in run["where"]
+    assert run["url"] is None and run["where"] == "wandb sync /x/wandb/offline-run-1-abc"
     devices = {(r["stage"], r["device"]): r["n"] for r in device_rows(res)}
     assert devices == {("mrc", "cpu"): 3, ("mrc", "not recorded"): 1, ("interpolate", "cpu"): 1}
     assert git_text(res.summary) == "f" * 40 + " + uncommitted changes"
