@@ -1,6 +1,6 @@
 """``rift-ray eval`` and ``rift-ray export`` without Ray: bad input is one line and exit 2,
 and the export's pieces (card, formats, checks of the sweep) on a hand-made sweep directory.
-The end-to-end checks on a finished smoke sweep are at the end of tests/test_sweep.py."""
+The end-to-end checks on a finished smoke sweep are in tests/sweep_commands.py (run in tests/test_sweep.py)."""
 
 from __future__ import annotations
 
