@@ -1,37 +1,16 @@
 """Where a sweep's results came from: the code (git), the devices and the W&B runs.
 
-:func:`git_info` is what ``summary.json`` records as ``environment.git`` (the checkout the
-driver ran from); :func:`wandb_rows` and :func:`device_rows` read what the stage records
+The commit is what ``summary.json`` records as ``environment.git`` (``rift_ray.version.git_info``:
+the checkout the driver ran from); :func:`wandb_rows` and :func:`device_rows` read what the stage records
 (``stages/*.json`` ``wandb``) and the tables (``device`` columns) already hold, for the
 report's provenance view. Never starts Ray; no matplotlib.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 from typing import Any
 
 from rift_ray.results import SweepResults, stage_records
-
-
-def git_info(path: str | None = None) -> dict[str, Any] | None:
-    """``{"sha": <commit>, "dirty": <uncommitted changes to tracked files>}`` of the git
-    checkout holding ``path`` (default: this package's source); None when it is not in one
-    (an installed wheel) or git is missing."""
-    where = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", where, *args], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-
-    try:
-        sha = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"sha": sha, "dirty": dirty} if sha else None
 
 
 def git_text(summary: dict[str, Any] | None) -> str:
@@ -96,34 +75,3 @@ def device_rows(res: SweepResults) -> list[dict[str, Any]]:
             shown = ", ".join(names[:6]) + (f" ... (+{len(names) - 6})" if len(names) > 6 else "")
             out.append({"stage": stage, "device": dev, "n": len(names), "trials": shown})
     return out
-
-
-def provenance_html(res: SweepResults) -> list[str]:
-    """The report's provenance view: the git commit, each trial's device and every W&B run
-    (a link when online; an offline run's directory and the ``wandb sync`` that uploads it)."""
-    from html import escape
-
-    from rift_ray.report import _html_table
-
-    runs = wandb_rows(res)
-    body = "".join(
-        f"<tr><td class='l'>{escape(r['stage'])}</td><td class='l'>{escape(r['run'])}</td>"
-        f"<td class='l'>{escape(r['id'])}</td><td class='l'>{escape(r['mode'])}</td>"
-        + (
-            f"<td class='l'><a href='{escape(r['url'])}'>{escape(r['url'])}</a></td></tr>"
-            if r["url"]
-            else f"<td class='l'><code>{escape(r['where'])}</code></td></tr>"
-        )
-        for r in runs
-    )
-    head = "".join(f"<th class='l'>{h}</th>" for h in ("stage", "run", "id", "mode", "where"))
-    return [
-        "<h2>Provenance</h2>",
-        f"<p>git commit: <code>{escape(git_text(res.summary))}</code></p>",
-        "<p>Devices (the <code>device</code> columns of the tables):</p>",
-        _html_table(device_rows(res), left=("stage", "device", "trials")),
-        "<p>W&amp;B runs (an offline run: the command that uploads it):</p>",
-        f"<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
-        if runs
-        else "<p class='muted'>none recorded (W&amp;B off)</p>",
-    ]

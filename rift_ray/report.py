@@ -24,7 +24,7 @@ from rift_ray.figures_rift import rift_figures
 from rift_ray.metrics import METRICS, is_finite
 from rift_ray.paired import noise_lines, seeds_interval_lines
 from rift_ray.progress import duration
-from rift_ray.provenance import provenance_html
+from rift_ray.provenance import device_rows, git_text, wandb_rows
 from rift_ray.results import (
     TABLES,
     SweepResults,
@@ -479,3 +479,32 @@ def export_tables(store: Store, fmt_: str, out_dir: str | None = None) -> list[s
                 json.dump(records, f, indent=1)
         paths.append(path)
     return paths
+
+
+def provenance_html(res: SweepResults) -> list[str]:
+    """The report's provenance view: the git commit, each trial's device and every W&B run
+    (a link when online; an offline run's directory and the ``wandb sync`` that uploads it)."""
+    from html import escape
+
+    runs = wandb_rows(res)
+    body = "".join(
+        f"<tr><td class='l'>{escape(r['stage'])}</td><td class='l'>{escape(r['run'])}</td>"
+        f"<td class='l'>{escape(r['id'])}</td><td class='l'>{escape(r['mode'])}</td>"
+        + (
+            f"<td class='l'><a href='{escape(r['url'])}'>{escape(r['url'])}</a></td></tr>"
+            if r["url"]
+            else f"<td class='l'><code>{escape(r['where'])}</code></td></tr>"
+        )
+        for r in runs
+    )
+    head = "".join(f"<th class='l'>{h}</th>" for h in ("stage", "run", "id", "mode", "where"))
+    return [
+        "<h2>Provenance</h2>",
+        f"<p>git commit: <code>{escape(git_text(res.summary))}</code></p>",
+        "<p>Devices (the <code>device</code> columns of the tables):</p>",
+        _html_table(device_rows(res), left=("stage", "device", "trials")),
+        "<p>W&amp;B runs (an offline run: the command that uploads it):</p>",
+        f"<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
+        if runs
+        else "<p class='muted'>none recorded (W&amp;B off)</p>",
+    ]

@@ -377,7 +377,7 @@ def per_seed_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
 def environment_info(
     ray_resources: dict[str, float] | None = None, ray_nodes: int | None = None
 ) -> dict[str, Any]:
-    """Host, hardware, library versions and the git commit (``git``: :func:`rift_ray.provenance.
+    """Host, hardware, library versions and the git commit (``git``: :func:`rift_ray.version.
     git_info`), for summary.json (``summary["environment"]``)."""
     import importlib.metadata as md
 
@@ -402,7 +402,7 @@ def environment_info(
         "gpus": gpus,
         "versions": versions,
     }
-    from rift_ray.provenance import git_info
+    from rift_ray.version import git_info
 
     out["git"] = git_info()  # the commit the driver ran (None outside a git checkout)
     if ray_resources is not None:

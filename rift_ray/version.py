@@ -5,7 +5,9 @@ printing them imports neither."""
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import subprocess
 from importlib import metadata
 from typing import Any
 
@@ -39,3 +41,22 @@ class VersionAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
         print(version_line())
         parser.exit()
+
+
+def git_info(path: str | None = None) -> dict[str, Any] | None:
+    """``{"sha": <commit>, "dirty": <uncommitted changes to tracked files>}`` of the git
+    checkout holding ``path`` (default: this package's source); None when it is not in one
+    (an installed wheel) or git is missing."""
+    where = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", where, *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"sha": sha, "dirty": dirty} if sha else None

@@ -30,9 +30,10 @@ from rift_ray.figures_rift import (
     fig_tradeoff,
     module_order,
 )
-from rift_ray.provenance import device_rows, git_info, git_text, wandb_rows
+from rift_ray.provenance import device_rows, git_text, wandb_rows
 from rift_ray.results import SweepResults
 from rift_ray.store import StorageError, Store
+from rift_ray.version import git_info
 
 
 def summary(alpha: float, clean: float) -> dict[str, Any]:
