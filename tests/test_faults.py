@@ -509,6 +509,9 @@ def reference(
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             # wandb.mode unset (smoke.yaml says offline), so $WANDB_MODE decides
             code = main(["sweep", SMOKE, *sweep_args(tmp, start_ckpt), "--set", "wandb.mode=null"])
+    # W&B's service in this process still holds the runs that tried the dead server: every
+    # later run in this test worker then waited ~30 s to finish. A fresh service for them.
+    wandb.teardown()
     return {"sweep": tmp / "k", "code": code, "err": err.getvalue(), "out": out.getvalue(),
             "calls": calls, "seconds": time.time() - t0}  # fmt: skip
 
