@@ -27,12 +27,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
 import torch
 
 from rift_ray.config import ConfigError
@@ -77,20 +76,19 @@ def export_sweep(sweep_dir: str, fmt: str, output: str | None = None) -> Exporte
     stem = name[: -len(SUFFIXES[fmt])] if name.endswith(SUFFIXES[fmt]) else Path(name).stem
     if output is None:
         where = f"{store.uri}/{EXPORT_DIR}"
-        old = store.read_json_file(f"{EXPORT_DIR}/{stem}.card.json")
+        dest = Store(store.fs, f"{store.root}/{EXPORT_DIR}", where)
     else:
         where = output.rstrip("/").rsplit("/", 1)[0] if "/" in output else "."
-        old = read_json(f"{where}/{stem}.card.json")
-    card = merged_card(card, old)
+        parent, _, leaf = where.rstrip("/").rpartition("/")
+        dest = Store.open(parent or ".", leaf)  # a local path or an s3:// / gs:// URI
+    card = merged_card(card, dest.read_json_file(f"{stem}.card.json"))
     texts = {".card.json": json.dumps(card, indent=1) + "\n", ".card.md": card_markdown(card)}
-    if output is None:
-        store.write_file(f"{EXPORT_DIR}/{name}", data)
-        for ext, text in texts.items():
-            store.write_file(f"{EXPORT_DIR}/{stem}{ext}", text.encode())
-    else:
-        write_bytes(output, data)
-        for ext, text in texts.items():
-            write_bytes(f"{where}/{stem}{ext}", text.encode())
+    files = {name: data, **{f"{stem}{ext}": text.encode() for ext, text in texts.items()}}
+    for rel, blob in files.items():
+        try:
+            dest.write_file(rel, blob)
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError(f"-o: {dest.uri}/{rel}: {' '.join(str(e).split())}") from None
     return Exported(
         f"{where}/{name}", f"{where}/{stem}.card.json", f"{where}/{stem}.card.md", card, len(data)
     )
@@ -109,20 +107,6 @@ def merged_card(card: dict[str, Any], old: Any) -> dict[str, Any]:
         ]
         card = card | {"files": kept + card["files"]}
     return card
-
-
-def read_json(target: str) -> Any:
-    """The JSON at a local path or URI; None when absent or unreadable."""
-    try:
-        if "://" in target:
-            import pyarrow.fs as pafs
-
-            fs, path = pafs.FileSystem.from_uri(target)
-            with fs.open_input_stream(path) as f:
-                return json.loads(f.read())
-        return json.loads(Path(target).expanduser().read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def finished_summary(store: Store) -> dict[str, Any]:
@@ -204,30 +188,6 @@ def encode(fmt: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> by
     buf = io.BytesIO()
     torch.save(dict(state), buf)
     return buf.getvalue()
-
-
-def write_bytes(target: str, data: bytes) -> None:
-    """Write ``data`` whole to a local path (atomically) or an ``s3://`` / ``gs://`` URI."""
-    if "://" in target:
-        import pyarrow.fs as pafs
-
-        try:
-            fs, path = pafs.FileSystem.from_uri(target)
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            with fs.open_output_stream(path) as f:
-                f.write(data)
-        except (OSError, ValueError) as e:
-            raise StorageError(f"-o: {target}: {' '.join(str(e).split())}") from None
-        return
-    path = Path(target).expanduser()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise StorageError(f"-o: {target}: {e.strerror or e}") from None
 
 
 def eps_text(eps: float) -> str:

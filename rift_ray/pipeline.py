@@ -44,10 +44,9 @@ def init_ray(
     shape = cl.connect(cfg, address)
     log(("started " if shape.private else "joined ") + shape.describe())
     if adv_train:
-        from rift_ray.stages.at import fast_polling, warm_up
+        from rift_ray.stages.at import warm_up
 
-        fast_polling()
-        warm_up()
+        warm_up()  # the trainer's polling interval is set where it starts (run_adv_train)
     cl.check_fits(shape, cl.stage_bundles(cfg, n_modules, adv_train=adv_train))
     cl.check_storage(cfg, shape)
     return shape
